@@ -1,0 +1,29 @@
+-- One atomic publish (PROTOCOL.md §7): assign the seq, append to history,
+-- record the market's latest state, PUBLISH. Nothing else runs in between,
+-- so history and the channel never disagree and seqs have no gaps.
+--
+-- KEYS[1] meta hash, KEYS[2] history stream, KEYS[3] latest hash
+-- ARGV[1] topic (also the channel)
+-- ARGV[2] epoch to create if the topic has none (its seq space starts here)
+-- ARGV[3] market id ("sport:league:market")
+-- ARGV[4] the event's JSON body after the seq: `"market":...}` (no leading brace)
+-- ARGV[5] history to keep, in milliseconds
+-- returns {epoch, seq}
+local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if not epoch then
+  -- A topic without an epoch has no seq space: anything left under its other
+  -- keys belongs to a lost one and must not be mixed with the new.
+  epoch = ARGV[2]
+  redis.call('DEL', KEYS[2], KEYS[3])
+  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local event = '{"type":"odds","topic":"' .. ARGV[1] .. '","epoch":"' .. epoch
+  .. '","seq":' .. seq .. ',' .. ARGV[4]
+local now = redis.call('TIME')
+local cutoff = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) - tonumber(ARGV[5])
+if cutoff < 0 then cutoff = 0 end
+redis.call('XADD', KEYS[2], 'MINID', '~', cutoff, '*', 's', seq, 'e', event)
+redis.call('HSET', KEYS[3], ARGV[3], event)
+redis.call('PUBLISH', ARGV[1], event)
+return {epoch, seq}

@@ -1,0 +1,89 @@
+"""The publish side of the contract: what any aggregator calls.
+
+One call is one run of `publish.lua`, so an event is in history, in the
+latest-state hash and on the channel together or not at all. A batch is a
+pipeline of those runs: one round trip, each event still atomic on its own,
+and Redis runs them in order, so seqs follow the batch order per topic.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass
+from importlib import resources
+
+import redis.asyncio as aioredis
+
+from feed.events import PriceUpdate
+from feed.keys import topic_keys
+from gateway.topics import PartitionMap
+
+PUBLISH_LUA = resources.files("feed").joinpath("publish.lua").read_text()
+DEFAULT_HISTORY_MS = 60_000
+MIN_HISTORY_MS = 30_000  # PROTOCOL.md §3: at least 30 s of replay window
+
+
+def new_epoch() -> str:
+    """A fresh name for a seq space: random, with the day it began for humans."""
+    return f"r{secrets.token_hex(4)}-{_dt.datetime.now(_dt.UTC):%Y%m%d}"
+
+
+@dataclass(frozen=True, slots=True)
+class Published:
+    topic: str
+    epoch: str
+    seq: int
+
+
+class Publisher:
+    def __init__(
+        self,
+        redis: aioredis.Redis,
+        pmap: PartitionMap,
+        *,
+        history_ms: int = DEFAULT_HISTORY_MS,
+        validate: bool = True,
+    ) -> None:
+        if history_ms < MIN_HISTORY_MS:
+            raise ValueError(f"history_ms must be at least {MIN_HISTORY_MS} (PROTOCOL.md §3)")
+        self._redis = redis
+        self._pmap = pmap
+        self._history_ms = history_ms
+        self._validate = validate
+        self._script = redis.register_script(PUBLISH_LUA)
+
+    def _args(self, update: PriceUpdate) -> tuple[list[str], list]:
+        if self._validate:
+            update.validate(self._pmap)
+        return topic_keys(update.topic), [
+            update.topic,
+            new_epoch(),
+            update.market,
+            update.body(),
+            self._history_ms,
+        ]
+
+    async def publish(self, update: PriceUpdate) -> Published:
+        keys, args = self._args(update)
+        epoch, seq = await self._script(keys=keys, args=args)
+        return Published(update.topic, _text(epoch), int(seq))
+
+    async def publish_many(self, updates: Iterable[PriceUpdate]) -> list[Published]:
+        """Publish in order in one round trip; all are validated before any is sent."""
+        prepared = [(u.topic, *self._args(u)) for u in updates]
+        if not prepared:
+            return []
+        pipe = self._redis.pipeline(transaction=False)
+        for _topic, keys, args in prepared:
+            await self._script(keys=keys, args=args, client=pipe)
+        results = await pipe.execute()
+        return [
+            Published(topic, _text(epoch), int(seq))
+            for (topic, _k, _a), (epoch, seq) in zip(prepared, results, strict=True)
+        ]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

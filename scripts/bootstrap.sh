@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Idempotent set-up for a fresh machine: system packages (Redis 7, HAProxy 2.6
+# from Debian), then .venv with the project and its dev extra. Every make
+# target runs this first, so nothing depends on a step done by hand.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
+command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
+if [ ${#need_apt[@]} -gt 0 ]; then
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "bootstrap: need ${need_apt[*]} and am not root; install them with apt-get" >&2
+        exit 1
+    fi
+    echo "bootstrap: apt-get install ${need_apt[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+# Debian's package starts a system redis on :6379; oddsgate never uses it
+# (it runs its own on a unix socket), so it is left alone.
+
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+stamp=.venv/.installed
+if [ ! -x .venv/bin/python ]; then
+    echo "bootstrap: creating .venv with $PY"
+    "$PY" -m venv .venv
+fi
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "bootstrap: installing oddsgate[dev] into .venv"
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[dev]'
+    touch "$stamp"
+fi
