@@ -12,7 +12,7 @@ import datetime as _dt
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from importlib import resources
+from pathlib import Path
 
 import redis.asyncio as aioredis
 
@@ -20,7 +20,7 @@ from feed.events import PriceUpdate
 from feed.keys import topic_keys
 from gateway.topics import PartitionMap
 
-PUBLISH_LUA = resources.files("feed").joinpath("publish.lua").read_text()
+PUBLISH_LUA = (Path(__file__).parent / "publish.lua").read_text()
 DEFAULT_HISTORY_MS = 60_000
 MIN_HISTORY_MS = 30_000  # PROTOCOL.md §3: at least 30 s of replay window
 

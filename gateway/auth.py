@@ -1,0 +1,95 @@
+"""Session tokens (PROTOCOL.md §2): HS256 JWTs with `sub`, `sid` and `exp`.
+
+PyJWT does the verification (signature, algorithm pinning, expiry with
+leeway, required claims), which is where hand-written token code usually
+goes wrong. A token may also carry `topics`, a list of topic prefixes the
+player may follow; without it, every topic is allowed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import jwt
+
+COOKIE_NAME = "og_session"
+QUERY_PARAM = "token"
+
+
+class AuthError(Exception):
+    """Why a token was refused, in words safe to show the client."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    player: str
+    session_id: str
+    expires_at: float | None  # Unix seconds; None for anonymous players
+    topic_prefixes: tuple[str, ...] | None
+
+    @property
+    def anonymous(self) -> bool:
+        return self.expires_at is None
+
+
+ANONYMOUS = Claims("anonymous", "", None, None)
+
+
+class TokenVerifier:
+    def __init__(self, secret: str, *, leeway_s: float = 5.0, allow_anonymous: bool = False):
+        self._secret = secret
+        self._leeway = leeway_s
+        self.allow_anonymous = allow_anonymous
+
+    def verify(self, token: str | None) -> Claims:
+        """Claims of a valid token; anonymous claims when allowed and no token came."""
+        if not token:
+            if self.allow_anonymous:
+                return ANONYMOUS
+            raise AuthError("missing session token")
+        if not self._secret:
+            raise AuthError("tokens are not accepted on this server")
+        try:
+            claims = jwt.decode(
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                leeway=self._leeway,
+                options={"require": ["exp", "sub", "sid"]},
+            )
+        except jwt.ExpiredSignatureError:
+            raise AuthError("session token expired") from None
+        except jwt.InvalidTokenError as exc:
+            raise AuthError(f"invalid session token: {exc}") from None
+        prefixes = claims.get("topics")
+        if prefixes is not None and (
+            not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes)
+        ):
+            raise AuthError("invalid session token: `topics` must be a list of strings")
+        return Claims(
+            str(claims["sub"]),
+            str(claims["sid"]),
+            float(claims["exp"]),
+            tuple(prefixes) if prefixes is not None else None,
+        )
+
+
+def issue_token(secret: str, player: str, session_id: str, ttl_s: float = 3600.0,
+                topics: list[str] | None = None) -> str:
+    """A token as the sportsbook's login service would mint it (demo, tests, bench)."""
+    claims: dict = {"sub": player, "sid": session_id, "exp": int(time.time() + ttl_s)}
+    if topics is not None:
+        claims["topics"] = topics
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+def token_from_request(cookie_headers: list[str], query: dict[str, list[str]]) -> str | None:
+    """The `og_session` cookie, else the `token` query parameter."""
+    for header in cookie_headers:
+        for part in header.split(";"):
+            name, sep, value = part.strip().partition("=")
+            if sep and name == COOKIE_NAME and value:
+                return value.strip('"')
+    values = query.get(QUERY_PARAM)
+    return values[0] if values else None

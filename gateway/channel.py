@@ -1,0 +1,79 @@
+"""One topic inside one worker: its position, its state, who follows it.
+
+The channel is the worker's copy of the topic as of its cursor's seq: the
+newest event of every market (so a snapshot needs no Redis read and cannot
+race the live stream: it is built in the same loop turn that attaches the
+player) and a ring of the most recent events (so a player who reconnects a
+few seconds behind is replayed from memory, which is what a drained worker's
+crowd does all at once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from itertools import islice
+from typing import TYPE_CHECKING
+
+from gateway import protocol
+from gateway.sequencer import SeqCursor
+
+if TYPE_CHECKING:
+    from gateway.session import Session
+
+# (market, event JSON): what the channel's cursor holds while it syncs
+Item = tuple[str, bytes]
+
+
+class TopicChannel:
+    __slots__ = (
+        "cursor",
+        "joining",
+        "latest_by_market",
+        "ready",
+        "recent",
+        "repairing",
+        "subscribers",
+        "topic",
+    )
+
+    def __init__(self, topic: str, recent_capacity: int) -> None:
+        self.topic = topic
+        self.cursor: SeqCursor[Item] = SeqCursor(syncing=True)  # live once loaded
+        self.latest_by_market: dict[str, bytes] = {}
+        self.recent: deque[bytes] = deque(maxlen=recent_capacity)  # contiguous, ends at seq
+        self.subscribers: set[Session] = set()
+        self.joining = 0  # joins waiting for `ready`; the channel stays while > 0
+        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.repairing = False
+
+    @property
+    def epoch(self) -> str:
+        assert self.cursor.epoch is not None
+        return self.cursor.epoch
+
+    @property
+    def seq(self) -> int:
+        return self.cursor.seq
+
+    def load(self, markets: list[tuple[str, bytes]]) -> None:
+        """Replace the state with a snapshot read; the ring restarts empty."""
+        self.latest_by_market = dict(markets)
+        self.recent.clear()
+
+    def apply(self, market: str, event: bytes) -> None:
+        """Record an event the cursor just delivered."""
+        self.latest_by_market[market] = event
+        self.recent.append(event)
+
+    def snapshot(self) -> bytes:
+        return protocol.snapshot(self.topic, self.epoch, self.seq, self.latest_by_market.values())
+
+    def recent_after(self, seq: int) -> list[bytes] | None:
+        """The events after `seq` from memory, or None if the ring starts later."""
+        behind = self.seq - seq
+        if behind <= 0:
+            return []
+        if behind > len(self.recent):
+            return None
+        return list(islice(self.recent, len(self.recent) - behind, None))

@@ -1,0 +1,144 @@
+"""Every setting of a worker, where it comes from, and its default.
+
+Settings come from `OG_*` environment variables (what a container or a
+systemd unit sets) and may be overridden by command-line flags. Each is
+checked when read, so a bad value stops the process at start with one line
+naming the variable, not with a traceback an hour later.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+
+
+class ConfigError(ValueError):
+    """A setting with a value the gateway cannot run with."""
+
+
+def _setting(env: str, default: object, doc: str, *, minimum: float | None = None):
+    return field(default=default, metadata={"env": env, "doc": doc, "min": minimum})
+
+
+@dataclass
+class Settings:
+    host: str = _setting("OG_HOST", "127.0.0.1", "address the worker listens on")
+    port: int = _setting("OG_PORT", 8001, "port the worker listens on", minimum=0)
+    redis_url: str = _setting(
+        "OG_REDIS_URL", "", "Redis URL (redis://, rediss://, unix://); empty: embedded Redis"
+    )
+    runtime_dir: str = _setting(
+        "OG_RUNTIME_DIR", "", "where the embedded Redis keeps its socket and files; "
+        "empty: $XDG_RUNTIME_DIR/oddsgate or /tmp/oddsgate-$UID"
+    )
+    node: str = _setting("OG_NODE", "", "node name shown in `welcome`; empty: the host name")
+    worker_index: int = _setting("OG_WORKER_INDEX", 0, "worker number shown in `welcome`",
+                                 minimum=0)
+    jwt_secret: str = _setting("OG_JWT_SECRET", "", "HS256 secret for session tokens")
+    jwt_leeway_s: float = _setting("OG_JWT_LEEWAY_S", 5.0, "clock skew allowed on `exp`",
+                                   minimum=0)
+    allow_anonymous: bool = _setting(
+        "OG_ALLOW_ANONYMOUS", False, "let players in without a token (a bad token is still 401)"
+    )
+    partition_map: str = _setting(
+        "OG_PARTITION_MAP", "", "JSON file of the partition map; empty: the built-in one"
+    )
+    history_s: float = _setting(
+        "OG_HISTORY_S", 60.0, "history the publisher keeps per topic (>= 30)", minimum=30
+    )
+    max_frame_bytes: int = _setting(
+        "OG_MAX_FRAME_BYTES", 65_536, "largest client frame; bigger closes 1009", minimum=256
+    )
+    max_topics: int = _setting(
+        "OG_MAX_TOPICS", 200, "topics one connection may follow", minimum=1
+    )
+    rate_limit_rps: float = _setting(
+        "OG_RATE_LIMIT_RPS", 20.0, "requests a second per connection", minimum=0.1
+    )
+    rate_limit_burst: float = _setting(
+        "OG_RATE_LIMIT_BURST", 40.0, "request burst per connection", minimum=1
+    )
+    rate_limit_close_after: int = _setting(
+        "OG_RATE_LIMIT_CLOSE_AFTER", 20, "refused requests in a row before close 4429",
+        minimum=1
+    )
+    max_bad_requests: int = _setting(
+        "OG_MAX_BAD_REQUESTS", 10, "bad requests per connection before close 4400", minimum=1
+    )
+    handshake_timeout_s: float = _setting(
+        "OG_HANDSHAKE_TIMEOUT_S", 5.0, "time to complete the WebSocket handshake", minimum=0.1
+    )
+    heartbeat_ms: int = _setting(
+        "OG_HEARTBEAT_MS", 20_000, "WebSocket ping interval (and pong timeout)", minimum=100
+    )
+    recent_events: int = _setting(
+        "OG_RECENT_EVENTS", 512, "events per topic kept in memory for fast resumes", minimum=0
+    )
+    replay_max: int = _setting(
+        "OG_REPLAY_MAX", 10_000, "longest replay; further behind gets reset + snapshot",
+        minimum=1
+    )
+    compression: bool = _setting(
+        "OG_COMPRESSION", False, "permessage-deflate when the client offers it"
+    )
+    redis_reconnect_s: float = _setting(
+        "OG_REDIS_RECONNECT_S", 0.5, "fixed delay between Redis reconnect attempts",
+        minimum=0.01
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            raw = env.get(f.metadata["env"])
+            if raw is not None and raw != "":
+                values[f.name] = _convert(f.name, f.metadata["env"], type(f.default), raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        for f in fields(self):
+            minimum = f.metadata["min"]
+            value = getattr(self, f.name)
+            if minimum is not None and value < minimum:
+                raise ConfigError(f"{f.metadata['env']}={value}: must be at least {minimum}")
+        if not self.jwt_secret and not self.allow_anonymous:
+            raise ConfigError(
+                "OG_JWT_SECRET is empty and OG_ALLOW_ANONYMOUS is off: nobody could connect"
+            )
+        if self.port > 65535:
+            raise ConfigError(f"OG_PORT={self.port}: not a port")
+
+    @property
+    def node_name(self) -> str:
+        return self.node or socket.gethostname()
+
+    @property
+    def history_ms(self) -> int:
+        return int(self.history_s * 1000)
+
+
+def _convert(name: str, env: str, kind: type, raw: str) -> object:
+    try:
+        if kind is bool:
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        return kind(raw)
+    except ValueError:
+        raise ConfigError(f"{env}={raw!r}: not a valid {kind.__name__} for {name}") from None
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(env var, default, meaning) of every setting, for --help and the README."""
+    return [
+        (f.metadata["env"], repr(f.default), f.metadata["doc"]) for f in fields(Settings)
+    ]

@@ -1,0 +1,311 @@
+"""The worker: a WebSocket server that moves bytes between players and the hub.
+
+This is the asyncio shell around the plain objects (protocol codec, session,
+hub): it reads client frames, hands decoded requests to them, and writes the
+frames they produce. Event frames are written straight to the transport
+(`gateway.wire`), bypassing websockets' per-send coroutine; everything the
+handshake, pings and closes need stays with websockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import defaultdict
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.protocol import State
+
+from gateway import protocol
+from gateway.auth import AuthError, Claims, TokenVerifier, token_from_request
+from gateway.broker import RedisBroker
+from gateway.channel import TopicChannel
+from gateway.config import Settings
+from gateway.errors import CloseCode, ErrorCode, ProtocolError, close_for_exception
+from gateway.http import error_response, json_response, response
+from gateway.hub import Hub
+from gateway.session import FlushScheduler, Session
+from gateway.topics import PartitionMap
+from gateway.wire import text_frame
+
+log = logging.getLogger("oddsgate.worker")
+
+OPEN_CHANNEL_TIMEOUT_S = 3.0
+UPSTREAM_RETRY_MS = 1000
+
+
+class Worker:
+    """One gateway process: its server, its hub, its Redis connections."""
+
+    def __init__(self, settings: Settings, pmap: PartitionMap | None = None) -> None:
+        self.settings = settings
+        self.pmap = pmap or PartitionMap.load(settings.partition_map)
+        self.verifier = TokenVerifier(
+            settings.jwt_secret,
+            leeway_s=settings.jwt_leeway_s,
+            allow_anonymous=settings.allow_anonymous,
+        )
+        self.hub = Hub(recent_capacity=settings.recent_events, replay_max=settings.replay_max)
+        self.scheduler = FlushScheduler()
+        self.broker = RedisBroker(
+            settings.redis_url,
+            self.hub.on_message,
+            on_resubscribed=self.hub.on_resubscribed,
+            reconnect_delay=settings.redis_reconnect_s,
+        )
+        self.hub.attach_broker(self.broker)
+        self.sessions: set[Session] = set()
+        self.draining = False
+        self.server: Server | None = None
+        self._broker_task: asyncio.Task | None = None
+        self._conn_seq = 0
+
+    # -- lifecycle --------------------------------------------------------
+
+    async def start(self) -> None:
+        s = self.settings
+        self._broker_task = asyncio.create_task(self.broker.start())
+        self.server = await serve(
+            self._handle,
+            s.host,
+            s.port,
+            process_request=self._process_request,
+            compression="deflate" if s.compression else None,
+            open_timeout=s.handshake_timeout_s,
+            ping_interval=s.heartbeat_ms / 1000,
+            ping_timeout=s.heartbeat_ms / 1000,
+            close_timeout=5,
+            max_size=s.max_frame_bytes,
+            max_queue=4,
+            server_header="oddsgate",
+        )
+
+    @property
+    def port(self) -> int:
+        assert self.server is not None
+        return self.server.sockets[0].getsockname()[1]
+
+    @property
+    def accepting(self) -> bool:
+        return self.broker.connected.is_set() and not self.draining
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close(close_connections=True)
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.server.wait_closed(), 10)
+        if self._broker_task is not None:
+            self._broker_task.cancel()
+        await self.broker.close()
+
+    # -- HTTP and the handshake -------------------------------------------
+
+    async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        url = urlsplit(request.path)
+        path, query = url.path, parse_qs(url.query)
+        if path == "/ws":
+            if not self.accepting:
+                return response(503, "not accepting players now\n", headers=[("Retry-After", "1")])
+            claims = self._authenticate(request, query)
+            if isinstance(claims, Response):
+                return claims
+            conn.og_claims = claims  # type: ignore[attr-defined]
+            return None
+        if path == "/healthz":
+            if self.accepting:
+                return response(200, "ok\n")
+            return response(503, "draining\n" if self.draining else "starting\n")
+        if path == "/v1/topics":
+            return json_response(200, self.pmap.to_dict())
+        if path == "/v1/snapshot":
+            return await self._snapshot(request, query)
+        return response(404, "not found\n")
+
+    def _authenticate(self, request: Request, query: dict) -> Claims | Response:
+        token = token_from_request(request.headers.get_all("Cookie"), query)
+        try:
+            return self.verifier.verify(token)
+        except AuthError as exc:
+            return response(401, f"{exc}\n", headers=[("WWW-Authenticate", "Bearer")])
+
+    async def _snapshot(self, request: Request, query: dict) -> Response:
+        claims = self._authenticate(request, query)
+        if isinstance(claims, Response):
+            return claims
+        topics = query.get("topic", [])
+        if len(topics) != 1:
+            return error_response(400, ErrorCode.BAD_REQUEST, "give exactly one topic=")
+        topic = topics[0]
+        if not self.pmap.is_topic(topic):
+            return error_response(404, ErrorCode.UNKNOWN_TOPIC, f"{topic[:80]!r} is not a topic")
+        if claims.topic_prefixes is not None and not topic.startswith(claims.topic_prefixes):
+            return error_response(403, ErrorCode.FORBIDDEN, "topic not allowed for this token")
+        channel = self.hub.channels.get(topic)
+        if channel is not None and channel.ready.done() and not channel.ready.exception():
+            return json_response(200, channel.snapshot())
+        try:
+            state = await self.broker.load_state(topic)
+        except Exception as exc:
+            log.warning("snapshot read of %s failed: %s", topic, exc)
+            return error_response(503, "unavailable", "upstream unavailable, retry")
+        return json_response(200, protocol.snapshot(topic, state.epoch, state.seq, state.markets))
+
+    # -- a player connection ----------------------------------------------
+
+    def _writer(self, conn: ServerConnection):
+        transport = conn.transport
+        ws = conn.protocol
+        if ws.extensions:  # compression negotiated: websockets frames it
+
+            def write_framed(payload: bytes) -> None:
+                if ws.state is State.OPEN:
+                    ws.send_text(payload)
+                    conn.send_data()
+
+            return write_framed
+
+        def write(payload: bytes) -> None:
+            if ws.state is State.OPEN:
+                transport.write(text_frame(payload))
+
+        return write
+
+    async def _handle(self, conn: ServerConnection) -> None:
+        claims: Claims = conn.og_claims  # type: ignore[attr-defined]
+        s = self.settings
+        self._conn_seq += 1
+        conn_id = f"{s.worker_index}-{self._conn_seq}-{secrets.token_hex(3)}"
+        session = Session(
+            conn_id,
+            player=claims.player,
+            write=self._writer(conn),
+            scheduler=self.scheduler,
+            topic_prefixes=claims.topic_prefixes,
+            max_topics=s.max_topics,
+            rate=s.rate_limit_rps,
+            burst=s.rate_limit_burst,
+            max_refused_in_a_row=s.rate_limit_close_after,
+            max_bad_requests=s.max_bad_requests,
+        )
+        self.sessions.add(session)
+        loop = asyncio.get_running_loop()
+        expiry = None
+        if claims.expires_at is not None:
+            delay = max(0.0, claims.expires_at + s.jwt_leeway_s - time.time())
+            expiry = loop.call_later(
+                delay,
+                lambda: loop.create_task(conn.close(CloseCode.UNAUTHORIZED, "token expired")),
+            )
+        try:
+            session.send(protocol.welcome(conn_id, s.node_name, s.worker_index, s.heartbeat_ms))
+            async for message in conn:
+                try:
+                    await self._dispatch(session, message, loop.time())
+                except ProtocolError as exc:
+                    session.send(protocol.error(exc))
+                    if exc.close_code is not None:
+                        code, reason = close_for_exception(exc)
+                        await conn.close(code, reason)
+                        break
+        except ConnectionClosed:
+            pass
+        except Exception as exc:
+            log.exception("connection %s failed", conn_id)
+            code, reason = close_for_exception(exc)
+            with contextlib.suppress(Exception):
+                await conn.close(code, reason)
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            session.open = False
+            self.hub.leave_all(session)
+            self.sessions.discard(session)
+
+    async def _dispatch(self, session: Session, message: str | bytes, now: float) -> None:
+        session.admit(now)
+        try:
+            request = protocol.decode_request(message)
+        except ProtocolError as exc:
+            raise session.count_bad_request(exc) from None
+        if isinstance(request, protocol.Subscribe):
+            await self._subscribe(session, request)
+        elif isinstance(request, protocol.Unsubscribe):
+            if session.pending:
+                session.flush()
+            for topic in request.topics:
+                self.hub.leave(session, topic)
+            session.send(protocol.unsubscribed(request.id, request.topics))
+        elif isinstance(request, protocol.Ack):
+            session.ack(request.topics)
+        else:
+            session.send(protocol.pong(request.id, time.time_ns()))
+
+    async def _subscribe(self, session: Session, request: protocol.Subscribe) -> None:
+        """PROTOCOL.md §3: errors per reason, then `subscribed`, then the data."""
+        refused: dict[ErrorCode, list[str]] = defaultdict(list)
+        accepted: list[str] = []
+        wanted: dict[str, protocol.ResumePoint | None] = {}
+        for topic, resume in request.topics.items():
+            if topic in session.cursors:
+                accepted.append(topic)  # already followed: its stream just goes on
+            elif not self.pmap.is_topic(topic):
+                refused[ErrorCode.UNKNOWN_TOPIC].append(topic)
+            elif not session.allowed(topic):
+                refused[ErrorCode.FORBIDDEN].append(topic)
+            elif len(session.cursors) + len(wanted) >= session.max_topics:
+                refused[ErrorCode.TOO_MANY_TOPICS].append(topic)
+            else:
+                wanted[topic] = resume
+        opened = await self._open_channels(list(wanted))
+        for topic, channel in opened.items():
+            if channel is None:
+                refused[ErrorCode.SHED].append(topic)
+        if not session.open:
+            self._abandon(opened)
+            return
+        for code, topics in refused.items():
+            session.send(protocol.error(self._refusal(code, topics, request.id, session)))
+        joined = [t for t, ch in opened.items() if ch is not None]
+        session.send(protocol.subscribed(request.id, accepted + joined))
+        for topic in joined:
+            channel = opened[topic]
+            assert channel is not None
+            self.hub.join(session, channel, wanted[topic])
+
+    async def _open_channels(self, topics: list[str]) -> dict[str, TopicChannel | None]:
+        async def open_one(topic: str) -> TopicChannel | None:
+            try:
+                return await asyncio.wait_for(self.hub.open_channel(topic),
+                                              OPEN_CHANNEL_TIMEOUT_S)
+            except (ConnectionError, TimeoutError):
+                return None
+
+        results = await asyncio.gather(*(open_one(t) for t in topics))
+        return dict(zip(topics, results, strict=True))
+
+    def _abandon(self, opened: dict[str, TopicChannel | None]) -> None:
+        for channel in opened.values():
+            if channel is not None:
+                self.hub.abandon(channel)
+
+    def _refusal(self, code: ErrorCode, topics: list[str], request_id: object,
+                 session: Session) -> ProtocolError:
+        messages = {
+            ErrorCode.UNKNOWN_TOPIC: "not a topic of the partition map (GET /v1/topics)",
+            ErrorCode.FORBIDDEN: "your session may not follow these topics",
+            ErrorCode.TOO_MANY_TOPICS: f"a connection follows at most {session.max_topics}",
+            ErrorCode.SHED: "upstream unavailable; retry later",
+        }
+        return ProtocolError(
+            code,
+            messages[code],
+            request_id=request_id,
+            topics=topics,
+            retry_after_ms=UPSTREAM_RETRY_MS if code is ErrorCode.SHED else None,
+        )
