@@ -16,9 +16,10 @@ import orjson
 from gateway.topics import PartitionMap
 
 STATUSES = frozenset({"open", "suspended", "closed"})
-_DECIMAL = re.compile(r"^[0-9]{1,6}(\.[0-9]{1,6})?$")
-_MARKET = re.compile(r"^[0-9]{1,12}:[0-9]{1,12}:[0-9]{1,12}$")
-_OUTCOME = re.compile(r"^[A-Za-z0-9_.+\-]{1,32}$")
+_DECIMAL = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
+_ID = r"(?:0|[1-9][0-9]{0,11})"
+_MARKET = re.compile(rf"{_ID}:{_ID}:{_ID}")
+_OUTCOME = re.compile(r"[A-Za-z0-9_.+\-]{1,32}")
 
 
 class InvalidEvent(ValueError):
@@ -38,7 +39,7 @@ class PriceUpdate:
         topic = pmap.validate(self.topic)
         if topic is None:
             raise InvalidEvent(f"topic {self.topic!r} is not a topic of the partition map")
-        if not isinstance(self.market, str) or not _MARKET.match(self.market):
+        if not isinstance(self.market, str) or not _MARKET.fullmatch(self.market):
             raise InvalidEvent(f"market {self.market!r} is not 'sport:league:market'")
         sport, league, market = (int(x) for x in self.market.split(":"))
         if (sport, league) != (topic.sport, topic.league) or (
@@ -47,16 +48,16 @@ class PriceUpdate:
             raise InvalidEvent(f"market {self.market} does not belong to topic {self.topic}")
         if not isinstance(self.event_id, str) or not 0 < len(self.event_id) <= 64:
             raise InvalidEvent("event_id must be a string of 1 to 64 characters")
-        if self.status not in STATUSES:
+        if not isinstance(self.status, str) or self.status not in STATUSES:
             raise InvalidEvent(f"status {self.status!r} is not one of {sorted(STATUSES)}")
         if not isinstance(self.prices, dict) or len(self.prices) > 64:
             raise InvalidEvent("prices must be an object of at most 64 outcomes")
         for outcome, price in self.prices.items():
-            if not isinstance(outcome, str) or not _OUTCOME.match(outcome):
+            if not isinstance(outcome, str) or not _OUTCOME.fullmatch(outcome):
                 raise InvalidEvent(f"outcome name {outcome!r} is not allowed")
-            if not isinstance(price, str) or not _DECIMAL.match(price):
+            if not isinstance(price, str) or not _DECIMAL.fullmatch(price):
                 raise InvalidEvent(f"price {outcome}={price!r} is not a decimal string")
-        if not isinstance(self.ts, int) or self.ts < 0:
+        if type(self.ts) is not int or self.ts < 0:
             raise InvalidEvent("ts must be Unix nanoseconds")
 
     def body(self) -> bytes:

@@ -4,6 +4,11 @@ One call is one run of `publish.lua`, so an event is in history, in the
 latest-state hash and on the channel together or not at all. A batch is a
 pipeline of those runs: one round trip, each event still atomic on its own,
 and Redis runs them in order, so seqs follow the batch order per topic.
+
+Give the publisher a client without command retries (`retry=None`) where a
+repeated event matters: redis-py re-sends a whole pipeline after a broken
+connection, and events that had already run would be published twice (under
+new seqs, so no player sees a gap or a stale price, only a repeat).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from feed.events import PriceUpdate
 from feed.keys import topic_keys
@@ -54,31 +60,42 @@ class Publisher:
         self._validate = validate
         self._script = redis.register_script(PUBLISH_LUA)
 
-    def _args(self, update: PriceUpdate) -> tuple[list[str], list]:
+    def _args(self, update: PriceUpdate, epoch: str) -> tuple[list[str], list]:
         if self._validate:
             update.validate(self._pmap)
         return topic_keys(update.topic), [
             update.topic,
-            new_epoch(),
+            epoch,
             update.market,
             update.body(),
             self._history_ms,
         ]
 
     async def publish(self, update: PriceUpdate) -> Published:
-        keys, args = self._args(update)
+        keys, args = self._args(update, new_epoch())
         epoch, seq = await self._script(keys=keys, args=args)
         return Published(update.topic, _text(epoch), int(seq))
 
+    async def _pipeline(self, prepared: list[tuple[str, list[str], list]]) -> list:
+        """Plain EVALSHAs in one round trip (a script object would add SCRIPT EXISTS)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _topic, keys, args in prepared:
+                pipe.evalsha(self._script.sha, len(keys), *keys, *args)
+            return await pipe.execute()
+
     async def publish_many(self, updates: Iterable[PriceUpdate]) -> list[Published]:
         """Publish in order in one round trip; all are validated before any is sent."""
-        prepared = [(u.topic, *self._args(u)) for u in updates]
+        # One candidate epoch per call: fresh enough that a seq space lost
+        # between two calls never gets its old name back.
+        epoch = new_epoch()
+        prepared = [(u.topic, *self._args(u, epoch)) for u in updates]
         if not prepared:
             return []
-        pipe = self._redis.pipeline(transaction=False)
-        for _topic, keys, args in prepared:
-            await self._script(keys=keys, args=args, client=pipe)
-        results = await pipe.execute()
+        try:
+            results = await self._pipeline(prepared)
+        except NoScriptError:  # Redis restarted or its script cache was flushed
+            await self._redis.script_load(PUBLISH_LUA)
+            results = await self._pipeline(prepared)
         return [
             Published(topic, _text(epoch), int(seq))
             for (topic, _k, _a), (epoch, seq) in zip(prepared, results, strict=True)

@@ -8,6 +8,7 @@ naming the variable, not with a traceback an hour later.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from collections.abc import Mapping
@@ -105,6 +106,8 @@ class Settings:
         for f in fields(self):
             minimum = f.metadata["min"]
             value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{f.metadata['env']}={value}: must be a finite number")
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{f.metadata['env']}={value}: must be at least {minimum}")
         if not self.jwt_secret and not self.allow_anonymous:

@@ -62,5 +62,6 @@ def close_for_exception(exc: BaseException) -> tuple[CloseCode, str]:
     error whose details stay in the log.
     """
     if isinstance(exc, ProtocolError) and exc.close_code is not None:
-        return exc.close_code, exc.message[:120]
+        # A close reason must fit a control frame: 123 bytes of UTF-8 (RFC 6455 §5.5).
+        return exc.close_code, exc.message.encode()[:123].decode("utf-8", "ignore")
     return CloseCode.INTERNAL, "internal error"

@@ -130,6 +130,15 @@ def decode_request(data: str | bytes) -> Request:
     raise _bad(f"unknown op {str(op)[:32]!r}", request_id)
 
 
+def peek_id(data: str | bytes) -> object:
+    """The request id of a frame refused before decoding (rate limit), if readable."""
+    try:
+        obj = orjson.loads(data)
+        return _read_id(obj) if isinstance(obj, dict) else None
+    except (orjson.JSONDecodeError, ProtocolError):
+        return None
+
+
 # -- server frames ----------------------------------------------------------
 
 

@@ -95,11 +95,26 @@ class Worker:
     def accepting(self) -> bool:
         return self.broker.connected.is_set() and not self.draining
 
-    async def stop(self) -> None:
+    async def stop(self, close_code: CloseCode = CloseCode.RESTART,
+                   grace_s: float = 1.0) -> None:
+        """Close every player (1012: reconnect and resume elsewhere), then Redis.
+
+        Players get `grace_s` to answer the close handshake; a peer that does
+        not is cut off rather than holding the process up.
+        """
         if self.server is not None:
-            self.server.close(close_connections=True)
+            self.server.close(close_connections=False)
+            connections = list(self.server.connections)
+            if connections:
+                await asyncio.wait(
+                    [asyncio.create_task(c.close(close_code, "server restarting"))
+                     for c in connections],
+                    timeout=grace_s,
+                )
+                for conn in connections:
+                    conn.transport.abort()
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 10)
+                await asyncio.wait_for(self.server.wait_closed(), grace_s + 1)
         if self._broker_task is not None:
             self._broker_task.cancel()
         await self.broker.close()
@@ -228,7 +243,11 @@ class Worker:
             self.sessions.discard(session)
 
     async def _dispatch(self, session: Session, message: str | bytes, now: float) -> None:
-        session.admit(now)
+        try:
+            session.admit(now)
+        except ProtocolError as exc:
+            exc.request_id = protocol.peek_id(message)
+            raise
         try:
             request = protocol.decode_request(message)
         except ProtocolError as exc:

@@ -12,6 +12,7 @@ the ones Redis published; nothing is encoded per player.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 
 from gateway import protocol
@@ -108,7 +109,7 @@ class Session:
         raise ProtocolError(
             ErrorCode.RATE_LIMITED,
             "too many requests; slow down",
-            retry_after_ms=max(1, int(1000 / self._limiter.rate)),
+            retry_after_ms=max(1, math.ceil(1000 / self._limiter.rate)),
             close_code=close,
         )
 
@@ -120,8 +121,15 @@ class Session:
         return exc
 
     def allowed(self, topic: str) -> bool:
+        """Whether the token's `topics` prefixes cover `topic`, matched by whole ids.
+
+        `odds:1:39` covers `odds:1:39` and `odds:1:39:7`, never `odds:1:390`.
+        """
         prefixes = self.topic_prefixes
-        return prefixes is None or topic.startswith(prefixes)
+        if prefixes is None:
+            return True
+        return any(topic == p or topic.startswith(p if p.endswith(":") else p + ":")
+                   for p in prefixes)
 
     def ack(self, topics: dict[str, int]) -> None:
         """Remember what the player says it processed; topics it left are ignored."""

@@ -89,26 +89,44 @@ class PartitionMap:
     version: int = 1
 
     @classmethod
-    def from_dict(cls, data: dict) -> PartitionMap:
+    def from_dict(cls, data: object) -> PartitionMap:
+        """Build and check a map; any shape error is a ValueError naming the place."""
+        if not isinstance(data, dict):
+            raise ValueError("partition map: expected a JSON object")
+        if not data.get("sports"):
+            raise ValueError("partition map: no sports")
+        if not isinstance(data["sports"], dict):
+            raise ValueError("partition map: `sports` must be an object of sport id -> spec")
         sports: dict[int, str] = {}
         market_level: set[tuple[int, int]] = set()
-        for sid, spec in data.get("sports", {}).items():
+        for sid, spec in data["sports"].items():
             sport = _parse_id(str(sid))
             if sport is None:
                 raise ValueError(f"partition map: bad sport id {sid!r}")
+            if not isinstance(spec, dict):
+                raise ValueError(f"partition map: sport {sid} must be an object")
             sports[sport] = str(spec.get("name", sid))
-            for league in spec.get("market_level", []):
-                if not isinstance(league, int) or league < 0:
+            leagues = spec.get("market_level", [])
+            if not isinstance(leagues, list):
+                raise ValueError(f"partition map: market_level of sport {sid} must be a list")
+            for league in leagues:
+                parsed = _parse_id(str(league)) if type(league) is int else None
+                if parsed is None:
                     raise ValueError(f"partition map: bad league id {league!r} in sport {sid}")
-                market_level.add((sport, league))
+                market_level.add((sport, parsed))
         if not sports:
             raise ValueError("partition map: no sports")
-        pmap = cls(sports, frozenset(market_level), frozenset(), int(data.get("version", 1)))
-        high_value = frozenset(data.get("high_value", []))
+        high_value = data.get("high_value", [])
+        if not isinstance(high_value, list) or not all(isinstance(t, str) for t in high_value):
+            raise ValueError("partition map: high_value must be a list of topics")
+        version = data.get("version", 1)
+        if type(version) is not int:
+            raise ValueError("partition map: version must be an integer")
+        pmap = cls(sports, frozenset(market_level), frozenset(), version)
         for topic in high_value:
             if not pmap.is_topic(topic):
                 raise ValueError(f"partition map: high-value {topic!r} is not a topic")
-        return cls(pmap.sports, pmap.market_level, high_value, pmap.version)
+        return cls(pmap.sports, pmap.market_level, frozenset(high_value), pmap.version)
 
     @classmethod
     def load(cls, path: str | os.PathLike | None) -> PartitionMap:
