@@ -27,14 +27,16 @@ Item = tuple[str, bytes]
 
 class TopicChannel:
     __slots__ = (
+        "aligned",
         "cursor",
         "joining",
         "latest_by_market",
         "ready",
         "recent",
         "repairing",
-        "subscribers",
         "topic",
+        "tracking",
+        "turn",
     )
 
     def __init__(self, topic: str, recent_capacity: int) -> None:
@@ -42,10 +44,22 @@ class TopicChannel:
         self.cursor: SeqCursor[Item] = SeqCursor(syncing=True)  # live once loaded
         self.latest_by_market: dict[str, bytes] = {}
         self.recent: deque[bytes] = deque(maxlen=recent_capacity)  # contiguous, ends at seq
-        self.subscribers: set[Session] = set()
+        # Followers in line with the cursor: they get the turn's shared frames.
+        self.aligned: set[Session] = set()
+        # Followers catching up through their own cursors (slow path).
+        self.tracking: set[Session] = set()
+        self.turn: list[bytes] = []  # delivered this loop turn, not yet fanned out
         self.joining = 0  # joins waiting for `ready`; the channel stays while > 0
         self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.repairing = False
+
+    @property
+    def subscribers(self) -> set[Session]:
+        return self.aligned | self.tracking
+
+    @property
+    def followed(self) -> bool:
+        return bool(self.aligned or self.tracking)
 
     @property
     def epoch(self) -> str:

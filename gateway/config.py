@@ -19,81 +19,19 @@ class ConfigError(ValueError):
     """A setting with a value the gateway cannot run with."""
 
 
-def _setting(env: str, default: object, doc: str, *, minimum: float | None = None):
+def setting(env: str, default: object, doc: str, *, minimum: float | None = None):
+    """A dataclass field read from `env`, checked against `minimum`."""
     return field(default=default, metadata={"env": env, "doc": doc, "min": minimum})
 
 
-@dataclass
-class Settings:
-    host: str = _setting("OG_HOST", "127.0.0.1", "address the worker listens on")
-    port: int = _setting("OG_PORT", 8001, "port the worker listens on", minimum=0)
-    redis_url: str = _setting(
-        "OG_REDIS_URL", "", "Redis URL (redis://, rediss://, unix://); empty: embedded Redis"
-    )
-    runtime_dir: str = _setting(
-        "OG_RUNTIME_DIR", "", "where the embedded Redis keeps its socket and files; "
-        "empty: $XDG_RUNTIME_DIR/oddsgate or /tmp/oddsgate-$UID"
-    )
-    node: str = _setting("OG_NODE", "", "node name shown in `welcome`; empty: the host name")
-    worker_index: int = _setting("OG_WORKER_INDEX", 0, "worker number shown in `welcome`",
-                                 minimum=0)
-    jwt_secret: str = _setting("OG_JWT_SECRET", "", "HS256 secret for session tokens")
-    jwt_leeway_s: float = _setting("OG_JWT_LEEWAY_S", 5.0, "clock skew allowed on `exp`",
-                                   minimum=0)
-    allow_anonymous: bool = _setting(
-        "OG_ALLOW_ANONYMOUS", False, "let players in without a token (a bad token is still 401)"
-    )
-    partition_map: str = _setting(
-        "OG_PARTITION_MAP", "", "JSON file of the partition map; empty: the built-in one"
-    )
-    history_s: float = _setting(
-        "OG_HISTORY_S", 60.0, "history the publisher keeps per topic (>= 30)", minimum=30
-    )
-    max_frame_bytes: int = _setting(
-        "OG_MAX_FRAME_BYTES", 65_536, "largest client frame; bigger closes 1009", minimum=256
-    )
-    max_topics: int = _setting(
-        "OG_MAX_TOPICS", 200, "topics one connection may follow", minimum=1
-    )
-    rate_limit_rps: float = _setting(
-        "OG_RATE_LIMIT_RPS", 20.0, "requests a second per connection", minimum=0.1
-    )
-    rate_limit_burst: float = _setting(
-        "OG_RATE_LIMIT_BURST", 40.0, "request burst per connection", minimum=1
-    )
-    rate_limit_close_after: int = _setting(
-        "OG_RATE_LIMIT_CLOSE_AFTER", 20, "refused requests in a row before close 4429",
-        minimum=1
-    )
-    max_bad_requests: int = _setting(
-        "OG_MAX_BAD_REQUESTS", 10, "bad requests per connection before close 4400", minimum=1
-    )
-    handshake_timeout_s: float = _setting(
-        "OG_HANDSHAKE_TIMEOUT_S", 5.0, "time to complete the WebSocket handshake", minimum=0.1
-    )
-    heartbeat_ms: int = _setting(
-        "OG_HEARTBEAT_MS", 20_000, "WebSocket ping interval (and pong timeout)", minimum=100
-    )
-    recent_events: int = _setting(
-        "OG_RECENT_EVENTS", 512, "events per topic kept in memory for fast resumes", minimum=0
-    )
-    replay_max: int = _setting(
-        "OG_REPLAY_MAX", 10_000, "longest replay; further behind gets reset + snapshot",
-        minimum=1
-    )
-    compression: bool = _setting(
-        "OG_COMPRESSION", False, "permessage-deflate when the client offers it"
-    )
-    redis_reconnect_s: float = _setting(
-        "OG_REDIS_RECONNECT_S", 0.5, "fixed delay between Redis reconnect attempts",
-        minimum=0.01
-    )
+class EnvSettings:
+    """Loading and checking shared by every settings dataclass of the project."""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object):
         env = os.environ if env is None else env
         values: dict[str, object] = {}
-        for f in fields(cls):
+        for f in fields(cls):  # type: ignore[arg-type]
             raw = env.get(f.metadata["env"])
             if raw is not None and raw != "":
                 values[f.name] = _convert(f.name, f.metadata["env"], type(f.default), raw)
@@ -103,13 +41,100 @@ class Settings:
         return settings
 
     def check(self) -> None:
-        for f in fields(self):
+        for f in fields(self):  # type: ignore[arg-type]
             minimum = f.metadata["min"]
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ConfigError(f"{f.metadata['env']}={value}: must be a finite number")
             if minimum is not None and value < minimum:
                 raise ConfigError(f"{f.metadata['env']}={value}: must be at least {minimum}")
+
+    @classmethod
+    def describe(cls) -> list[tuple[str, str, str]]:
+        """(env var, default, meaning) of every setting, for --help and the README."""
+        return [(f.metadata["env"], repr(f.default), f.metadata["doc"])
+                for f in fields(cls)]  # type: ignore[arg-type]
+
+
+@dataclass
+class Settings(EnvSettings):
+    host: str = setting("OG_HOST", "127.0.0.1", "address the worker listens on")
+    port: int = setting("OG_PORT", 8001, "port the worker listens on", minimum=0)
+    redis_url: str = setting(
+        "OG_REDIS_URL", "", "Redis URL (redis://, rediss://, unix://); empty: embedded Redis"
+    )
+    runtime_dir: str = setting(
+        "OG_RUNTIME_DIR", "", "where the embedded Redis keeps its socket and files; "
+        "empty: $XDG_RUNTIME_DIR/oddsgate or /tmp/oddsgate-$UID"
+    )
+    node: str = setting("OG_NODE", "", "node name shown in `welcome`; empty: the host name")
+    worker_index: int = setting("OG_WORKER_INDEX", 0, "worker number shown in `welcome`",
+                                 minimum=0)
+    jwt_secret: str = setting("OG_JWT_SECRET", "", "HS256 secret for session tokens")
+    jwt_leeway_s: float = setting("OG_JWT_LEEWAY_S", 5.0, "clock skew allowed on `exp`",
+                                   minimum=0)
+    allow_anonymous: bool = setting(
+        "OG_ALLOW_ANONYMOUS", False, "let players in without a token (a bad token is still 401)"
+    )
+    partition_map: str = setting(
+        "OG_PARTITION_MAP", "", "JSON file of the partition map; empty: the built-in one"
+    )
+    history_s: float = setting(
+        "OG_HISTORY_S", 60.0, "history the publisher keeps per topic (>= 30)", minimum=30
+    )
+    max_frame_bytes: int = setting(
+        "OG_MAX_FRAME_BYTES", 65_536, "largest client frame; bigger closes 1009", minimum=256
+    )
+    max_topics: int = setting(
+        "OG_MAX_TOPICS", 200, "topics one connection may follow", minimum=1
+    )
+    rate_limit_rps: float = setting(
+        "OG_RATE_LIMIT_RPS", 20.0, "requests a second per connection", minimum=0.1
+    )
+    rate_limit_burst: float = setting(
+        "OG_RATE_LIMIT_BURST", 40.0, "request burst per connection", minimum=1
+    )
+    rate_limit_close_after: int = setting(
+        "OG_RATE_LIMIT_CLOSE_AFTER", 20, "refused requests in a row before close 4429",
+        minimum=1
+    )
+    max_bad_requests: int = setting(
+        "OG_MAX_BAD_REQUESTS", 10, "bad requests per connection before close 4400", minimum=1
+    )
+    handshake_timeout_s: float = setting(
+        "OG_HANDSHAKE_TIMEOUT_S", 5.0, "time to complete the WebSocket handshake", minimum=0.1
+    )
+    heartbeat_ms: int = setting(
+        "OG_HEARTBEAT_MS", 20_000, "WebSocket ping interval (and pong timeout)", minimum=100
+    )
+    recent_events: int = setting(
+        "OG_RECENT_EVENTS", 512, "events per topic kept in memory for fast resumes", minimum=0
+    )
+    replay_max: int = setting(
+        "OG_REPLAY_MAX", 10_000, "longest replay; further behind gets reset + snapshot",
+        minimum=1
+    )
+    compression: bool = setting(
+        "OG_COMPRESSION", False, "permessage-deflate when the client offers it"
+    )
+    reuse_port: bool = setting(
+        "OG_REUSE_PORT", False,
+        "share the port with a successor process (set by the supervisor for reloads)",
+    )
+    fleet: str = setting(
+        "OG_FLEET", "", "shared-memory fleet table to report into (set by the supervisor)"
+    )
+    fleet_slot: int = setting(
+        "OG_FLEET_SLOT", 0, "this process's slot in the fleet table (set by the supervisor)",
+        minimum=0,
+    )
+    redis_reconnect_s: float = setting(
+        "OG_REDIS_RECONNECT_S", 0.5, "fixed delay between Redis reconnect attempts",
+        minimum=0.01
+    )
+
+    def check(self) -> None:
+        super().check()
         if not self.jwt_secret and not self.allow_anonymous:
             raise ConfigError(
                 "OG_JWT_SECRET is empty and OG_ALLOW_ANONYMOUS is off: nobody could connect"
@@ -141,7 +166,5 @@ def _convert(name: str, env: str, kind: type, raw: str) -> object:
 
 
 def describe() -> list[tuple[str, str, str]]:
-    """(env var, default, meaning) of every setting, for --help and the README."""
-    return [
-        (f.metadata["env"], repr(f.default), f.metadata["doc"]) for f in fields(Settings)
-    ]
+    """(env var, default, meaning) of every worker setting."""
+    return Settings.describe()

@@ -17,29 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from dataclasses import dataclass
 
 import orjson
 
 from gateway import protocol
 from gateway.broker import RedisBroker
 from gateway.channel import Item, TopicChannel
+from gateway.counters import WorkerCounters
+from gateway.fanout import Fanout
 from gateway.protocol import ResumePoint
 from gateway.sequencer import SeqCursor, Verdict
 from gateway.session import Session
 
 log = logging.getLogger("oddsgate.hub")
-
-
-@dataclass(slots=True)
-class HubCounters:
-    events_in: int = 0
-    deliveries: int = 0
-    gaps_filled: int = 0
-    channel_resets: int = 0
-    resumes_replayed: int = 0
-    resumes_reset: int = 0
-    snapshots: int = 0
 
 
 def _parse(event: bytes) -> tuple[str, int, str]:
@@ -50,17 +40,20 @@ def _parse(event: bytes) -> tuple[str, int, str]:
 class Hub:
     def __init__(
         self,
+        fanout: Fanout | None = None,
         *,
         recent_capacity: int = 512,
         replay_max: int = 10_000,
         replay_chunk: int = 256,
+        counters: WorkerCounters | None = None,
     ) -> None:
         self.channels: dict[str, TopicChannel] = {}
         self.broker: RedisBroker | None = None
         self.recent_capacity = recent_capacity
         self.replay_max = replay_max
         self.replay_chunk = replay_chunk
-        self.counters = HubCounters()
+        self.counters = counters or WorkerCounters()
+        self.fanout = fanout or Fanout(self.counters, max_batch=replay_chunk)
         self._tasks: set[asyncio.Task] = set()
 
     def attach_broker(self, broker: RedisBroker) -> None:
@@ -94,14 +87,43 @@ class Hub:
     def _fan_out(self, channel: TopicChannel, epoch: str, seq: int, market: str,
                  event: bytes) -> None:
         channel.apply(market, event)
+        if channel.aligned:
+            self.fanout.channel_event(channel, event)
+        if channel.tracking:
+            self._deliver_tracking(channel, epoch, seq, event)
+
+    def _deliver_tracking(self, channel: TopicChannel, epoch: str, seq: int,
+                          event: bytes) -> None:
+        """The slow path: players catching up, each through its own cursor."""
         topic = channel.topic
-        for session in channel.subscribers:
+        caught_up = []
+        for session in list(channel.tracking):
             verdict = session.deliver(topic, epoch, seq, event)
+            if verdict is Verdict.DELIVER:
+                self.counters.deliveries += 1
             if verdict is Verdict.GAP or verdict is Verdict.EPOCH:
                 # The channel is contiguous, so only a cursor set ahead of it
                 # by a resume can get here; bring that player back in line.
                 self._reset_session(session, channel, "resync")
-        self.counters.deliveries += len(channel.subscribers)
+                continue
+            cursor = session.cursors.get(topic)
+            if cursor is not None and not cursor.syncing and cursor.seq == channel.seq:
+                caught_up.append(session)
+        for session in caught_up:
+            self._align(session, channel)
+
+    def _align(self, session: Session, channel: TopicChannel) -> None:
+        """Move a player whose cursor stands at the channel's onto the fast path."""
+        self.fanout.flush_channel(channel)
+        channel.tracking.discard(session)
+        channel.aligned.add(session)
+
+    def _track(self, session: Session, channel: TopicChannel, cursor: SeqCursor[bytes]) -> None:
+        """Put a player on the slow path with `cursor` (set at or ahead of the channel)."""
+        self.fanout.flush_channel(channel)
+        channel.aligned.discard(session)
+        channel.tracking.add(session)
+        session.cursors[channel.topic] = cursor
 
     # -- joining and leaving ----------------------------------------------
 
@@ -165,9 +187,7 @@ class Hub:
 
     def join(self, session: Session, channel: TopicChannel, resume: ResumePoint | None) -> None:
         """Attach a player to a ready channel and send its snapshot or replay."""
-        topic = channel.topic
         channel.joining -= 1
-        channel.subscribers.add(session)
         if resume is None:
             self._send_snapshot(session, channel)
             return
@@ -175,22 +195,26 @@ class Hub:
             self._reset_session(session, channel, "epoch")
             self.counters.resumes_reset += 1
             return
-        if resume.seq == channel.seq:
-            session.cursors[topic] = SeqCursor(channel.epoch, channel.seq)
-            self.counters.resumes_replayed += 1
-            return
-        if resume.seq < channel.seq:
+        if resume.seq <= channel.seq:
             events = channel.recent_after(resume.seq)
             if events is not None:
-                session.cursors[topic] = SeqCursor(channel.epoch, channel.seq)
+                self.fanout.flush_channel(channel)
                 self._send_replay(session, events)
+                self._attach_aligned(session, channel)
                 self.counters.resumes_replayed += 1
                 return
         # Behind the ring, or ahead of this worker: ask Redis, keeping live
         # events aside meanwhile.
         cursor: SeqCursor[bytes] = SeqCursor(channel.epoch, resume.seq, syncing=True)
-        session.cursors[topic] = cursor
+        self._track(session, channel, cursor)
         self._spawn(self._replay_from_history(session, channel, cursor, resume))
+
+    def _attach_aligned(self, session: Session, channel: TopicChannel) -> None:
+        """The player holds exactly the channel's position: fast path from now on."""
+        self.fanout.flush_channel(channel)
+        session.cursors[channel.topic] = SeqCursor(channel.epoch, channel.seq)
+        channel.tracking.discard(session)
+        channel.aligned.add(session)
 
     async def _replay_from_history(self, session: Session, channel: TopicChannel,
                                    cursor: SeqCursor[bytes], resume: ResumePoint) -> None:
@@ -216,13 +240,17 @@ class Hub:
             return
         self._send_replay(session, result.deliver)
         self.counters.resumes_replayed += 1
+        if cursor.seq == channel.seq:
+            self._align(session, channel)
 
     def leave(self, session: Session, topic: str) -> None:
         session.cursors.pop(topic, None)
         session.acked.pop(topic, None)
         channel = self.channels.get(topic)
         if channel is not None:
-            channel.subscribers.discard(session)
+            self.fanout.flush_channel(channel)  # what was queued before leaving goes out
+            channel.aligned.discard(session)
+            channel.tracking.discard(session)
             self._drop_if_unused(channel)
 
     def leave_all(self, session: Session) -> None:
@@ -230,7 +258,7 @@ class Hub:
             self.leave(session, topic)
 
     def _drop_if_unused(self, channel: TopicChannel) -> None:
-        if channel.subscribers or channel.joining > 0 or not channel.ready.done():
+        if channel.followed or channel.joining > 0 or not channel.ready.done():
             return
         if self.channels.get(channel.topic) is channel:
             del self.channels[channel.topic]
@@ -240,8 +268,9 @@ class Hub:
     # -- frames to one player ---------------------------------------------
 
     def _send_snapshot(self, session: Session, channel: TopicChannel) -> None:
-        session.cursors[channel.topic] = SeqCursor(channel.epoch, channel.seq)
+        self.fanout.flush_channel(channel)  # the snapshot already holds this turn's events
         session.send(channel.snapshot())
+        self._attach_aligned(session, channel)
         self.counters.snapshots += 1
 
     def _reset_session(self, session: Session, channel: TopicChannel, reason: str) -> None:
@@ -316,6 +345,7 @@ class Hub:
             parsed.append((_parse(event)[2], event))
         result = channel.cursor.complete_sync(state.epoch, state.seq, [])
         channel.load(parsed)
+        self.fanout.flush_channel(channel)
         for session in list(channel.subscribers):
             self._reset_session(session, channel, reason)
         self._deliver_merged(channel, result.deliver)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import secrets
 import time
 from collections import defaultdict
@@ -27,10 +28,12 @@ from gateway.auth import AuthError, Claims, TokenVerifier, token_from_request
 from gateway.broker import RedisBroker
 from gateway.channel import TopicChannel
 from gateway.config import Settings
+from gateway.counters import WorkerCounters
 from gateway.errors import CloseCode, ErrorCode, ProtocolError, close_for_exception
+from gateway.fanout import Fanout
 from gateway.http import error_response, json_response, response
 from gateway.hub import Hub
-from gateway.session import FlushScheduler, Session
+from gateway.session import Session
 from gateway.topics import PartitionMap
 from gateway.wire import text_frame
 
@@ -51,8 +54,10 @@ class Worker:
             leeway_s=settings.jwt_leeway_s,
             allow_anonymous=settings.allow_anonymous,
         )
-        self.hub = Hub(recent_capacity=settings.recent_events, replay_max=settings.replay_max)
-        self.scheduler = FlushScheduler()
+        self.counters = WorkerCounters()
+        self.fanout = Fanout(self.counters)
+        self.hub = Hub(self.fanout, recent_capacity=settings.recent_events,
+                       replay_max=settings.replay_max, counters=self.counters)
         self.broker = RedisBroker(
             settings.redis_url,
             self.hub.on_message,
@@ -60,8 +65,9 @@ class Worker:
             reconnect_delay=settings.redis_reconnect_s,
         )
         self.hub.attach_broker(self.broker)
-        self.sessions: set[Session] = set()
+        self.connections: dict[Session, ServerConnection] = {}
         self.draining = False
+        self._kick_task: asyncio.Task | None = None
         self.server: Server | None = None
         self._broker_task: asyncio.Task | None = None
         self._conn_seq = 0
@@ -84,6 +90,7 @@ class Worker:
             max_size=s.max_frame_bytes,
             max_queue=4,
             server_header="oddsgate",
+            reuse_port=s.reuse_port,
         )
 
     @property
@@ -94,6 +101,60 @@ class Worker:
     @property
     def accepting(self) -> bool:
         return self.broker.connected.is_set() and not self.draining
+
+    @property
+    def sessions(self) -> set[Session]:
+        return set(self.connections)
+
+    # -- drain ------------------------------------------------------------
+
+    def begin_drain(self, window_ms: int, settle_ms: int, *, stop_listening: bool = False,
+                    reason: str = "drain") -> None:
+        """Stop taking players, then send the ones here elsewhere, spread out.
+
+        At once: `/healthz` says 503 and new `/ws` upgrades are refused (and,
+        when this process is being replaced, the listening socket closes so
+        the kernel hands new connections to its successor on the same port).
+        After `settle_ms` (HAProxy has seen the drain by then), every player
+        gets `reconnect` with `after_ms` drawn uniformly from [0, window_ms],
+        then close 1012, so the crowd reaches the other workers spread over
+        the window rather than all at once.
+        """
+        if self.draining:
+            return
+        self.draining = True
+        log.info("draining: %d players, window %d ms, after %d ms", len(self.connections),
+                 window_ms, settle_ms)
+        if stop_listening and self.server is not None:
+            self.server.server.close()  # the asyncio listener only; players stay
+        self._kick_task = asyncio.get_running_loop().create_task(
+            self._send_players_away(window_ms, settle_ms, reason)
+        )
+
+    def end_drain(self) -> None:
+        """Take players again (an operator's undrain); players already told stay told."""
+        if self._kick_task is not None:
+            self._kick_task.cancel()
+            self._kick_task = None
+        self.draining = False
+        log.info("drain ended; accepting players")
+
+    async def _send_players_away(self, window_ms: int, settle_ms: int, reason: str,
+                                 chunk: int = 256) -> None:
+        await asyncio.sleep(settle_ms / 1000)
+        rng = random.Random()
+        pending = list(self.connections.items())
+        closing: set[asyncio.Task] = set()
+        for i in range(0, len(pending), chunk):
+            for session, conn in pending[i : i + chunk]:
+                if not session.open:
+                    continue
+                session.send(protocol.reconnect(int(rng.uniform(0, window_ms)), reason))
+                session.open = False  # nothing after the hint but the close
+                closing.add(asyncio.create_task(conn.close(CloseCode.RESTART, reason)))
+            await asyncio.sleep(0)  # let the loop breathe between chunks
+        if closing:
+            await asyncio.wait(closing)
 
     async def stop(self, close_code: CloseCode = CloseCode.RESTART,
                    grace_s: float = 1.0) -> None:
@@ -173,42 +234,52 @@ class Worker:
 
     # -- a player connection ----------------------------------------------
 
-    def _writer(self, conn: ServerConnection):
+    @staticmethod
+    def _writers(conn: ServerConnection):
+        """(payload writer, pre-framed writer or None) for one connection."""
         transport = conn.transport
         ws = conn.protocol
-        if ws.extensions:  # compression negotiated: websockets frames it
+        if ws.extensions:  # compression negotiated: websockets frames every message
 
             def write_framed(payload: bytes) -> None:
                 if ws.state is State.OPEN:
                     ws.send_text(payload)
                     conn.send_data()
 
-            return write_framed
+            return write_framed, None
 
         def write(payload: bytes) -> None:
             if ws.state is State.OPEN:
                 transport.write(text_frame(payload))
 
-        return write
+        def write_frame(frame: bytes) -> None:
+            if ws.state is State.OPEN:
+                transport.write(frame)
+
+        return write, write_frame
 
     async def _handle(self, conn: ServerConnection) -> None:
         claims: Claims = conn.og_claims  # type: ignore[attr-defined]
         s = self.settings
         self._conn_seq += 1
         conn_id = f"{s.worker_index}-{self._conn_seq}-{secrets.token_hex(3)}"
+        write, write_frame = self._writers(conn)
         session = Session(
             conn_id,
             player=claims.player,
-            write=self._writer(conn),
-            scheduler=self.scheduler,
+            write=write,
+            write_frame=write_frame,
+            scheduler=self.fanout,
             topic_prefixes=claims.topic_prefixes,
             max_topics=s.max_topics,
             rate=s.rate_limit_rps,
             burst=s.rate_limit_burst,
             max_refused_in_a_row=s.rate_limit_close_after,
             max_bad_requests=s.max_bad_requests,
+            counters=self.counters,
         )
-        self.sessions.add(session)
+        self.connections[session] = conn
+        self.counters.connections_accepted += 1
         loop = asyncio.get_running_loop()
         expiry = None
         if claims.expires_at is not None:
@@ -240,7 +311,7 @@ class Worker:
                 expiry.cancel()
             session.open = False
             self.hub.leave_all(session)
-            self.sessions.discard(session)
+            self.connections.pop(session, None)
 
     async def _dispatch(self, session: Session, message: str | bytes, now: float) -> None:
         try:
@@ -255,8 +326,6 @@ class Worker:
         if isinstance(request, protocol.Subscribe):
             await self._subscribe(session, request)
         elif isinstance(request, protocol.Unsubscribe):
-            if session.pending:
-                session.flush()
             for topic in request.topics:
                 self.hub.leave(session, topic)
             session.send(protocol.unsubscribed(request.id, request.topics))

@@ -1,43 +1,34 @@
 """One player connection's state: its topics, its outbox, its limits.
 
-Plain objects that never await. The hub hands a session events already in
-order for their topic; the session's own cursor per topic drops what the
-player already holds (a resume ahead of this worker) and keeps events aside
-while a replay read is in flight. Delivered events wait in `pending` until
-the end of the loop turn, then leave as one frame: the event itself when it
-is alone, a `batch` when several arrived together. The bytes of an event are
-the ones Redis published; nothing is encoded per player.
+Plain objects that never await. Events reach a session two ways (see
+gateway/fanout.py): on the fast path, a topic's events of one loop turn
+arrive as frames built once for every player in line with the topic's
+stream (`turn`); on the slow path, a player catching up (replay in flight,
+resume ahead of this worker) gets events one by one through its own cursor
+per topic, which drops what it already holds and keeps events aside while a
+read is in flight (`pending`). At the end of the turn everything leaves:
+the shared frames as they are, the rest as one frame per `max_batch`
+events. The bytes of an event are the ones Redis published; nothing is
+encoded per player.
 """
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Callable
+from typing import Protocol
 
 from gateway import protocol
+from gateway.counters import WorkerCounters
 from gateway.errors import CloseCode, ErrorCode, ProtocolError
 from gateway.sequencer import SeqCursor, Verdict
 
+# (payload, the payload framed for the wire, how many events it carries)
+Chunk = tuple[bytes, bytes, int]
 
-class FlushScheduler:
-    """Flushes every session that got events, once, at the end of the loop turn."""
 
-    def __init__(self) -> None:
-        self._dirty: list[Session] = []
-        self._scheduled = False
-
-    def schedule(self, session: Session) -> None:
-        self._dirty.append(session)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.run)
-
-    def run(self) -> None:
-        dirty, self._dirty = self._dirty, []
-        self._scheduled = False
-        for session in dirty:
-            session.flush()
+class Scheduler(Protocol):
+    def schedule(self, session: Session) -> None: ...
 
 
 class RateLimiter:
@@ -68,7 +59,8 @@ class Session:
         *,
         player: str,
         write: Callable[[bytes], None],
-        scheduler: FlushScheduler,
+        scheduler: Scheduler,
+        write_frame: Callable[[bytes], None] | None = None,
         topic_prefixes: tuple[str, ...] | None = None,
         max_topics: int = 200,
         rate: float = 20.0,
@@ -76,17 +68,23 @@ class Session:
         max_refused_in_a_row: int = 20,
         max_bad_requests: int = 10,
         max_batch: int = 256,
+        counters: WorkerCounters | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.player = player
-        self._write = write
+        self._write = write  # payload -> one WebSocket frame on the wire
+        self._write_frame = write_frame  # an already framed payload, written as is
         self._scheduler = scheduler
+        self.scheduled = False  # in the scheduler's list for this turn
         self.topic_prefixes = topic_prefixes  # None: every topic
         self.max_topics = max_topics
         self.max_batch = max_batch
         self.cursors: dict[str, SeqCursor[bytes]] = {}
         self.acked: dict[str, int] = {}
-        self.pending: list[bytes] = []
+        self.pending: list[bytes] = []  # slow path: events checked by this session's cursors
+        self.turn: list[Chunk] | None = None  # fast path: one topic's shared frames this turn
+        self.turn_source: list[bytes] | None = None  # the events inside `turn`
+        self.turn_events: list[bytes] | None = None  # fast path, several topics this turn
         self.open = True
         self._limiter = RateLimiter(rate, burst)
         self._refused_in_a_row = 0
@@ -96,6 +94,7 @@ class Session:
         self.frames_out = 0
         self.bytes_out = 0
         self.events_out = 0
+        self.counters = counters or WorkerCounters()  # the worker's totals
 
     # -- requests ---------------------------------------------------------
 
@@ -140,13 +139,14 @@ class Session:
     # -- delivery ---------------------------------------------------------
 
     def deliver(self, topic: str, epoch: str, seq: int, event: bytes) -> Verdict:
-        """Offer an in-order event of a topic this session follows."""
+        """Slow path: offer an in-order event of a topic to this session's cursor."""
         cursor = self.cursors.get(topic)
         if cursor is None:
             return Verdict.STALE
         verdict = cursor.offer(epoch, seq, event)
         if verdict is Verdict.DELIVER:
-            if not self.pending:
+            if not self.scheduled:
+                self.scheduled = True
                 self._scheduler.schedule(self)
             self.pending.append(event)
         return verdict
@@ -155,27 +155,52 @@ class Session:
         """Events already checked against the cursor (a replay, a merge)."""
         if not events:
             return
-        if not self.pending:
+        if not self.scheduled:
+            self.scheduled = True
             self._scheduler.schedule(self)
         self.pending.extend(events)
 
+    @property
+    def has_output(self) -> bool:
+        return bool(self.pending) or self.turn is not None or self.turn_events is not None
+
     def flush(self) -> None:
-        pending = self.pending
-        if not pending:
+        """Write what this turn gave the session: shared frames first, then the rest."""
+        self.scheduled = False
+        turn, self.turn = self.turn, None
+        if turn is not None:
+            self.turn_source = None
+            write_frame = self._write_frame
+            for payload, frame, count in turn:
+                self.events_out += count
+                if write_frame is None:
+                    self._emit(payload)
+                elif self.open:
+                    self.frames_out += 1
+                    self.bytes_out += len(payload)
+                    totals = self.counters
+                    totals.frames_out += 1
+                    totals.bytes_out += len(payload)
+                    write_frame(frame)
+        events = self.pending
+        if self.turn_events is not None:
+            events = events + self.turn_events if events else self.turn_events
+            self.turn_events = None
+        if not events:
             return
         self.pending = []
-        self.events_out += len(pending)
-        if len(pending) == 1:
-            self._emit(pending[0])
+        self.events_out += len(events)
+        if len(events) == 1:
+            self._emit(events[0])
             return
         step = self.max_batch
-        for i in range(0, len(pending), step):
-            chunk = pending[i : i + step]
+        for i in range(0, len(events), step):
+            chunk = events[i : i + step]
             self._emit(chunk[0] if len(chunk) == 1 else protocol.batch(chunk))
 
     def send(self, payload: bytes) -> None:
         """A control frame; events already pending go first, to keep order."""
-        if self.pending:
+        if self.has_output:
             self.flush()
         self._emit(payload)
 
@@ -184,4 +209,7 @@ class Session:
             return
         self.frames_out += 1
         self.bytes_out += len(payload)
+        totals = self.counters
+        totals.frames_out += 1
+        totals.bytes_out += len(payload)
         self._write(payload)

@@ -7,10 +7,12 @@ import asyncio
 import orjson
 import pytest
 
+from gateway.counters import WorkerCounters
 from gateway.errors import CloseCode, ErrorCode, ProtocolError
+from gateway.fanout import Fanout
 from gateway.protocol import batch
 from gateway.sequencer import SeqCursor, Verdict
-from gateway.session import FlushScheduler, RateLimiter, Session
+from gateway.session import RateLimiter, Session
 
 TOPIC = "odds:1:39:1"
 EPOCH = "r1"
@@ -318,11 +320,11 @@ def test_counters_count_frames_bytes_and_events() -> None:
     assert session.events_out == 3
 
 
-# -- FlushScheduler ------------------------------------------------------------------
+# -- Fanout as the slow path's scheduler ------------------------------------------
 
 
 async def test_flush_scheduler_flushes_each_dirty_session_once_at_the_end_of_the_turn() -> None:
-    scheduler = FlushScheduler()
+    scheduler = Fanout(WorkerCounters())
     outs: list[list[bytes]] = [[], []]
     sessions = [Session(f"c{i}", player="p", write=outs[i].append, scheduler=scheduler)
                 for i in range(2)]

@@ -1,0 +1,102 @@
+"""The end of a loop turn: every event of the turn leaves, once per player.
+
+Most players follow a topic in line with the worker's own stream of it
+(`TopicChannel.aligned`): for them a topic's events of one turn are the same
+bytes, so they are joined into a payload and framed once, and that one
+frame object is written to each of them. Per player and per turn the work is
+a few attribute writes and one transport write; the kernel's write is the
+floor. Players not in line (a replay in flight, a resume ahead of this
+worker) take the slow path through their own cursors.
+
+Events reach this module as the Redis reader parses them; `run` is called
+once at the end of the turn (after every message of the socket read), so
+each player gets one frame per turn however many events came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+from gateway import protocol
+from gateway.counters import WorkerCounters
+from gateway.wire import text_frame
+
+if TYPE_CHECKING:
+    from gateway.channel import TopicChannel
+    from gateway.session import Chunk, Session
+
+
+class Fanout:
+    def __init__(self, counters: WorkerCounters, *, max_batch: int = 256) -> None:
+        self.counters = counters
+        self.max_batch = max_batch
+        self._channels: list[TopicChannel] = []
+        self._sessions: list[Session] = []
+        self._scheduled = False
+
+    def _schedule_run(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self.run)
+
+    def channel_event(self, channel: TopicChannel, event: bytes) -> None:
+        """An event the channel just delivered, for its aligned players."""
+        if not channel.turn:
+            self._channels.append(channel)
+            self._schedule_run()
+        channel.turn.append(event)
+
+    def schedule(self, session: Session) -> None:
+        """A session with slow-path events to write this turn."""
+        self._sessions.append(session)
+        self._schedule_run()
+
+    def chunks(self, events: list[bytes]) -> list[Chunk]:
+        step = self.max_batch
+        out = []
+        for i in range(0, len(events), step):
+            part = events[i : i + step]
+            payload = part[0] if len(part) == 1 else protocol.batch(part)
+            out.append((payload, text_frame(payload), len(part)))
+        return out
+
+    def flush_channel(self, channel: TopicChannel) -> None:
+        """Hand the channel's turn to its aligned players now.
+
+        Called before anyone joins or leaves `aligned`, so a player never gets
+        an event from before its snapshot, nor misses one from before it left.
+        """
+        events = channel.turn
+        if not events:
+            return
+        channel.turn = []
+        aligned = channel.aligned
+        if not aligned:
+            return
+        chunks = self.chunks(events)
+        self.counters.deliveries += len(events) * len(aligned)
+        sessions = self._sessions
+        for session in aligned:
+            if session.turn is None and session.turn_events is None:
+                session.turn = chunks
+                session.turn_source = events
+            else:  # a second topic this turn: one batch of both at flush
+                if session.turn is not None:
+                    session.turn_events = session.turn_source + events
+                    session.turn = session.turn_source = None
+                else:
+                    session.turn_events.extend(events)  # type: ignore[union-attr]
+            if not session.scheduled:
+                session.scheduled = True
+                sessions.append(session)
+
+    def run(self) -> None:
+        self._scheduled = False
+        channels, self._channels = self._channels, []
+        for channel in channels:
+            self.flush_channel(channel)
+        sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            session.flush()
+
