@@ -16,6 +16,7 @@ each player gets one frame per turn however many events came.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from gateway import protocol
@@ -34,6 +35,7 @@ class Fanout:
         self._channels: list[TopicChannel] = []
         self._sessions: list[Session] = []
         self._scheduled = False
+        self.after_run: list[Callable[[], None]] = []  # called once every frame is written
 
     def _schedule_run(self) -> None:
         if not self._scheduled:
@@ -99,4 +101,6 @@ class Fanout:
         sessions, self._sessions = self._sessions, []
         for session in sessions:
             session.flush()
+        for callback in self.after_run:
+            callback()
 

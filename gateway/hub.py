@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 
 import orjson
 
@@ -32,9 +34,9 @@ from gateway.session import Session
 log = logging.getLogger("oddsgate.hub")
 
 
-def _parse(event: bytes) -> tuple[str, int, str]:
+def _parse(event: bytes) -> tuple[str, int, str, int]:
     obj = orjson.loads(event)
-    return obj["epoch"], obj["seq"], obj["market"]
+    return obj["epoch"], obj["seq"], obj["market"], obj["ts"]
 
 
 class Hub:
@@ -54,10 +56,26 @@ class Hub:
         self.replay_chunk = replay_chunk
         self.counters = counters or WorkerCounters()
         self.fanout = fanout or Fanout(self.counters, max_batch=replay_chunk)
+        self.fanout.after_run.append(self._observe_turn)
+        # Fan-out latency (event ts -> frames written), observed per event at
+        # the end of its turn when a sink (the fleet table) is attached.
+        self.latency_sink: Callable[[int], None] | None = None
+        self._turn_ts: list[int] = []
+        self.pubsub_lag_ns = 0  # publish -> receipt of the last event from Redis
         self._tasks: set[asyncio.Task] = set()
 
     def attach_broker(self, broker: RedisBroker) -> None:
         self.broker = broker
+
+    def _observe_turn(self) -> None:
+        if not self._turn_ts:
+            return
+        stamps, self._turn_ts = self._turn_ts, []
+        sink = self.latency_sink
+        if sink is not None:
+            now = time.time_ns()
+            for ts in stamps:
+                sink(now - ts)
 
     def _spawn(self, coro) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -72,12 +90,15 @@ class Hub:
             return  # a message still in flight after the last player left
         self.counters.events_in += 1
         try:
-            epoch, seq, market = _parse(event)
+            epoch, seq, market, ts = _parse(event)
         except (orjson.JSONDecodeError, KeyError, TypeError):
             log.error("dropping a malformed event on %s: %.200r", topic, event)
             return
+        self.pubsub_lag_ns = time.time_ns() - ts
         verdict = channel.cursor.offer(epoch, seq, (market, event))
         if verdict is Verdict.DELIVER:
+            if self.latency_sink is not None:
+                self._turn_ts.append(ts)
             self._fan_out(channel, epoch, seq, market, event)
         elif verdict is Verdict.GAP or verdict is Verdict.EPOCH:
             channel.cursor.begin_sync()
@@ -315,7 +336,7 @@ class Hub:
                     continue
                 read: list[tuple[int, Item]] = []
                 for event in history.events:
-                    _, seq, market = _parse(event)
+                    _, seq, market, _ = _parse(event)
                     read.append((seq, (market, event)))
                 result = channel.cursor.complete_sync(channel.epoch, channel.seq, read)
                 if read:

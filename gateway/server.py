@@ -67,6 +67,8 @@ class Worker:
         self.hub.attach_broker(self.broker)
         self.connections: dict[Session, ServerConnection] = {}
         self.draining = False
+        self.started = False  # listening, and Redis answered once
+        self.stopping = False
         self._kick_task: asyncio.Task | None = None
         self.server: Server | None = None
         self._broker_task: asyncio.Task | None = None
@@ -92,6 +94,8 @@ class Worker:
             server_header="oddsgate",
             reuse_port=s.reuse_port,
         )
+        await self.broker.connected.wait()
+        self.started = True
 
     @property
     def port(self) -> int:
@@ -105,6 +109,9 @@ class Worker:
     @property
     def sessions(self) -> set[Session]:
         return set(self.connections)
+
+    def connections_in_backpressure(self) -> int:
+        return 0
 
     # -- drain ------------------------------------------------------------
 
@@ -163,6 +170,7 @@ class Worker:
         Players get `grace_s` to answer the close handshake; a peer that does
         not is cut off rather than holding the process up.
         """
+        self.stopping = True
         if self.server is not None:
             self.server.close(close_connections=False)
             connections = list(self.server.connections)

@@ -3,35 +3,56 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 
 import uvloop
 
 from gateway.config import Settings
+from gateway.fleet import FleetTable
+from gateway.reporter import FleetReporter
 from gateway.server import Worker
 
 log = logging.getLogger("oddsgate.worker")
 
 
-async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Serve until `stop` is set or the process is told to stop."""
+async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) -> int:
+    """Serve until `stop` is set or the process is told to stop; the exit code."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     worker = Worker(settings)
-    await worker.start()
-    log.info(
-        "worker %d listening on %s:%d (redis %s)",
-        settings.worker_index, settings.host, worker.port, settings.redis_url,
-    )
+    table = FleetTable.attach(settings.fleet) if settings.fleet else None
+    reporter = reporter_task = None
     try:
+        if table is not None:
+            reporter = FleetReporter(worker, table.worker_writer(settings.fleet_slot))
+            reporter.start()
+            reporter_task = asyncio.create_task(reporter.run())
+        try:
+            await worker.start()
+        except OSError as exc:
+            log.error("worker %d cannot listen on %s:%d: %s", settings.worker_index,
+                      settings.host, settings.port, exc.strerror or exc)
+            return 1
+        log.info("worker %d listening on %s:%d (redis %s)", settings.worker_index,
+                 settings.host, worker.port, settings.redis_url)
         await stop.wait()
-    finally:
         log.info("worker %d stopping", settings.worker_index)
         await worker.stop()
+        return 0
+    finally:
+        if reporter_task is not None:
+            reporter_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reporter_task
+        if reporter is not None:
+            reporter.publish()  # the last word: STOPPING, final counters
+        if table is not None:
+            table.close()
 
 
-def run(settings: Settings) -> None:
-    uvloop.run(serve_worker(settings))
+def run(settings: Settings) -> int:
+    return uvloop.run(serve_worker(settings))

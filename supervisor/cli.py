@@ -1,10 +1,14 @@
 """`oddsgate`: the one binary operators run.
 
-Subcommands: `worker` (one gateway worker), `feed` (the synthetic feed),
-`token` (mint a session token for tests and demos), `config` (every
-setting with its env var and default), `demo` (a whole node on this
-machine with live traffic). Exit codes: 0 done, 1 runtime failure, 2 bad
-usage or configuration.
+Subcommands: `run` (a node: supervisor, one worker per core, optionally
+HAProxy), `status`, `drain`, `undrain`, `reload` (deploy scripts, through
+the node's control socket), `haproxy-config` (render the HAProxy file),
+`worker` (one gateway worker), `feed` (the synthetic feed), `token` (mint a
+session token), `config` (every setting), `demo` (a node with live traffic).
+
+Exit codes: 0 done; 1 failed (a drain or reload that did not complete in
+its timeout, a node whose workers all failed); 2 bad usage or
+configuration; 3 no supervisor answers on the control socket.
 """
 
 from __future__ import annotations
@@ -35,8 +39,75 @@ def _worker(args: argparse.Namespace) -> int:
     )
     with redis_for(settings) as url:
         settings.redis_url = url
-        run(settings)
+        return run(settings)
+
+
+def _control_path(args: argparse.Namespace):
+    from supervisor.runtime import runtime_dir
+
+    return runtime_dir(Settings.from_env(allow_anonymous=True)) / "control.sock"
+
+
+def _control(args: argparse.Namespace, command: dict) -> int:
+    import orjson
+
+    from supervisor.control import ControlUnavailable, request
+
+    timeout = float(command.get("timeout", 60)) + 5
+    try:
+        reply = request(_control_path(args), command, timeout=timeout)
+    except ControlUnavailable as exc:
+        print(f"oddsgate: {exc}", file=sys.stderr)
+        return 3
+    except TimeoutError:
+        print("oddsgate: the supervisor did not answer in time", file=sys.stderr)
+        return 1
+    if getattr(args, "json", False):
+        print(orjson.dumps(reply, option=orjson.OPT_INDENT_2).decode())
+    else:
+        _print_status(reply)
+    if not reply.get("ok"):
+        print(f"oddsgate: {reply.get('error') or reply.get('detail') or 'failed'}"
+              + (" (timed out)" if reply.get("timed_out") else ""), file=sys.stderr)
+        return 2 if "error" in reply and str(reply["error"]).startswith("bad request") else 1
     return 0
+
+
+def _print_status(reply: dict) -> None:
+    if "workers" not in reply:
+        return
+    print(f"{'worker':>6} {'pid':>8} {'port':>6} {'phase':>10} {'agent':>9} "
+          f"{'conns':>7} {'backpr':>6} {'subs':>7} {'restarts':>8}")
+    for w in reply["workers"]:
+        print(f"{w['index']:>6} {w['pid'] or '-':>8} {w['port']:>6} {w['phase']:>10} "
+              f"{w['agent'].split()[-1]:>9} {w['connections']:>7} "
+              f"{w['connections_backpressure']:>6} {w['subscriptions']:>7} {w['restarts']:>8}")
+    print(f"connections {reply['connections']}  back-pressure share "
+          f"{reply['backpressure_share']:.1%}")
+
+
+def _status(args: argparse.Namespace) -> int:
+    return _control(args, {"cmd": "status"})
+
+
+def _drain(args: argparse.Namespace) -> int:
+    return _control(args, {"cmd": "drain", "worker": "all" if args.all else args.worker,
+                           "wait": args.wait, "timeout": args.timeout})
+
+
+def _undrain(args: argparse.Namespace) -> int:
+    return _control(args, {"cmd": "undrain", "worker": "all" if args.worker is None
+                           else args.worker})
+
+
+def _reload(args: argparse.Namespace) -> int:
+    return _control(args, {"cmd": "reload", "timeout": args.timeout})
+
+
+def _run(args: argparse.Namespace) -> int:
+    from supervisor.run import run_node
+
+    return run_node(args)
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -62,6 +133,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oddsgate", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a node: supervisor and one worker per core")
+    run.add_argument("--workers", type=int, help="worker processes (OG_WORKERS; 0: per core)")
+    run.add_argument("--base-port", type=int, help="first worker port (OG_BASE_PORT)")
+    run.add_argument("--haproxy", action="store_true", help="start HAProxy in front (OG_HAPROXY)")
+    run.add_argument("--bind", help="HAProxy frontend HOST:PORT (OG_HAPROXY_BIND)")
+    run.add_argument("--anonymous", action="store_true",
+                     help="let players in without a token (OG_ALLOW_ANONYMOUS)")
+    run.set_defaults(func=_run)
+
+    status = sub.add_parser("status", help="workers, connections and drain states of the node")
+    status.add_argument("--json", action="store_true", help="the whole status as JSON")
+    status.set_defaults(func=_status)
+
+    drain = sub.add_parser("drain", help="send a worker's players elsewhere, take no new ones")
+    which = drain.add_mutually_exclusive_group(required=True)
+    which.add_argument("--worker", type=int, help="worker index")
+    which.add_argument("--all", action="store_true", help="every worker")
+    drain.add_argument("--wait", action="store_true", help="return once it holds no player")
+    drain.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits")
+    drain.add_argument("--json", action="store_true")
+    drain.set_defaults(func=_drain)
+
+    undrain = sub.add_parser("undrain", help="let drained workers take players again")
+    undrain.add_argument("--worker", type=int, help="worker index (default: all)")
+    undrain.add_argument("--json", action="store_true")
+    undrain.set_defaults(func=_undrain)
+
+    reload = sub.add_parser("reload", help="replace every worker, one at a time, no downtime")
+    reload.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds each worker's players get to move")
+    reload.add_argument("--json", action="store_true")
+    reload.set_defaults(func=_reload)
+
+    haproxy = sub.add_parser("haproxy-config", help="render the HAProxy configuration",
+                             add_help=False)
+    haproxy.set_defaults(func=None)
 
     worker = sub.add_parser("worker", help="run one gateway worker")
     worker.add_argument("--host", help="listen address (OG_HOST)")
@@ -107,6 +215,10 @@ def main(argv: list[str] | None = None) -> int:
         from feed.synthetic import main as feed_main
 
         return feed_main(argv[1:])
+    if argv[:1] == ["haproxy-config"]:
+        from supervisor.haproxy import main_config
+
+        return main_config(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:

@@ -1,0 +1,71 @@
+"""`oddsgate run`: settings, the embedded Redis, then the supervisor until it stops."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+import uvloop
+
+from gateway.config import ConfigError, Settings
+from gateway.topics import PartitionMap
+from supervisor.haproxy import HAProxySettings
+from supervisor.metrics import NodeInfo, WorkerInfo, fleet_registry
+from supervisor.node import Phase, Supervisor
+from supervisor.runtime import redis_for, runtime_dir
+from supervisor.services import HAProxyService, MetricsServer
+from supervisor.settings import NodeSettings
+
+log = logging.getLogger("oddsgate.run")
+
+
+def haproxy_settings(node: NodeSettings, runtime) -> HAProxySettings:
+    host, port = node.bind
+    return HAProxySettings.for_workers(
+        node.worker_count, node.base_port, bind_host=host, bind_port=port,
+        agent_port=node.agent_port, stats_socket=str(runtime / "haproxy.sock"),
+    )
+
+
+def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Supervisor:
+    runtime = runtime_dir(worker)
+    env = {"OG_REDIS_URL": redis_url}
+    if worker.allow_anonymous:
+        env["OG_ALLOW_ANONYMOUS"] = "1"
+    supervisor = Supervisor(node, env, runtime)
+    if node.haproxy:
+        supervisor.extra_services.append(
+            HAProxyService(haproxy_settings(node, runtime), runtime / "haproxy"))
+    if node.metrics_port:
+        registry = fleet_registry(
+            supervisor.table,
+            lambda: [WorkerInfo(w.index, w.current.pid if w.current else None,
+                                len(w.restart_times), w.operator_drain or w.auto_drain)
+                     for w in supervisor.workers],
+            lambda: NodeInfo(supervisor.breaker_open(), supervisor.breaker_trips,
+                             supervisor.n),
+            worker_of_slot=lambda slot: slot % supervisor.n,
+        )
+        supervisor.extra_services.insert(
+            0, MetricsServer(node.metrics_host, node.metrics_port, registry))
+    return supervisor
+
+
+def run_node(args: argparse.Namespace) -> int:
+    node = NodeSettings.from_env(
+        workers=args.workers, base_port=args.base_port,
+        haproxy=True if args.haproxy else None, haproxy_bind=args.bind,
+    )
+    worker = Settings.from_env(allow_anonymous=True if args.anonymous else None)
+    try:  # every worker would die on it: say so once, now
+        PartitionMap.load(worker.partition_map)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"OG_PARTITION_MAP={worker.partition_map!r}: partition map: {exc}")\
+            from None
+    with redis_for(worker) as url:
+        supervisor = build_supervisor(node, worker, url)
+        code = uvloop.run(supervisor.run())
+    failed = [w.index for w in supervisor.workers if w.phase is Phase.FAILED]
+    if failed:
+        log.error("workers %s failed", failed)
+    return code
