@@ -117,6 +117,36 @@ class Settings(EnvSettings):
     compression: bool = setting(
         "OG_COMPRESSION", False, "permessage-deflate when the client offers it"
     )
+    high_watermark_bytes: int = setting(
+        "OG_HIGH_WATERMARK_BYTES", 65_536,
+        "pending output above which a player gets only the newest event per market",
+        minimum=1024,
+    )
+    low_watermark_bytes: int = setting(
+        "OG_LOW_WATERMARK_BYTES", 16_384,
+        "pending output below which a coalescing player is caught up and served normally",
+        minimum=0,
+    )
+    socket_sndbuf_bytes: int = setting(
+        "OG_SOCKET_SNDBUF_BYTES", 0,
+        "kernel send buffer per player socket; 0: the kernel's autotuning", minimum=0,
+    )
+    stall_timeout_s: float = setting(
+        "OG_STALL_TIMEOUT_S", 60.0,
+        "a player over its high-water mark this long is closed 1013 (a dead peer)",
+        minimum=0.1,
+    )
+    breaker_trip_share: float = setting(
+        "OG_BREAKER_TRIP_SHARE", 0.05,
+        "share of the node's players in back-pressure that trips the breaker", minimum=0.0,
+    )
+    breaker_recover_share: float = setting(
+        "OG_BREAKER_RECOVER_SHARE", 0.03,
+        "share under which the breaker closes again", minimum=0.0,
+    )
+    shed_retry_ms: int = setting(
+        "OG_SHED_RETRY_MS", 2000, "retry_after_ms of a shed subscription", minimum=1
+    )
     reuse_port: bool = setting(
         "OG_REUSE_PORT", False,
         "share the port with a successor process (set by the supervisor for reloads)",
@@ -135,6 +165,10 @@ class Settings(EnvSettings):
 
     def check(self) -> None:
         super().check()
+        if self.low_watermark_bytes >= self.high_watermark_bytes:
+            raise ConfigError("OG_LOW_WATERMARK_BYTES must be below OG_HIGH_WATERMARK_BYTES")
+        if self.breaker_recover_share > self.breaker_trip_share:
+            raise ConfigError("OG_BREAKER_RECOVER_SHARE must not exceed OG_BREAKER_TRIP_SHARE")
         if not self.jwt_secret and not self.allow_anonymous:
             raise ConfigError(
                 "OG_JWT_SECRET is empty and OG_ALLOW_ANONYMOUS is off: nobody could connect"

@@ -131,6 +131,8 @@ class WorkerField(IntEnum):
     LATENCY_BUCKETS = _LATENCY_FIRST
     LATENCY_SUM_NS = _LATENCY_FIRST + len(LATENCY_BOUNDS_S)
     LATENCY_COUNT = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 1
+    BREAKER_OPEN = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 2  # 0/1: shedding new subscriptions
+    BREAKER_TRIPS = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 3
     # up to WORKER_WORDS - 1 spare
 
 
@@ -157,7 +159,7 @@ SUMMED_FIELDS: tuple[WorkerField, ...] = tuple(
     f for f in WorkerField
     if f not in (WorkerField.PID, WorkerField.STARTED_NS, WorkerField.HEARTBEAT_NS,
                  WorkerField.STATE, WorkerField.PORT, WorkerField.PUBSUB_LAG_NS,
-                 WorkerField.LATENCY_BUCKETS)
+                 WorkerField.LATENCY_BUCKETS, WorkerField.BREAKER_OPEN)
 )
 _PUBLISHABLE = frozenset(WorkerField) - {WorkerField.LATENCY_BUCKETS}
 _VIEW_WORDS = tuple((f.name.lower(), int(f)) for f in (*WorkerField, *SupervisorField))
@@ -206,6 +208,8 @@ class SlotView:
     latency_buckets: tuple[int, ...]  # non-cumulative, one per LATENCY_BOUNDS_S
     latency_sum_ns: int
     latency_count: int
+    breaker_open: int
+    breaker_trips: int
     drain: bool
     drain_window_ms: int
     drain_seq: int

@@ -63,6 +63,10 @@ class Hub:
         self._turn_ts: list[int] = []
         self.pubsub_lag_ns = 0  # publish -> receipt of the last event from Redis
         self._tasks: set[asyncio.Task] = set()
+        # Players over their high-water mark, taken off the fast path: their
+        # events go to their CoalescingOutbox until they drain.
+        self.pressured: set[Session] = set()
+        self._pressure_pending: set[Session] = set()
 
     def attach_broker(self, broker: RedisBroker) -> None:
         self.broker = broker
@@ -111,15 +115,15 @@ class Hub:
         if channel.aligned:
             self.fanout.channel_event(channel, event)
         if channel.tracking:
-            self._deliver_tracking(channel, epoch, seq, event)
+            self._deliver_tracking(channel, epoch, seq, market, event)
 
-    def _deliver_tracking(self, channel: TopicChannel, epoch: str, seq: int,
+    def _deliver_tracking(self, channel: TopicChannel, epoch: str, seq: int, market: str,
                           event: bytes) -> None:
         """The slow path: players catching up, each through its own cursor."""
         topic = channel.topic
         caught_up = []
         for session in list(channel.tracking):
-            verdict = session.deliver(topic, epoch, seq, event)
+            verdict = session.deliver(topic, epoch, seq, event, market)
             if verdict is Verdict.DELIVER:
                 self.counters.deliveries += 1
             if verdict is Verdict.GAP or verdict is Verdict.EPOCH:
@@ -135,6 +139,8 @@ class Hub:
 
     def _align(self, session: Session, channel: TopicChannel) -> None:
         """Move a player whose cursor stands at the channel's onto the fast path."""
+        if session in self.pressured:
+            return  # it stays on its cursor, coalescing, until it drains
         self.fanout.flush_channel(channel)
         channel.tracking.discard(session)
         channel.aligned.add(session)
@@ -234,6 +240,11 @@ class Hub:
         """The player holds exactly the channel's position: fast path from now on."""
         self.fanout.flush_channel(channel)
         session.cursors[channel.topic] = SeqCursor(channel.epoch, channel.seq)
+        if session in self.pressured:
+            session.outbox.start(channel.topic, channel.seq)
+            channel.aligned.discard(session)
+            channel.tracking.add(session)
+            return
         channel.tracking.discard(session)
         channel.aligned.add(session)
 
@@ -261,12 +272,15 @@ class Hub:
             return
         self._send_replay(session, result.deliver)
         self.counters.resumes_replayed += 1
+        if session in self.pressured:
+            session.outbox.start(channel.topic, cursor.seq)
         if cursor.seq == channel.seq:
             self._align(session, channel)
 
     def leave(self, session: Session, topic: str) -> None:
         session.cursors.pop(topic, None)
         session.acked.pop(topic, None)
+        session.outbox.forget(topic)
         channel = self.channels.get(topic)
         if channel is not None:
             self.fanout.flush_channel(channel)  # what was queued before leaving goes out
@@ -277,6 +291,62 @@ class Hub:
     def leave_all(self, session: Session) -> None:
         for topic in list(session.cursors):
             self.leave(session, topic)
+        self.pressured.discard(session)
+        self._pressure_pending.discard(session)
+
+    # -- back-pressure ------------------------------------------------------
+
+    def pressure_changed(self, session: Session) -> None:
+        """A player's transport crossed a watermark; act at the end of this turn.
+
+        Called from inside a transport write, so nothing is rearranged now.
+        """
+        if session not in self._pressure_pending:
+            self._pressure_pending.add(session)
+            asyncio.get_running_loop().call_soon(self._apply_pressure, session)
+
+    def _apply_pressure(self, session: Session) -> None:
+        self._pressure_pending.discard(session)
+        if not session.open:
+            self.pressured.discard(session)
+            return
+        if session.pressured:
+            if session not in self.pressured:
+                self._start_coalescing(session)
+            return
+        if session in self.pressured:
+            self._catch_up(session)
+
+    def _start_coalescing(self, session: Session) -> None:
+        """Off the fast path: from the channel's position, newest per market only."""
+        self.pressured.add(session)
+        for topic, cursor in list(session.cursors.items()):
+            channel = self.channels.get(topic)
+            if channel is None:
+                continue
+            if session in channel.aligned:
+                self.fanout.flush_channel(channel)  # this turn's events still go as frames
+                channel.aligned.discard(session)
+                channel.tracking.add(session)
+                cursor = SeqCursor(channel.epoch, channel.seq)
+                session.cursors[topic] = cursor
+            session.outbox.start(topic, cursor.seq)
+
+    def _catch_up(self, session: Session) -> None:
+        """Drained: send what was kept, in seq order per topic, then the fast path."""
+        self.pressured.discard(session)
+        events = session.outbox.drain()
+        self.counters.coalesced += session.outbox.superseded
+        session.outbox.superseded = 0
+        self._send_replay(session, events)
+        if session.pressured:  # the catch-up itself filled the buffer again
+            self._start_coalescing(session)
+            return
+        for topic, cursor in list(session.cursors.items()):
+            channel = self.channels.get(topic)
+            if (channel is not None and session in channel.tracking and not cursor.syncing
+                    and cursor.seq == channel.seq):
+                self._align(session, channel)
 
     def _drop_if_unused(self, channel: TopicChannel) -> None:
         if channel.followed or channel.joining > 0 or not channel.ready.done():
@@ -295,6 +365,7 @@ class Hub:
         self.counters.snapshots += 1
 
     def _reset_session(self, session: Session, channel: TopicChannel, reason: str) -> None:
+        session.outbox.forget(channel.topic)
         session.send(protocol.reset(channel.topic, reason))
         self._send_snapshot(session, channel)
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from gateway.fleet import WorkerField, WorkerSlotWriter, WorkerState
+from gateway.fleet import FleetTable, WorkerField, WorkerSlotWriter, WorkerState
 
 if TYPE_CHECKING:
     from gateway.server import Worker
@@ -24,7 +24,8 @@ F = WorkerField
 
 
 class FleetReporter:
-    def __init__(self, worker: Worker, writer: WorkerSlotWriter, interval_s: float = 0.05):
+    def __init__(self, worker: Worker, writer: WorkerSlotWriter, interval_s: float = 0.05,
+                 table: FleetTable | None = None):
         self.worker = worker
         self.writer = writer
         self.interval_s = interval_s
@@ -32,6 +33,8 @@ class FleetReporter:
         # whatever order stands when this process first looks is meant for it.
         self._drain_seq = -1
         self._retiring = False
+        if table is not None:  # the breaker follows the whole node, not this worker
+            worker.backpressure_share = table.backpressure_share
 
     def start(self) -> None:
         self.writer.claim()
@@ -69,6 +72,8 @@ class FleetReporter:
             F.REDIS_CONNECTED: int(worker.broker.connected.is_set()),
             F.CONNECTIONS_ACCEPTED: c.connections_accepted,
             F.PUBSUB_LAG_NS: worker.hub.pubsub_lag_ns,
+            F.BREAKER_OPEN: int(worker.breaker.open),
+            F.BREAKER_TRIPS: worker.breaker.trips,
         })
         self.writer.set_state(self.state())
 

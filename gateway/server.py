@@ -14,8 +14,10 @@ import contextlib
 import logging
 import random
 import secrets
+import socket
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -25,6 +27,7 @@ from websockets.protocol import State
 
 from gateway import protocol
 from gateway.auth import AuthError, Claims, TokenVerifier, token_from_request
+from gateway.breaker import Breaker
 from gateway.broker import RedisBroker
 from gateway.channel import TopicChannel
 from gateway.config import Settings
@@ -40,7 +43,35 @@ from gateway.wire import text_frame
 log = logging.getLogger("oddsgate.worker")
 
 OPEN_CHANNEL_TIMEOUT_S = 3.0
-UPSTREAM_RETRY_MS = 1000
+
+
+class PlayerConnection(ServerConnection):
+    """websockets' connection, with its flow control reported to the session.
+
+    The transport calls `pause_writing` past the high-water mark and
+    `resume_writing` under the low one (`write_limit` of `serve`); the session
+    turns those into coalescing and catching up (PROTOCOL.md §5).
+    """
+
+    sndbuf = 0  # SO_SNDBUF for player sockets; 0 leaves the kernel's autotuning
+    session: Session | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        if self.sndbuf:
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.session is not None:
+            self.session.on_pause(time.monotonic())
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.session is not None:
+            self.session.on_resume()
 
 
 class Worker:
@@ -66,6 +97,13 @@ class Worker:
         )
         self.hub.attach_broker(self.broker)
         self.connections: dict[Session, ServerConnection] = {}
+        self.breaker = Breaker(settings.breaker_trip_share, settings.breaker_recover_share)
+        # The node's share of players in back-pressure: this worker's own unless a
+        # fleet table is attached (gateway/reporter.py sets the node's).
+        self.backpressure_share: Callable[[], float] = self._local_backpressure_share
+        self._connection_class = type("PlayerConnection", (PlayerConnection,),
+                                      {"sndbuf": settings.socket_sndbuf_bytes})
+        self._watch_task: asyncio.Task | None = None
         self.draining = False
         self.started = False  # listening, and Redis answered once
         self.stopping = False
@@ -93,7 +131,10 @@ class Worker:
             max_queue=4,
             server_header="oddsgate",
             reuse_port=s.reuse_port,
+            write_limit=(s.high_watermark_bytes, s.low_watermark_bytes),
+            create_connection=self._connection_class,
         )
+        self._watch_task = asyncio.create_task(self._watch_pressure())
         await self.broker.connected.wait()
         self.started = True
 
@@ -111,7 +152,37 @@ class Worker:
         return set(self.connections)
 
     def connections_in_backpressure(self) -> int:
-        return 0
+        return len(self.hub.pressured)
+
+    def _local_backpressure_share(self) -> float:
+        return len(self.hub.pressured) / len(self.connections) if self.connections else 0.0
+
+    async def _watch_pressure(self, interval_s: float = 0.1) -> None:
+        """The breaker follows the node's share; players stalled too long are cut off."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                if self.breaker.update(self.backpressure_share()):
+                    log.warning("breaker %s: %.1f%% of the node's players in back-pressure",
+                                "open, shedding new subscriptions" if self.breaker.open
+                                else "closed", 100 * self.breaker.share)
+                self._close_stalled(time.monotonic())
+            except Exception:
+                log.exception("back-pressure watch failed")
+
+    def _close_stalled(self, now: float) -> None:
+        limit = self.settings.stall_timeout_s
+        for session in list(self.hub.pressured):
+            since = session.pressured_since
+            conn = self.connections.get(session)
+            if since is None or conn is None or now - since < limit or not session.open:
+                continue
+            log.info("closing %s: over its high-water mark for %.0fs", session.conn_id, now - since)
+            session.open = False
+            # The peer reads nothing, so no close handshake would finish: say it, then cut.
+            conn.protocol.send_close(CloseCode.TRY_LATER, "too slow: output buffer full")
+            conn.send_data()
+            conn.transport.abort()
 
     # -- drain ------------------------------------------------------------
 
@@ -161,7 +232,12 @@ class Worker:
                 closing.add(asyncio.create_task(conn.close(CloseCode.RESTART, reason)))
             await asyncio.sleep(0)  # let the loop breathe between chunks
         if closing:
-            await asyncio.wait(closing)
+            _, stuck = await asyncio.wait(closing, timeout=5)
+            for task in stuck:  # peers that read nothing never finish the handshake
+                task.cancel()
+            for _session, conn in pending:
+                if conn.protocol.state is not State.CLOSED:
+                    conn.transport.abort()
 
     async def stop(self, close_code: CloseCode = CloseCode.RESTART,
                    grace_s: float = 1.0) -> None:
@@ -186,6 +262,8 @@ class Worker:
                 await asyncio.wait_for(self.server.wait_closed(), grace_s + 1)
         if self._broker_task is not None:
             self._broker_task.cancel()
+        if self._watch_task is not None:
+            self._watch_task.cancel()
         await self.broker.close()
 
     # -- HTTP and the handshake -------------------------------------------
@@ -287,6 +365,8 @@ class Worker:
             counters=self.counters,
         )
         self.connections[session] = conn
+        conn.session = session  # type: ignore[attr-defined]
+        session.on_pressure = self.hub.pressure_changed
         self.counters.connections_accepted += 1
         loop = asyncio.get_running_loop()
         expiry = None
@@ -356,6 +436,11 @@ class Worker:
                 refused[ErrorCode.FORBIDDEN].append(topic)
             elif len(session.cursors) + len(wanted) >= session.max_topics:
                 refused[ErrorCode.TOO_MANY_TOPICS].append(topic)
+            elif (self.breaker.open and resume is None
+                  and topic not in self.pmap.high_value):
+                # A resume continues a subscription the player had: never shed.
+                refused[ErrorCode.SHED].append(topic)
+                self.counters.shed += 1
             else:
                 wanted[topic] = resume
         opened = await self._open_channels(list(wanted))
@@ -396,12 +481,12 @@ class Worker:
             ErrorCode.UNKNOWN_TOPIC: "not a topic of the partition map (GET /v1/topics)",
             ErrorCode.FORBIDDEN: "your session may not follow these topics",
             ErrorCode.TOO_MANY_TOPICS: f"a connection follows at most {session.max_topics}",
-            ErrorCode.SHED: "upstream unavailable; retry later",
+            ErrorCode.SHED: "the node is overloaded or its upstream unavailable; retry later",
         }
         return ProtocolError(
             code,
             messages[code],
             request_id=request_id,
             topics=topics,
-            retry_after_ms=UPSTREAM_RETRY_MS if code is ErrorCode.SHED else None,
+            retry_after_ms=self.settings.shed_retry_ms if code is ErrorCode.SHED else None,
         )

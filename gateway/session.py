@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from gateway import protocol
+from gateway.coalesce import CoalescingOutbox
 from gateway.counters import WorkerCounters
 from gateway.errors import CloseCode, ErrorCode, ProtocolError
 from gateway.sequencer import SeqCursor, Verdict
@@ -86,6 +87,11 @@ class Session:
         self.turn_source: list[bytes] | None = None  # the events inside `turn`
         self.turn_events: list[bytes] | None = None  # fast path, several topics this turn
         self.open = True
+        # Back-pressure (PROTOCOL.md §5): set while the transport is over its
+        # high-water mark; events then go to `outbox`, newest per market only.
+        self.pressured_since: float | None = None
+        self.outbox = CoalescingOutbox()
+        self.on_pressure: Callable[[Session], None] | None = None  # the hub's hook
         self._limiter = RateLimiter(rate, burst)
         self._refused_in_a_row = 0
         self._max_refused = max_refused_in_a_row
@@ -138,13 +144,17 @@ class Session:
 
     # -- delivery ---------------------------------------------------------
 
-    def deliver(self, topic: str, epoch: str, seq: int, event: bytes) -> Verdict:
+    def deliver(self, topic: str, epoch: str, seq: int, event: bytes,
+                market: str | None = None) -> Verdict:
         """Slow path: offer an in-order event of a topic to this session's cursor."""
         cursor = self.cursors.get(topic)
         if cursor is None:
             return Verdict.STALE
         verdict = cursor.offer(epoch, seq, event)
         if verdict is Verdict.DELIVER:
+            if self.pressured_since is not None and market is not None:
+                self.outbox.push(topic, market, seq, event)
+                return verdict
             if not self.scheduled:
                 self.scheduled = True
                 self._scheduler.schedule(self)
@@ -159,6 +169,26 @@ class Session:
             self.scheduled = True
             self._scheduler.schedule(self)
         self.pending.extend(events)
+
+    # -- back-pressure (called by the connection's flow control) ------------
+
+    def on_pause(self, now: float) -> None:
+        """The transport passed its high-water mark."""
+        if self.pressured_since is None:
+            self.pressured_since = now
+            if self.on_pressure is not None:
+                self.on_pressure(self)
+
+    def on_resume(self) -> None:
+        """The transport drained under its low-water mark."""
+        if self.pressured_since is not None:
+            self.pressured_since = None
+            if self.on_pressure is not None:
+                self.on_pressure(self)
+
+    @property
+    def pressured(self) -> bool:
+        return self.pressured_since is not None
 
     @property
     def has_output(self) -> bool:

@@ -28,7 +28,8 @@ async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) ->
     reporter = reporter_task = None
     try:
         if table is not None:
-            reporter = FleetReporter(worker, table.worker_writer(settings.fleet_slot))
+            reporter = FleetReporter(worker, table.worker_writer(settings.fleet_slot),
+                                     table=table)
             reporter.start()
             reporter_task = asyncio.create_task(reporter.run())
         try:

@@ -83,7 +83,9 @@ def _print_status(reply: dict) -> None:
               f"{w['agent'].split()[-1]:>9} {w['connections']:>7} "
               f"{w['connections_backpressure']:>6} {w['subscriptions']:>7} {w['restarts']:>8}")
     print(f"connections {reply['connections']}  back-pressure share "
-          f"{reply['backpressure_share']:.1%}")
+          f"{reply['backpressure_share']:.1%}  breaker "
+          f"{'OPEN (shedding)' if reply.get('breaker_open') else 'closed'} "
+          f"trips {reply.get('breaker_trips', 0)}")
 
 
 def _status(args: argparse.Namespace) -> int:

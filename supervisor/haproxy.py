@@ -365,6 +365,32 @@ def _unix_command(path: str | os.PathLike[str], command: str, timeout: float) ->
     return b"".join(chunks).decode(errors="replace")
 
 
+def read_servers(stats_socket: str | os.PathLike[str],
+                 timeout: float = 5.0) -> dict[str, dict[str, str]]:
+    """`show stat` of the gateway backend: server name -> its CSV columns.
+
+    A function of the socket path, so that a process that did not start
+    HAProxy (`oddsgate status`, a test harness) can read it too. The
+    interesting columns: `status` ("UP"; "UP 1/3" = up but going down, which
+    is also how every server starts; "DOWN", "DOWN (agent)", "DRAIN (agent)",
+    "MAINT"), `weight`, `scur` (current sessions), `agent_status`,
+    `check_status`. A node is ready for players when every server is "UP".
+    """
+    try:
+        lines = _unix_command(stats_socket, "show stat", timeout).splitlines()
+    except OSError as exc:
+        raise HAProxyError(f"stats socket {stats_socket}: {exc}") from exc
+    if not lines or not lines[0].startswith("# "):
+        raise HAProxyError(f"unexpected `show stat` answer: {lines[:1]}")
+    columns = lines[0][2:].split(",")
+    servers = {}
+    for line in lines[1:]:
+        row = dict(zip(columns, line.split(","), strict=False))
+        if row.get("pxname") == BACKEND and row.get("svname") not in ("BACKEND", None):
+            servers[row["svname"]] = row
+    return servers
+
+
 @dataclass
 class _MasterView:
     """What the master CLI's `show proc` says: reload counters and worker pids."""
@@ -449,22 +475,8 @@ class HAProxyProcess:
             raise HAProxyError(f"stats socket {self.settings.stats_socket}: {exc}") from exc
 
     def servers(self) -> dict[str, dict[str, str]]:
-        """`show stat` of the gateway backend: server name -> its CSV columns.
-
-        The interesting columns: `status` (UP, DOWN, DRAIN, MAINT, or
-        transitional `UP 1/2`...), `weight`, `scur` (current sessions),
-        `agent_status`, `check_status`.
-        """
-        lines = self.stats("show stat").splitlines()
-        if not lines or not lines[0].startswith("# "):
-            raise HAProxyError(f"unexpected `show stat` answer: {lines[:1]}")
-        columns = lines[0][2:].split(",")
-        servers = {}
-        for line in lines[1:]:
-            row = dict(zip(columns, line.split(","), strict=False))
-            if row.get("pxname") == BACKEND and row.get("svname") not in ("BACKEND", None):
-                servers[row["svname"]] = row
-        return servers
+        """`show stat` of the gateway backend, per server; see `read_servers()`."""
+        return read_servers(self.settings.stats_socket)
 
     def worker_pids(self, timeout: float = 5.0) -> list[int]:
         """The current (not the old, finishing) worker processes, from the master."""

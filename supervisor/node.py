@@ -99,7 +99,6 @@ class Supervisor:
         self.control = ControlServer(runtime_dir / "control.sock", self.handle_command)
         self.stopping = False
         self.gave_up = False  # every worker failed: the node stops with exit code 1
-        self.breaker_trips = 0  # times the node's back-pressure share crossed the trip mark
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.extra_services: list = []  # started after the workers, stopped before them
@@ -345,8 +344,12 @@ class Supervisor:
         return total
 
     def breaker_open(self) -> bool:
-        """Whether workers shed new subscriptions now (they decide the same from the table)."""
-        return False
+        """Whether the node sheds new subscriptions: its workers say so in the table."""
+        return any(v.breaker_open for v in self.table.read_all() if v.occupied)
+
+    def breaker_trips_seen(self) -> int:
+        """Trips of the node's breaker: every worker trips on the same node-wide share."""
+        return max((v.breaker_trips for v in self.table.read_all() if v.occupied), default=0)
 
     def _serving(self, incarnation: Incarnation | None) -> bool:
         view = self._view(incarnation)
@@ -387,6 +390,8 @@ class Supervisor:
             "workers": workers,
             "connections": self.connections(),
             "backpressure_share": self.table.backpressure_share(),
+            "breaker_open": self.breaker_open(),
+            "breaker_trips": self.breaker_trips_seen(),
             "totals": totals,
             "fleet": self.table.name,
             "stopping": self.stopping,

@@ -42,7 +42,7 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Su
             lambda: [WorkerInfo(w.index, w.current.pid if w.current else None,
                                 len(w.restart_times), w.operator_drain or w.auto_drain)
                      for w in supervisor.workers],
-            lambda: NodeInfo(supervisor.breaker_open(), supervisor.breaker_trips,
+            lambda: NodeInfo(supervisor.breaker_open(), supervisor.breaker_trips_seen(),
                              supervisor.n),
             worker_of_slot=lambda slot: slot % supervisor.n,
         )

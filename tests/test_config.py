@@ -124,7 +124,20 @@ def test_bad_numbers_are_refused_naming_the_variable(env: str, value: str) -> No
 def test_minimum_is_enforced_naming_the_variable(name: str, env: str, minimum: float) -> None:
     below = minimum - 1 if isinstance(FIELDS[name].default, int) else minimum - 0.001
     refused({**SECRET_ENV, env: str(below)}, f"{env}=.*at least")
-    assert getattr(from_env(**{env: str(minimum)}), name) == minimum
+    partner = PAIRED_LOWER_BOUNDS.get(env, {})  # settings that must stay under this one
+    assert getattr(from_env(**{env: str(minimum)}, **partner), name) == minimum
+
+
+# A setting checked against another: its minimum is valid only with the other low too.
+PAIRED_LOWER_BOUNDS = {
+    "OG_HIGH_WATERMARK_BYTES": {"OG_LOW_WATERMARK_BYTES": "0"},
+    "OG_BREAKER_TRIP_SHARE": {"OG_BREAKER_RECOVER_SHARE": "0"},
+}
+
+
+def test_watermarks_and_breaker_shares_must_be_ordered() -> None:
+    refused({**SECRET_ENV, "OG_LOW_WATERMARK_BYTES": "70000"}, "OG_LOW_WATERMARK_BYTES")
+    refused({**SECRET_ENV, "OG_BREAKER_RECOVER_SHARE": "0.5"}, "OG_BREAKER_RECOVER_SHARE")
 
 
 def test_minimums_cover_the_limits_that_must_be_positive() -> None:

@@ -38,6 +38,7 @@ from supervisor.haproxy import (
     fit_maxconn,
     load_template,
     main_config,
+    read_servers,
     render,
 )
 
@@ -385,6 +386,7 @@ def test_same_cookie_same_backend_and_cookies_spread(node: Node) -> None:
     # the agent was asked with the agent-send string, newline included
     assert {b"w0\n", b"w1\n", b"w2\n"} <= set(node.agent.requests)
     assert node.get("/haproxy-health")[0] == 200
+    assert set(read_servers(node.haproxy.settings.stats_socket)) == {"w0", "w1", "w2"}
 
 
 def test_agent_drain_moves_only_the_drained_servers_keys(node: Node) -> None:
