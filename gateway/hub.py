@@ -293,6 +293,7 @@ class Hub:
             self.leave(session, topic)
         self.pressured.discard(session)
         self._pressure_pending.discard(session)
+        session.coalescing = False
 
     # -- back-pressure ------------------------------------------------------
 
@@ -320,6 +321,7 @@ class Hub:
     def _start_coalescing(self, session: Session) -> None:
         """Off the fast path: from the channel's position, newest per market only."""
         self.pressured.add(session)
+        session.coalescing = True
         for topic, cursor in list(session.cursors.items()):
             channel = self.channels.get(topic)
             if channel is None:
@@ -335,6 +337,7 @@ class Hub:
     def _catch_up(self, session: Session) -> None:
         """Drained: send what was kept, in seq order per topic, then the fast path."""
         self.pressured.discard(session)
+        session.coalescing = False
         events = session.outbox.drain()
         self.counters.coalesced += session.outbox.superseded
         session.outbox.superseded = 0

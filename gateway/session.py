@@ -90,6 +90,10 @@ class Session:
         # Back-pressure (PROTOCOL.md §5): set while the transport is over its
         # high-water mark; events then go to `outbox`, newest per market only.
         self.pressured_since: float | None = None
+        # Set by the hub from the moment it moves the session to its outbox until
+        # the outbox is drained: not the transport's flag, which may flip back
+        # before the hub acts, and events must not overtake what the outbox holds.
+        self.coalescing = False
         self.outbox = CoalescingOutbox()
         self.on_pressure: Callable[[Session], None] | None = None  # the hub's hook
         self._limiter = RateLimiter(rate, burst)
@@ -152,7 +156,7 @@ class Session:
             return Verdict.STALE
         verdict = cursor.offer(epoch, seq, event)
         if verdict is Verdict.DELIVER:
-            if self.pressured_since is not None and market is not None:
+            if self.coalescing and market is not None:
                 self.outbox.push(topic, market, seq, event)
                 return verdict
             if not self.scheduled:

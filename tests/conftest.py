@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import hypothesis  # noqa: F401  (imported now, not lazily by its plugin at session end)
 import pytest
 import redis
 import redis.asyncio as aioredis
