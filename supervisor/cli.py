@@ -82,6 +82,8 @@ def _print_status(reply: dict) -> None:
         print(f"{w['index']:>6} {w['pid'] or '-':>8} {w['port']:>6} {w['phase']:>10} "
               f"{w['agent'].split()[-1]:>9} {w['connections']:>7} "
               f"{w['connections_backpressure']:>6} {w['subscriptions']:>7} {w['restarts']:>8}")
+    if reply.get("haproxy"):
+        print("haproxy: " + "  ".join(f"{k}={v}" for k, v in sorted(reply["haproxy"].items())))
     print(f"connections {reply['connections']}  back-pressure share "
           f"{reply['backpressure_share']:.1%}  breaker "
           f"{'OPEN (shedding)' if reply.get('breaker_open') else 'closed'} "
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=200.0, help="feed events per second")
     demo.add_argument("--clients", type=int, default=50, help="demo players")
     demo.add_argument("--duration", type=float, default=None, help="seconds, default forever")
-    demo.add_argument("--port", type=int, default=8001, help="worker port")
+    demo.add_argument("--port", type=int, default=8000, help="HAProxy frontend port")
     demo.set_defaults(func=_demo)
     return parser
 

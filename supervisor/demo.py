@@ -1,9 +1,12 @@
-"""`oddsgate demo`: a node on this machine with a feed and players, watched live.
+"""`oddsgate demo`: a whole node on this machine, a feed, players, watched live.
 
-It starts what a node needs (embedded Redis, a gateway worker), a synthetic
-feed, and a crowd of players built on the client library; then prints one
-line a second of what the players see: events delivered, publish-to-receipt
-latency, snapshots, resumes and PROTOCOL.md §5 violations (always 0).
+It starts `oddsgate run --haproxy` (supervisor, one worker per core, the
+embedded Redis, HAProxy in front), a synthetic feed, and a crowd of players
+built on the client library that connect through HAProxy; then prints one
+line a second of what the players see (events delivered, publish-to-receipt
+latency, snapshots, resumes, PROTOCOL.md §5 violations: always 0) and how
+the node spreads them over its workers. In another terminal, `oddsgate
+drain --worker 0` (with the same OG_RUNTIME_DIR) shows players moving.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import redis.asyncio as aioredis
@@ -29,7 +31,7 @@ from feed.synthetic import SyntheticFeed
 from gateway.auth import issue_token
 from gateway.client import OddsClient
 from gateway.topics import PartitionMap
-from supervisor.embedded_redis import EmbeddedRedis
+from supervisor.control import ControlUnavailable, request
 
 
 def _percentile(values: list[int], q: float) -> float:
@@ -39,21 +41,22 @@ def _percentile(values: list[int], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6
 
 
-def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 15.0) -> None:
+def _wait_for_node(control: Path, proc: subprocess.Popen, timeout: float = 60.0) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"worker exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError("worker did not become healthy")
+            raise RuntimeError(f"oddsgate run exited with {proc.returncode}")
+        with contextlib.suppress(ControlUnavailable, OSError, TimeoutError):
+            status = request(control, {"cmd": "status"}, timeout=5)
+            haproxy = status.get("haproxy") or {}
+            if all(w["agent"] == "up ready" for w in status["workers"]) and haproxy \
+                    and set(haproxy.values()) == {"UP"}:
+                return status
+        time.sleep(0.2)
+    raise RuntimeError("the node did not become ready")
 
 
-async def _watch(args: argparse.Namespace, redis_url: str, secret: str) -> None:
+async def _watch(args: argparse.Namespace, redis_url: str, secret: str, control: Path) -> None:
     pmap = PartitionMap.load(None)
     redis = aioredis.Redis.from_url(redis_url)
     feed = SyntheticFeed(Publisher(redis, pmap), pmap, seed=1, rate=args.rate)
@@ -67,8 +70,8 @@ async def _watch(args: argparse.Namespace, redis_url: str, secret: str) -> None:
         await player.connect()
         await player.subscribe(rng.sample(topics, k=min(5, len(topics))))
         players.append(player)
-    print(f"demo: {len(players)} players on {url}, feed {args.rate:.0f} events/s; Ctrl-C stops",
-          flush=True)
+    print(f"demo: {len(players)} players through HAProxy at {url}, feed {args.rate:.0f} "
+          "events/s; Ctrl-C stops", flush=True)
     feed_task = asyncio.create_task(feed.run(duration=args.duration))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -84,13 +87,18 @@ async def _watch(args: argparse.Namespace, redis_url: str, secret: str) -> None:
             samples.extend(player.latencies_ns)
             player.latencies_ns.clear()
         events = sum(p.stats.events for p in players)
-        violations = sum(len(p.violations) for p in players)
+        try:
+            status = await asyncio.to_thread(request, control, {"cmd": "status"}, 5)
+            spread = " ".join(f"w{w['index']}:{w['connections']}({w['agent'].split()[-1]})"
+                              for w in status["workers"])
+        except (ControlUnavailable, OSError, TimeoutError):
+            spread = "node unreachable"
         print(
             f"t={time.monotonic() - started:5.1f}s delivered={events - last_events:6d}/s "
             f"latency p50={_percentile(samples, 0.5):6.2f}ms "
             f"p99={_percentile(samples, 0.99):6.2f}ms "
-            f"snapshots={sum(p.stats.snapshots for p in players)} "
-            f"resumes={sum(p.stats.resumes for p in players)} violations={violations}",
+            f"resumes={sum(p.stats.resumes for p in players)} "
+            f"violations={sum(len(p.violations) for p in players)} | {spread}",
             flush=True,
         )
         last_events = events
@@ -105,19 +113,24 @@ def run_demo(args: argparse.Namespace) -> int:
     runtime = Path(os.environ.get("OG_RUNTIME_DIR") or f"/tmp/oddsgate-demo-{os.getuid()}")
     runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
     secret = os.environ.get("OG_JWT_SECRET") or secrets.token_hex(16)
-    with EmbeddedRedis(runtime / "redis") as redis_server:
-        env = {**os.environ, "OG_REDIS_URL": redis_server.url, "OG_JWT_SECRET": secret,
-               "OG_PORT": str(args.port)}
-        worker = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "worker"], env=env)
+    env = {**os.environ, "OG_RUNTIME_DIR": str(runtime), "OG_JWT_SECRET": secret,
+           "OG_HAPROXY_BIND": f"127.0.0.1:{args.port}"}
+    env.pop("OG_REDIS_URL", None)  # the node's own embedded Redis
+    node = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--haproxy"],
+                            env=env)
+    control = runtime / "control.sock"
+    try:
+        status = _wait_for_node(control, node)
+        redis_url = f"unix://{runtime / 'redis' / 'redis.sock'}"
+        print(f"demo: node up, {len(status['workers'])} workers; players connect to "
+              f"ws://127.0.0.1:{args.port}/ws; metrics on "
+              f"http://127.0.0.1:{os.environ.get('OG_METRICS_PORT', '9100')}/metrics; "
+              f"try: OG_RUNTIME_DIR={runtime} .venv/bin/oddsgate status", flush=True)
+        uvloop.run(_watch(args, redis_url, secret, control))
+    finally:
+        node.send_signal(signal.SIGTERM)
         try:
-            _wait_healthy(args.port, worker)
-            print(f"demo: worker on http://127.0.0.1:{args.port} (healthz, /v1/topics), "
-                  f"redis {redis_server.url}", flush=True)
-            uvloop.run(_watch(args, redis_server.url, secret))
-        finally:
-            worker.send_signal(signal.SIGTERM)
-            try:
-                worker.wait(10)
-            except subprocess.TimeoutExpired:
-                worker.kill()
+            node.wait(30)
+        except subprocess.TimeoutExpired:
+            node.kill()
     return 0

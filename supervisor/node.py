@@ -31,6 +31,7 @@ from pathlib import Path
 from gateway.fleet import FleetTable, WorkerState
 from supervisor.agent import AgentServer
 from supervisor.control import ControlServer
+from supervisor.haproxy import HAProxyError, read_servers
 from supervisor.settings import NodeSettings
 
 log = logging.getLogger("oddsgate.supervisor")
@@ -397,6 +398,18 @@ class Supervisor:
             "stopping": self.stopping,
         }
 
+    def haproxy_view(self) -> dict[str, str] | None:
+        """HAProxy's own status of each server, when the node runs HAProxy."""
+        for service in self.extra_services:
+            stats_socket = getattr(service, "stats_socket", None)
+            if stats_socket is not None:
+                try:
+                    return {name: row.get("status", "?")
+                            for name, row in read_servers(stats_socket, timeout=2).items()}
+                except HAProxyError as exc:
+                    return {"error": str(exc)}
+        return None
+
     # -- commands ---------------------------------------------------------
 
     def _targets(self, request: dict) -> list[WorkerHandle]:
@@ -421,7 +434,8 @@ class Supervisor:
         cmd = request.get("cmd")
         timeout = float(request.get("timeout", 60))
         if cmd == "status":
-            return {"ok": True, **self.status()}
+            return {"ok": True, **self.status(),
+                    "haproxy": await asyncio.to_thread(self.haproxy_view)}
         if cmd == "drain":
             targets = self._targets(request)
             for worker in targets:

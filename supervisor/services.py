@@ -21,6 +21,7 @@ class HAProxyService:
 
     def __init__(self, settings: HAProxySettings, runtime_dir: Path) -> None:
         self.process = HAProxyProcess(settings, runtime_dir, inherit_output=True)
+        self.stats_socket = self.process.settings.stats_socket
         self._watch: asyncio.Task | None = None
         self._stopping = False
         self.restarts = 0

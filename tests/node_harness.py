@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -83,26 +82,11 @@ class Node:
                   "every server UP in HAProxy")
 
     def haproxy_status(self) -> dict[str, str]:
-        """Server name -> status, from HAProxy's own stats socket."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(5)
+        """Server name -> status, as HAProxy itself reports it (via `oddsgate status`)."""
         try:
-            sock.connect(str(self.runtime / "haproxy.sock"))
-            sock.sendall(b"show stat\n")
-            data = b""
-            while chunk := sock.recv(65536):
-                data += chunk
-        except OSError:
+            return self.status().get("haproxy") or {}
+        except (ConnectionError, OSError):
             return {}
-        finally:
-            sock.close()
-        lines = data.decode().splitlines()
-        if not lines or not lines[0].startswith("# "):
-            return {}
-        header = lines[0][2:].split(",")
-        rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
-        return {r["svname"]: r["status"] for r in rows
-                if r.get("pxname") == "gateway" and r["svname"] not in ("BACKEND", "FRONTEND")}
 
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
@@ -150,6 +134,8 @@ def start_node(redis_url: str, runtime: Path, workers: int = 2, **env: str) -> N
 
 def _free_port_range(count: int) -> int:
     """A base port with `count` free ports after it (checked, not guaranteed)."""
+    import socket
+
     for _ in range(50):
         base = free_port()
         if base + count >= 65535:
