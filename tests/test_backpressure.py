@@ -152,3 +152,25 @@ async def test_the_breaker_trips_sheds_then_recovers_across_two_workers(
             await client.close()
     finally:
         node.stop()
+
+
+async def test_a_player_stalled_past_the_timeout_is_cut_off(worker_factory, publisher) -> None:
+    worker = worker_factory(**SMALL_BUFFERS, OG_STALL_TIMEOUT_S="1")
+    stalled = await _player(worker.url, [LEAGUE], port=worker.port, name="dead-peer")
+    _stall(stalled)
+    await _spike(publisher, LEAGUE, 2000)
+    await eventually(lambda: "over its high-water mark" in worker.log(), timeout=10)
+    _unstall(stalled)
+    await asyncio.wait_for(stalled.closed.wait(), 10)  # the worker dropped the connection
+    assert stalled.closed_reason is not None
+    assert stalled.closed_reason.code in (1013, 1006, None)
+    # The worker is fine; its breaker (1 of 1 players stalled) closes again.
+    newcomer = OddsClient(worker.url, token=token("next", "next"), reconnect=False)
+    await newcomer.connect()
+    for _ in range(50):
+        if (await newcomer.subscribe([LEAGUE])).accepted == [LEAGUE]:
+            break
+        await asyncio.sleep(0.1)
+    await newcomer.wait_synced([LEAGUE])
+    assert newcomer.violations == []
+    await newcomer.close()
