@@ -16,17 +16,17 @@ and, when persistence is on, its append-only file.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 from types import TracebackType
+
+from supervisor.children import ChildRegistry
 
 DEFAULT_REDIS_SERVER = "/usr/bin/redis-server"
 SOCKET_NAME = "redis.sock"
@@ -36,8 +36,7 @@ LOOPBACK = "127.0.0.1"
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the NUL on Linux
 _AUTO_PORT_ATTEMPTS = 3
 
-_running: set[EmbeddedRedis] = set()
-_running_lock = threading.Lock()
+_running: ChildRegistry[EmbeddedRedis] = ChildRegistry(lambda child: child.stop())
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -179,8 +178,7 @@ class EmbeddedRedis:
                 start_new_session=False,
             )
         self._owner_pid = os.getpid()
-        with _running_lock:
-            _running.add(self)
+        _running.add(self)
         deadline = time.monotonic() + timeout
         while True:
             if self._proc.poll() is not None:
@@ -244,8 +242,7 @@ class EmbeddedRedis:
 
     def _forget(self) -> None:
         self._proc = None
-        with _running_lock:
-            _running.discard(self)
+        _running.discard(self)
 
     def _ping(self) -> bool:
         """A raw PING: no client library needed, and `-LOADING` (AOF replay) counts as not yet."""
@@ -276,23 +273,5 @@ class EmbeddedRedis:
 
 
 def stop_all() -> None:
-    """Stop every server this process started; what atexit runs, and what a signal handler may."""
-    with _running_lock:
-        servers = list(_running)
-    for server in servers:
-        if server._owner_pid == os.getpid():
-            with contextlib.suppress(Exception):
-                server.stop()
-
-
-def _forget_in_child() -> None:
-    # A forked worker inherits the registry but not the children: its exit must
-    # not SIGTERM the supervisor's Redis. The lock may have been held by another
-    # thread at fork time, so the child gets a fresh one.
-    global _running_lock
-    _running_lock = threading.Lock()
-    _running.clear()
-
-
-atexit.register(stop_all)
-os.register_at_fork(after_in_child=_forget_in_child)
+    """Stop every EmbeddedRedis this process started (atexit runs it too)."""
+    _running.stop_all()

@@ -33,7 +33,6 @@ order in which the node winds down.
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import dataclasses
 import ipaddress
@@ -55,6 +54,8 @@ from string import Template
 from types import TracebackType
 
 import psutil
+
+from supervisor.children import ChildRegistry
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,7 @@ _AGENT_REQUEST = re.compile(rb"^w(\d{1,6})\r?\n?$")
 # about a missing or empty file, so a fresh start writes just this.
 _STATE_VERSION_LINE = "1\n"
 
-_running: set[HAProxyProcess] = set()
-_running_lock = threading.Lock()
+_running: ChildRegistry[HAProxyProcess] = ChildRegistry(lambda child: child.stop(timeout=2.0))
 
 
 class HAProxyError(RuntimeError):
@@ -514,8 +514,7 @@ class HAProxyProcess:
                     cwd=self.runtime_dir, process_group=0,
                 )
             self._owner_pid = os.getpid()
-            with _running_lock:
-                _running.add(self)
+            _running.add(self)
             self._wait_ready(timeout, log_offset)
             return self
 
@@ -727,8 +726,7 @@ class HAProxyProcess:
 
     def _forget(self) -> None:
         self._proc = None
-        with _running_lock:
-            _running.discard(self)
+        _running.discard(self)
 
     def _log_tail(self, offset: int = 0, lines: int = 20) -> str:
         if self.inherit_output:
@@ -751,25 +749,8 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def stop_all() -> None:
-    """Stop every HAProxy this process started; what atexit runs, and what a signal handler may."""
-    with _running_lock:
-        running = list(_running)
-    for proc in running:
-        if proc._owner_pid == os.getpid():
-            with contextlib.suppress(Exception):
-                proc.stop(timeout=2.0)
-
-
-def _forget_in_child() -> None:
-    # A forked worker inherits the registry but not the children: its exit must
-    # not stop the supervisor's HAProxy. The lock may have been held at fork time.
-    global _running_lock
-    _running_lock = threading.Lock()
-    _running.clear()
-
-
-atexit.register(stop_all)
-os.register_at_fork(after_in_child=_forget_in_child)
+    """Stop every HAProxyProcess this process started (atexit runs it too)."""
+    _running.stop_all()
 
 
 # -- `oddsgate haproxy-config` ------------------------------------------------
