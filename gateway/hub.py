@@ -25,6 +25,7 @@ import orjson
 from gateway import protocol
 from gateway.broker import RedisBroker
 from gateway.channel import Item, TopicChannel
+from gateway.coalesce import CoalescingOutbox
 from gateway.counters import WorkerCounters
 from gateway.fanout import Fanout
 from gateway.protocol import ResumePoint
@@ -279,8 +280,10 @@ class Hub:
 
     def leave(self, session: Session, topic: str) -> None:
         session.cursors.pop(topic, None)
-        session.acked.pop(topic, None)
-        session.outbox.forget(topic)
+        if session.acked is not None:
+            session.acked.pop(topic, None)
+        if session.outbox is not None:
+            session.outbox.forget(topic)
         channel = self.channels.get(topic)
         if channel is not None:
             self.fanout.flush_channel(channel)  # what was queued before leaving goes out
@@ -322,6 +325,8 @@ class Hub:
         """Off the fast path: from the channel's position, newest per market only."""
         self.pressured.add(session)
         session.coalescing = True
+        if session.outbox is None:
+            session.outbox = CoalescingOutbox()
         for topic, cursor in list(session.cursors.items()):
             channel = self.channels.get(topic)
             if channel is None:
@@ -338,9 +343,11 @@ class Hub:
         """Drained: send what was kept, in seq order per topic, then the fast path."""
         self.pressured.discard(session)
         session.coalescing = False
-        events = session.outbox.drain()
-        self.counters.coalesced += session.outbox.superseded
-        session.outbox.superseded = 0
+        outbox = session.outbox
+        assert outbox is not None
+        session.outbox = None  # kept only while coalescing: memory goes back
+        events = outbox.drain()
+        self.counters.coalesced += outbox.superseded
         self._send_replay(session, events)
         if session.pressured:  # the catch-up itself filled the buffer again
             self._start_coalescing(session)
@@ -368,7 +375,8 @@ class Hub:
         self.counters.snapshots += 1
 
     def _reset_session(self, session: Session, channel: TopicChannel, reason: str) -> None:
-        session.outbox.forget(channel.topic)
+        if session.outbox is not None:
+            session.outbox.forget(channel.topic)
         session.send(protocol.reset(channel.topic, reason))
         self._send_snapshot(session, channel)
 

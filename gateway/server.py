@@ -16,11 +16,14 @@ import random
 import secrets
 import socket
 import time
+import weakref
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
@@ -37,12 +40,34 @@ from gateway.fanout import Fanout
 from gateway.http import error_response, json_response, response
 from gateway.hub import Hub
 from gateway.session import Session
+from gateway.static import StaticSite
 from gateway.topics import PartitionMap
 from gateway.wire import text_frame
 
 log = logging.getLogger("oddsgate.worker")
 
 OPEN_CHANNEL_TIMEOUT_S = 3.0
+
+
+_HANDSHAKE_DONE = Request("/ws", Headers())
+
+
+class _Writer:
+    """Writes one connection's frames straight to its transport (gateway/wire.py)."""
+
+    __slots__ = ("transport", "ws")
+
+    def __init__(self, transport: asyncio.Transport, ws) -> None:
+        self.transport = transport
+        self.ws = ws
+
+    def payload(self, payload: bytes) -> None:
+        if self.ws.state is State.OPEN:
+            self.transport.write(text_frame(payload))
+
+    def frame(self, frame: bytes) -> None:
+        if self.ws.state is State.OPEN:
+            self.transport.write(frame)
 
 
 class PlayerConnection(ServerConnection):
@@ -54,7 +79,34 @@ class PlayerConnection(ServerConnection):
     """
 
     sndbuf = 0  # SO_SNDBUF for player sockets; 0 leaves the kernel's autotuning
-    session: Session | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # One attribute, set here: each one more grows every connection's
+        # attribute table (at one point by 1.5 KB). The player's state lives
+        # on its Session, which has slots.
+        self.session: Session | None = None
+
+    def acknowledge_pings(self, data: bytes) -> None:
+        if self.session is not None:
+            self.session.ping_sent_at = None  # any pong proves the peer reads
+        super().acknowledge_pings(data)
+
+    def forget_handshake(self) -> None:
+        """Drop the handshake's request and response once the connection is open.
+
+        websockets keeps both for the connection's life (headers, cookie, key):
+        about 4 KB a player that nothing reads after the upgrade. Its event
+        loop only checks that a request was received, so a shared stand-in
+        keeps that true; the request's headers are emptied in place because
+        websockets' parser generator still holds the request object.
+        """
+        if self.request is not None:
+            self.request.headers.clear()
+        if self.response is not None:
+            self.response.headers.clear()
+        self.request = _HANDSHAKE_DONE
+        self.response = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -96,6 +148,7 @@ class Worker:
             reconnect_delay=settings.redis_reconnect_s,
         )
         self.hub.attach_broker(self.broker)
+        self.static_site = StaticSite.load()  # the player shell: `/` and `/static/`
         self.connections: dict[Session, ServerConnection] = {}
         self.breaker = Breaker(settings.breaker_trip_share, settings.breaker_recover_share)
         # The node's share of players in back-pressure: this worker's own unless a
@@ -104,6 +157,11 @@ class Worker:
         self._connection_class = type("PlayerConnection", (PlayerConnection,),
                                       {"sndbuf": settings.socket_sndbuf_bytes})
         self._watch_task: asyncio.Task | None = None
+        self._heartbeat_task: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()
+        # Claims of connections between their handshake and their handler.
+        self._claims: weakref.WeakKeyDictionary[ServerConnection, Claims] = (
+            weakref.WeakKeyDictionary())
         self.draining = False
         self.started = False  # listening, and Redis answered once
         self.stopping = False
@@ -124,8 +182,8 @@ class Worker:
             process_request=self._process_request,
             compression="deflate" if s.compression else None,
             open_timeout=s.handshake_timeout_s,
-            ping_interval=s.heartbeat_ms / 1000,
-            ping_timeout=s.heartbeat_ms / 1000,
+            ping_interval=None,  # one heartbeat task for all players, not one each
+
             close_timeout=5,
             max_size=s.max_frame_bytes,
             max_queue=4,
@@ -135,6 +193,7 @@ class Worker:
             create_connection=self._connection_class,
         )
         self._watch_task = asyncio.create_task(self._watch_pressure())
+        self._heartbeat_task = asyncio.create_task(self._heartbeat())
         await self.broker.connected.wait()
         self.started = True
 
@@ -169,6 +228,52 @@ class Worker:
                 self._close_stalled(time.monotonic())
             except Exception:
                 log.exception("back-pressure watch failed")
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _heartbeat(self, tick_s: float = 1.0) -> None:
+        """WebSocket pings every `heartbeat_ms`, spread over ticks; no pong in time: close.
+
+        One task for the worker instead of websockets' keepalive task per
+        connection (a task and its coroutine are about 1.5 KB a player). It
+        also closes connections whose token expired (4401), to the second.
+        """
+        interval = self.settings.heartbeat_ms / 1000
+        while True:
+            await asyncio.sleep(min(tick_s, interval))
+            now, wall = time.monotonic(), time.time()
+            for session, conn in list(self.connections.items()):
+                try:
+                    if session.expires_at is not None and wall >= session.expires_at:
+                        session.expires_at = None
+                        self._spawn(conn.close(CloseCode.UNAUTHORIZED, "token expired"))
+                        continue
+                    self._beat(session, conn, now, interval)
+                except Exception:  # one broken connection must not stop the others
+                    log.exception("heartbeat failed for a connection")
+
+    @staticmethod
+    def _beat(session: Session, conn: PlayerConnection, now: float, interval: float) -> None:
+        if conn.protocol.state is not State.OPEN:
+            return
+        sent = session.ping_sent_at
+        if sent is not None:
+            if now - sent > interval:  # a whole interval without a pong: a dead peer
+                conn.protocol.fail(CloseCode.INTERNAL, "keepalive ping timeout")
+                conn.send_data()
+                conn.transport.abort()
+            return
+        last = session.last_ping_at
+        if last is None:
+            session.last_ping_at = now
+        elif now - last >= interval:
+            session.last_ping_at = now
+            session.ping_sent_at = now
+            conn.protocol.send_ping(b"")
+            conn.send_data()
 
     def _close_stalled(self, now: float) -> None:
         limit = self.settings.stall_timeout_s
@@ -262,8 +367,9 @@ class Worker:
                 await asyncio.wait_for(self.server.wait_closed(), grace_s + 1)
         if self._broker_task is not None:
             self._broker_task.cancel()
-        if self._watch_task is not None:
-            self._watch_task.cancel()
+        for task in (self._watch_task, self._heartbeat_task):
+            if task is not None:
+                task.cancel()
         await self.broker.close()
 
     # -- HTTP and the handshake -------------------------------------------
@@ -277,7 +383,7 @@ class Worker:
             claims = self._authenticate(request, query)
             if isinstance(claims, Response):
                 return claims
-            conn.og_claims = claims  # type: ignore[attr-defined]
+            self._claims[conn] = claims  # for the handler, which runs next
             return None
         if path == "/healthz":
             if self.accepting:
@@ -287,7 +393,7 @@ class Worker:
             return json_response(200, self.pmap.to_dict())
         if path == "/v1/snapshot":
             return await self._snapshot(request, query)
-        return response(404, "not found\n")
+        return self.static_site.respond(path, request.headers)
 
     def _authenticate(self, request: Request, query: dict) -> Claims | Response:
         token = token_from_request(request.headers.get_all("Cookie"), query)
@@ -323,29 +429,20 @@ class Worker:
     @staticmethod
     def _writers(conn: ServerConnection):
         """(payload writer, pre-framed writer or None) for one connection."""
-        transport = conn.transport
-        ws = conn.protocol
-        if ws.extensions:  # compression negotiated: websockets frames every message
+        writer = _Writer(conn.transport, conn.protocol)
+        if conn.protocol.extensions:  # compression negotiated: websockets frames messages
 
             def write_framed(payload: bytes) -> None:
-                if ws.state is State.OPEN:
-                    ws.send_text(payload)
+                if conn.protocol.state is State.OPEN:
+                    conn.protocol.send_text(payload)
                     conn.send_data()
 
             return write_framed, None
+        return writer.payload, writer.frame
 
-        def write(payload: bytes) -> None:
-            if ws.state is State.OPEN:
-                transport.write(text_frame(payload))
-
-        def write_frame(frame: bytes) -> None:
-            if ws.state is State.OPEN:
-                transport.write(frame)
-
-        return write, write_frame
-
-    async def _handle(self, conn: ServerConnection) -> None:
-        claims: Claims = conn.og_claims  # type: ignore[attr-defined]
+    async def _handle(self, conn: PlayerConnection) -> None:
+        claims = self._claims.pop(conn)
+        conn.forget_handshake()
         s = self.settings
         self._conn_seq += 1
         conn_id = f"{s.worker_index}-{self._conn_seq}-{secrets.token_hex(3)}"
@@ -365,20 +462,16 @@ class Worker:
             counters=self.counters,
         )
         self.connections[session] = conn
-        conn.session = session  # type: ignore[attr-defined]
+        conn.session = session
         session.on_pressure = self.hub.pressure_changed
         self.counters.connections_accepted += 1
+        if claims.expires_at is not None:  # the heartbeat closes it 4401 when it passes
+            session.expires_at = claims.expires_at + s.jwt_leeway_s
         loop = asyncio.get_running_loop()
-        expiry = None
-        if claims.expires_at is not None:
-            delay = max(0.0, claims.expires_at + s.jwt_leeway_s - time.time())
-            expiry = loop.call_later(
-                delay,
-                lambda: loop.create_task(conn.close(CloseCode.UNAUTHORIZED, "token expired")),
-            )
         try:
             session.send(protocol.welcome(conn_id, s.node_name, s.worker_index, s.heartbeat_ms))
-            async for message in conn:
+            while True:  # not `async for`: its async generator is ~0.5 KB a player
+                message = await conn.recv()
                 try:
                     await self._dispatch(session, message, loop.time())
                 except ProtocolError as exc:
@@ -395,8 +488,6 @@ class Worker:
             with contextlib.suppress(Exception):
                 await conn.close(code, reason)
         finally:
-            if expiry is not None:
-                expiry.cancel()
             session.open = False
             self.hub.leave_all(session)
             self.connections.pop(session, None)

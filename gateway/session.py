@@ -54,6 +54,42 @@ class RateLimiter:
 
 
 class Session:
+    __slots__ = (
+        "__weakref__",
+        "_bad_requests",
+        "_limiter",
+        "_max_bad",
+        "_max_refused",
+        "_refused_in_a_row",
+        "_scheduler",
+        "_write",
+        "_write_frame",
+        "acked",
+        "bytes_out",
+        "coalescing",
+        "conn_id",
+        "counters",
+        "cursors",
+        "events_out",
+        "expires_at",
+        "frames_out",
+        "last_ping_at",
+        "max_batch",
+        "max_topics",
+        "on_pressure",
+        "open",
+        "outbox",
+        "pending",
+        "ping_sent_at",
+        "player",
+        "pressured_since",
+        "scheduled",
+        "topic_prefixes",
+        "turn",
+        "turn_events",
+        "turn_source",
+    )
+
     def __init__(
         self,
         conn_id: str,
@@ -81,7 +117,7 @@ class Session:
         self.max_topics = max_topics
         self.max_batch = max_batch
         self.cursors: dict[str, SeqCursor[bytes]] = {}
-        self.acked: dict[str, int] = {}
+        self.acked: dict[str, int] | None = None  # made at the first ack
         self.pending: list[bytes] = []  # slow path: events checked by this session's cursors
         self.turn: list[Chunk] | None = None  # fast path: one topic's shared frames this turn
         self.turn_source: list[bytes] | None = None  # the events inside `turn`
@@ -94,7 +130,11 @@ class Session:
         # the outbox is drained: not the transport's flag, which may flip back
         # before the hub acts, and events must not overtake what the outbox holds.
         self.coalescing = False
-        self.outbox = CoalescingOutbox()
+        # Heartbeat and token expiry, kept by the worker (gateway/server.py).
+        self.ping_sent_at: float | None = None  # a ping awaiting its pong
+        self.last_ping_at: float | None = None
+        self.expires_at: float | None = None  # the token's exp plus leeway, Unix seconds
+        self.outbox: CoalescingOutbox | None = None  # made when needed (gateway/hub.py)
         self.on_pressure: Callable[[Session], None] | None = None  # the hub's hook
         self._limiter = RateLimiter(rate, burst)
         self._refused_in_a_row = 0
@@ -144,6 +184,8 @@ class Session:
         """Remember what the player says it processed; topics it left are ignored."""
         for topic, seq in topics.items():
             if topic in self.cursors:
+                if self.acked is None:
+                    self.acked = {}
                 self.acked[topic] = seq
 
     # -- delivery ---------------------------------------------------------
@@ -156,7 +198,7 @@ class Session:
             return Verdict.STALE
         verdict = cursor.offer(epoch, seq, event)
         if verdict is Verdict.DELIVER:
-            if self.coalescing and market is not None:
+            if self.coalescing and market is not None and self.outbox is not None:
                 self.outbox.push(topic, market, seq, event)
                 return verdict
             if not self.scheduled:

@@ -202,3 +202,16 @@ async def test_many_topics_and_clients_leave_no_channels_behind(worker, redis_ur
     assert await channels() == 0
     await client.aclose()
     await eventually(worker.alive)
+
+
+async def test_heartbeat_keeps_answering_peers_and_drops_silent_ones(worker_factory) -> None:
+    worker = worker_factory(OG_HEARTBEAT_MS="300")
+    lively = await _open(worker.url)  # websockets answers pings by itself
+    silent = await _open(worker.url)
+    silent.transport.pause_reading()  # reads nothing: never sees a ping, never pongs
+    await asyncio.sleep(2.0)
+    await lively.send('{"op":"ping","id":1}')
+    assert (await _recv(lively))["type"] == "pong"
+    silent.transport.resume_reading()
+    assert await _closed_with(silent) in (1011, 1006)
+    await lively.close()

@@ -1,0 +1,230 @@
+"""The player shell over HTTP: `GET /` and `GET /static/<hashed name>` (PROTOCOL.md §6).
+
+The shell (`gateway/shell/`) is read once, when the worker starts, and every
+response is prepared then: each asset is named by a hash of its content
+(`app.js` is served as `app.<hash>.js`), `index.html` is rewritten to refer to
+those names, and gzip bodies and ETags are computed. A request costs a dict
+lookup and a few headers.
+
+Caching: a hashed asset never changes under its name, so it is served
+`public, max-age=31536000, immutable` and a browser never asks for it again; a
+change to the script changes its URL. The HTML is `no-cache`: revalidated on
+every visit (a 304 when its ETag still matches), so a deploy reaches players on
+their next load. Unknown names are 404, never a fallback to another version.
+
+A worker answers plain HTTP inside the WebSocket handshake, one request per
+connection (`Connection: close`), GET only; that suits a page of two files.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import gzip
+import hashlib
+import http
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+from gateway.http import response
+
+SHELL_DIR = Path(__file__).with_name("shell")
+INDEX = "index.html"
+STATIC_PREFIX = "/static/"
+
+# The shell's budgets (issue 6): first paint on a mobile network. Tests assert them
+# on what a worker serves.
+HTML_MAX_BYTES = 50 * 1024
+HTML_MAX_GZIP_BYTES = 14 * 1024
+SCRIPT_MAX_BYTES = 200 * 1024
+
+HASHED_CACHE_CONTROL = "public, max-age=31536000, immutable"
+HTML_CACHE_CONTROL = "no-cache"
+HASH_HEX_DIGITS = 16
+
+CONTENT_TYPES = {
+    ".html": "text/html; charset=utf-8",
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".woff2": "font/woff2",
+}
+COMPRESSIBLE = frozenset({".html", ".js", ".mjs", ".css", ".svg", ".json"})
+
+# The page talks to its own origin only (the WebSocket included: 'self' covers
+# ws:/wss: of the same host). No frame-ancestors: operators embed it in iframes.
+HTML_SECURITY_HEADERS = (
+    ("Content-Security-Policy",
+     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+     "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"),
+    ("Referrer-Policy", "no-referrer"),  # the page URL may carry ?token=
+)
+
+# A reference to an asset in index.html: /static/<source name>.
+_STATIC_REF = re.compile(r"/static/([A-Za-z0-9_][A-Za-z0-9_.\-]*)")
+
+
+def content_hash(body: bytes) -> str:
+    """The hex digest that names `body` (sha256, truncated)."""
+    return hashlib.sha256(body).hexdigest()[:HASH_HEX_DIGITS]
+
+
+def hashed_name(name: str, body: bytes) -> str:
+    """`app.js` -> `app.<hash>.js`: the name changes whenever the content does."""
+    stem, dot, ext = name.partition(".")
+    return f"{stem}.{content_hash(body)}{dot}{ext}"
+
+
+def accepts_gzip(values: Iterable[str]) -> bool:
+    """Whether the Accept-Encoding header(s) allow gzip (RFC 9110 §12.5.3).
+
+    `gzip` (or `x-gzip`) with a non-zero q, or `*` with a non-zero q when gzip
+    is not named; `gzip;q=0` refuses it whatever `*` says.
+    """
+    star = False
+    for value in values:
+        for part in value.split(","):
+            coding, _, params = part.partition(";")
+            coding = coding.strip().lower()
+            q = 1.0
+            for param in params.split(";"):
+                key, _, raw = param.partition("=")
+                if key.strip().lower() == "q":
+                    try:
+                        q = float(raw.strip())
+                    except ValueError:
+                        q = 0.0
+            if coding in ("gzip", "x-gzip"):
+                return q > 0
+            if coding == "*":
+                star = q > 0
+    return star
+
+
+def etag_matches(values: Iterable[str], etags: Iterable[str]) -> bool:
+    """If-None-Match against our tags, with the weak comparison RFC 9110 §13.1.2 asks."""
+    ours = {tag.removeprefix("W/") for tag in etags}
+    for value in values:
+        for candidate in value.split(","):
+            candidate = candidate.strip()
+            if candidate == "*" or candidate.removeprefix("W/") in ours:
+                return True
+    return False
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    """One served file, with everything its responses need, computed once."""
+
+    name: str  # the URL path it is served at
+    body: bytes
+    gzipped: bytes | None  # None when gzip would not make it smaller
+    content_type: str
+    cache_control: str
+    etag: str  # of `body`; the gzip body's is `etag` with "-gz" inside the quotes
+    extra_headers: tuple[tuple[str, str], ...] = ()
+
+    @classmethod
+    def build(cls, name: str, body: bytes, suffix: str, cache_control: str,
+              extra_headers: tuple[tuple[str, str], ...] = ()) -> Asset:
+        gzipped = None
+        if suffix in COMPRESSIBLE:
+            packed = gzip.compress(body, compresslevel=9, mtime=0)
+            if len(packed) < len(body):
+                gzipped = packed
+        return cls(
+            name=name,
+            body=body,
+            gzipped=gzipped,
+            content_type=CONTENT_TYPES.get(suffix, "application/octet-stream"),
+            cache_control=cache_control,
+            etag=f'"{content_hash(body)}"',
+            extra_headers=extra_headers,
+        )
+
+    @property
+    def gzip_etag(self) -> str:
+        return self.etag[:-1] + '-gz"'
+
+    def respond(self, headers: Headers) -> Response:
+        """200 (gzip when accepted) or 304 when the client's copy is current."""
+        use_gzip = self.gzipped is not None and accepts_gzip(headers.get_all("Accept-Encoding"))
+        etag = self.gzip_etag if use_gzip else self.etag
+        common = [("Cache-Control", self.cache_control), ("ETag", etag)]
+        if self.gzipped is not None:
+            common.append(("Vary", "Accept-Encoding"))
+        if etag_matches(headers.get_all("If-None-Match"), (self.etag, self.gzip_etag)):
+            return _not_modified(common)
+        body = self.gzipped if use_gzip else self.body
+        assert body is not None
+        extra = [*common, ("X-Content-Type-Options", "nosniff"), *self.extra_headers]
+        if use_gzip:
+            extra.append(("Content-Encoding", "gzip"))
+        return response(200, body, self.content_type, extra)
+
+
+def _not_modified(headers: list[tuple[str, str]]) -> Response:
+    # Built by hand: a 304 carries no body and no Content-Length (RFC 9110 §15.4.5).
+    status = http.HTTPStatus.NOT_MODIFIED
+    all_headers = Headers([("Date", email.utils.formatdate(usegmt=True)),
+                           ("Connection", "close"), *headers])
+    return Response(status.value, status.phrase, all_headers, b"")
+
+
+class StaticSite:
+    """The shell as a worker serves it: `/` and the hashed assets under `/static/`."""
+
+    def __init__(self, index: Asset, assets: dict[str, Asset], urls: dict[str, str]) -> None:
+        self.index = index
+        self.assets = assets  # hashed name -> asset
+        self.urls = urls  # source name -> URL path, e.g. "app.js" -> "/static/app.<hash>.js"
+
+    @classmethod
+    def load(cls, directory: Path = SHELL_DIR) -> StaticSite:
+        """Read the shell, hash its assets and rewrite index.html to their names.
+
+        Raises ValueError when index.html refers to a /static/ file the
+        directory lacks (a broken page must stop the worker at start, not be
+        served), and OSError when the directory cannot be read.
+        """
+        assets: dict[str, Asset] = {}
+        urls: dict[str, str] = {}
+        for path in sorted(directory.iterdir()):
+            if path.name == INDEX or not path.is_file() or path.name.startswith("."):
+                continue
+            body = path.read_bytes()
+            served = hashed_name(path.name, body)
+            assets[served] = Asset.build(STATIC_PREFIX + served, body, path.suffix,
+                                         HASHED_CACHE_CONTROL)
+            urls[path.name] = STATIC_PREFIX + served
+
+        def rewrite(match: re.Match[str]) -> str:
+            url = urls.get(match.group(1))
+            if url is None:
+                raise ValueError(f"{INDEX} refers to {match.group(0)}, not a file of {directory}")
+            return url
+
+        html = _STATIC_REF.sub(rewrite, (directory / INDEX).read_text(encoding="utf-8"))
+        index = Asset.build("/", html.encode(), ".html", HTML_CACHE_CONTROL,
+                            HTML_SECURITY_HEADERS)
+        return cls(index, assets, urls)
+
+    def respond(self, path: str, headers: Headers) -> Response:
+        """The answer to GET `path`: the page, an asset, or 404."""
+        if path == "/":
+            return self.index.respond(headers)
+        if path.startswith(STATIC_PREFIX):
+            asset = self.assets.get(path[len(STATIC_PREFIX):])
+            if asset is not None:
+                return asset.respond(headers)
+            # Not cached: a name unknown here may exist on a newer worker.
+            return response(404, "not found\n", headers=[("Cache-Control", "no-store")])
+        return response(404, "not found\n")

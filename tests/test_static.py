@@ -1,0 +1,189 @@
+"""gateway.static: the player shell's hashed names, caching headers, gzip and budgets.
+
+Unit tests load the shell (the real one, or a copy changed in a temp dir) and
+call `StaticSite.respond` with the headers a browser sends; the last tests ask
+a real worker over HTTP, so the budgets and headers are checked on the bytes
+players get.
+"""
+
+from __future__ import annotations
+
+import gzip
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from websockets.datastructures import Headers
+
+from gateway.static import (
+    HASHED_CACHE_CONTROL,
+    HTML_CACHE_CONTROL,
+    HTML_MAX_BYTES,
+    HTML_MAX_GZIP_BYTES,
+    SCRIPT_MAX_BYTES,
+    SHELL_DIR,
+    StaticSite,
+    accepts_gzip,
+    etag_matches,
+    hashed_name,
+)
+from tests.conftest import http_get
+
+HASHED_SCRIPT = re.compile(r"/static/app\.[0-9a-f]{16}\.js")
+
+
+@pytest.fixture(scope="module")
+def site() -> StaticSite:
+    return StaticSite.load()
+
+
+def _copy_shell(tmp_path: Path) -> Path:
+    shell = tmp_path / "shell"
+    shutil.copytree(SHELL_DIR, shell)
+    return shell
+
+
+def _get(site: StaticSite, path: str, **headers: str):
+    return site.respond(path, Headers([(k.replace("_", "-"), v) for k, v in headers.items()]))
+
+
+# -- names --------------------------------------------------------------------
+
+
+def test_html_refers_to_the_hashed_script(site) -> None:
+    url = site.urls["app.js"]
+    assert HASHED_SCRIPT.fullmatch(url), url
+    html = site.index.body.decode()
+    assert f'<script type="module" src="{url}"></script>' in html
+    assert "/static/app.js" not in html
+
+
+def test_a_change_to_the_script_changes_its_url(site, tmp_path) -> None:
+    shell = _copy_shell(tmp_path)
+    assert StaticSite.load(shell).urls == site.urls  # same bytes, same name
+    with (shell / "app.js").open("a") as f:
+        f.write("\n// changed\n")
+    changed = StaticSite.load(shell)
+    assert changed.urls["app.js"] != site.urls["app.js"]
+    assert changed.urls["app.js"] in changed.index.body.decode()
+    assert _get(changed, site.urls["app.js"]).status_code == 404  # the old name is gone
+    assert changed.index.etag != site.index.etag  # the page changed with it
+
+
+def test_hashed_name_keeps_the_extension() -> None:
+    assert re.fullmatch(r"app\.[0-9a-f]{16}\.js", hashed_name("app.js", b"x"))
+    assert hashed_name("app.js", b"x") != hashed_name("app.js", b"y")
+
+
+def test_html_referring_to_a_missing_asset_stops_the_load(tmp_path) -> None:
+    shell = _copy_shell(tmp_path)
+    (shell / "index.html").write_text('<script src="/static/nope.js"></script>')
+    with pytest.raises(ValueError, match=r"nope\.js"):
+        StaticSite.load(shell)
+
+
+# -- responses ------------------------------------------------------------------
+
+
+def test_page_is_revalidated_on_every_load(site) -> None:
+    resp = _get(site, "/")
+    assert resp.status_code == 200
+    assert resp.headers["Cache-Control"] == HTML_CACHE_CONTROL
+    assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "connect-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert resp.body == site.index.body
+    again = _get(site, "/", If_None_Match=resp.headers["ETag"])
+    assert again.status_code == 304
+    assert again.body == b""
+    assert "Content-Length" not in again.headers
+    assert again.headers["ETag"] == resp.headers["ETag"]
+
+
+def test_hashed_script_is_immutable(site) -> None:
+    resp = _get(site, site.urls["app.js"])
+    assert resp.status_code == 200
+    assert resp.headers["Cache-Control"] == HASHED_CACHE_CONTROL
+    assert resp.headers["Content-Type"] == "text/javascript; charset=utf-8"
+    assert resp.headers["X-Content-Type-Options"] == "nosniff"
+    assert resp.body == (SHELL_DIR / "app.js").read_bytes()
+    assert _get(site, site.urls["app.js"], If_None_Match=resp.headers["ETag"]).status_code == 304
+
+
+@pytest.mark.parametrize("path", ["/", "script"])
+def test_gzip_when_accepted(site, path) -> None:
+    path = site.urls["app.js"] if path == "script" else path
+    plain = _get(site, path)
+    packed = _get(site, path, Accept_Encoding="gzip, deflate, br")
+    assert "Content-Encoding" not in plain.headers
+    assert packed.headers["Content-Encoding"] == "gzip"
+    assert packed.headers["Vary"] == plain.headers["Vary"] == "Accept-Encoding"
+    assert gzip.decompress(packed.body) == plain.body
+    assert int(packed.headers["Content-Length"]) == len(packed.body) < len(plain.body)
+    assert packed.headers["ETag"] != plain.headers["ETag"]  # two representations
+    # A browser holding either copy revalidates to a 304.
+    for tag in (plain.headers["ETag"], packed.headers["ETag"], "W/" + plain.headers["ETag"]):
+        cond = _get(site, path, Accept_Encoding="gzip", If_None_Match=f'"other", {tag}')
+        assert cond.status_code == 304
+
+
+def test_unknown_names_are_404(site) -> None:
+    for path in ("/static/app.js", "/static/app.0000000000000000.js", "/static/",
+                 "/static/../server.py", "/index.html", "/nope"):
+        resp = _get(site, path)
+        assert resp.status_code == 404, path
+    assert _get(site, "/static/app.js").headers["Cache-Control"] == "no-store"
+
+
+@pytest.mark.parametrize(
+    ("header", "ok"),
+    [
+        ("gzip", True),
+        ("br, gzip;q=0.5", True),
+        ("GZIP", True),
+        ("x-gzip", True),
+        ("*", True),
+        ("deflate, br", False),
+        ("gzip;q=0", False),
+        ("gzip;q=0.000, *", False),
+        ("*;q=0", False),
+        ("identity", False),
+        ("", False),
+    ],
+)
+def test_accept_encoding(header, ok) -> None:
+    assert accepts_gzip([header]) is ok
+
+
+def test_if_none_match() -> None:
+    assert etag_matches(['"a", "b"'], ['"b"'])
+    assert etag_matches(['W/"b"'], ['"b"'])
+    assert etag_matches(["*"], ['"b"'])
+    assert not etag_matches(['"c"'], ['"b"'])
+    assert not etag_matches([], ['"b"'])
+
+
+# -- budgets, on what a real worker serves ---------------------------------------------
+
+
+def test_worker_serves_the_shell_within_budget(worker) -> None:
+    status, headers, html = http_get(worker.http + "/?token=x&topics=odds:1:39:1")
+    assert status == 200
+    assert headers["Cache-Control"] == HTML_CACHE_CONTROL
+    assert len(html) <= HTML_MAX_BYTES
+    status, headers, packed = http_get(worker.http + "/", {"Accept-Encoding": "gzip"})
+    assert headers["Content-Encoding"] == "gzip"
+    assert len(packed) <= HTML_MAX_GZIP_BYTES
+    assert gzip.decompress(packed) == html
+
+    match = HASHED_SCRIPT.search(html.decode())
+    assert match, html[:500]
+    status, headers, script = http_get(worker.http + match.group(0))
+    assert status == 200
+    assert headers["Cache-Control"] == HASHED_CACHE_CONTROL
+    assert headers["ETag"]
+    assert len(script) <= SCRIPT_MAX_BYTES
+    assert script.startswith(b"// The oddsgate player shell")
+    status, _, _ = http_get(worker.http + match.group(0), {"If-None-Match": headers["ETag"]})
+    assert status == 304
+    assert http_get(worker.http + "/static/app.js")[0] == 404
