@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up for a fresh machine: system packages (Redis 7, HAProxy 2.6
-# from Debian), then .venv with the project and its dev extra. Every make
+# Idempotent set-up for a fresh machine: system packages (Redis 7, HAProxy 2.6,
+# Chromium from Debian), then .venv with the project and its dev extra. Every make
 # target runs this first, so nothing depends on a step done by hand.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v redis-server >/dev/null 2>&1 || need_apt+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || need_apt+=(haproxy)
+# The player shell's browser tests drive Debian's Chromium (never a downloaded one).
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
 if [ ${#need_apt[@]} -gt 0 ]; then
     if [ "$(id -u)" -ne 0 ]; then
         echo "bootstrap: need ${need_apt[*]} and am not root; install them with apt-get" >&2

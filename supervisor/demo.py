@@ -72,6 +72,9 @@ async def _watch(args: argparse.Namespace, redis_url: str, secret: str, control:
         players.append(player)
     print(f"demo: {len(players)} players through HAProxy at {url}, feed {args.rate:.0f} "
           "events/s; Ctrl-C stops", flush=True)
+    shell_token = issue_token(secret, "demo-shell", secrets.token_hex(4), 86400.0)
+    print(f"demo: player shell at http://127.0.0.1:{args.port}/?token={shell_token}"
+          f"&topics={','.join(topics[:6])}", flush=True)
     feed_task = asyncio.create_task(feed.run(duration=args.duration))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

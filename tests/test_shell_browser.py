@@ -1,0 +1,611 @@
+"""The player shell in a real browser: headless Debian Chromium, a real worker, real Redis.
+
+Playwright drives /usr/bin/chromium (installed by scripts/bootstrap.sh; no
+browser is ever downloaded) with a fresh profile per test. The page is served
+by a worker subprocess (`worker_factory`), prices are published with the
+aggregator's `Publisher`, and what the page holds is read both from
+`window.oddsgate` (the JS client's state and its §5 violation count) and from
+the DOM (what a player sees). Timings are reported, not asserted.
+
+Without /usr/bin/chromium the module is skipped, unless CI is set: there the
+bootstrap installs it, so a missing browser is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+
+from feed.events import PriceUpdate
+from feed.keys import history_key, latest_key, meta_key
+from feed.publisher import Publisher
+from gateway.client import BACKOFF_BASE_S, BACKOFF_CAP_S
+from gateway.rules import RuleChecker
+from gateway.topics import PartitionMap
+from tests.conftest import ROOT, token
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+
+if not CHROMIUM.exists() and not os.environ.get("CI"):
+    pytest.skip("no /usr/bin/chromium (scripts/bootstrap.sh installs it; with CI set this fails)",
+                allow_module_level=True)
+try:
+    from playwright.async_api import BrowserContext, Page, async_playwright
+except ImportError:
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("playwright is not installed (pip install -e '.[dev]')", allow_module_level=True)
+
+MARKET_TOPIC = "odds:1:39:1"  # market-level: one market, home/draw/away
+LEAGUE_TOPIC = "odds:5:8"  # league-level: many markets on one topic
+WAIT_MS = 15_000
+
+
+# -- fixtures and helpers --------------------------------------------------------
+
+
+@pytest.fixture
+async def browser(tmp_path: Path) -> AsyncIterator[BrowserContext]:
+    async with async_playwright() as pw:
+        context = await pw.chromium.launch_persistent_context(
+            str(tmp_path / "chromium-profile"),  # a fresh user-data dir
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1120, "height": 660},
+        )
+        try:
+            yield context
+        finally:
+            await context.close()
+
+
+class PageErrors:
+    """Uncaught exceptions and console errors of a page (a CSP refusal is one)."""
+
+    def __init__(self, page: Page) -> None:
+        self.uncaught: list[str] = []
+        self.console: list[str] = []
+        page.on("pageerror", lambda exc: self.uncaught.append(str(exc)))
+        page.on("console",
+                lambda msg: self.console.append(msg.text) if msg.type == "error" else None)
+
+
+def update(topic: str, market: int, prices: dict[str, str], status: str = "open") -> PriceUpdate:
+    sport, league, *own = topic.split(":")[1:]
+    market = int(own[0]) if own else market
+    return PriceUpdate(topic, f"{sport}:{league}:{market}", f"m-{sport}-{league}-{market}",
+                       prices, status)
+
+
+def _random_prices(rng: random.Random, topic: str) -> dict[str, str]:
+    outcomes = ("home", "draw", "away") if topic.startswith("odds:1:") else ("home", "away")
+    return {o: f"{rng.uniform(1.05, 9.5):.2f}" for o in outcomes}
+
+
+async def churn(publisher: Publisher, topics: list[str], count: int, rng: random.Random,
+                markets: int = 6, chunk: int = 20) -> None:
+    """`count` random price moves over `topics`, published in pipelined chunks."""
+    for start in range(0, count, chunk):
+        batch = []
+        for _ in range(min(chunk, count - start)):
+            topic = rng.choice(topics)
+            batch.append(update(topic, rng.randrange(1, markets + 1),
+                                _random_prices(rng, topic)))
+        await publisher.publish_many(batch)
+
+
+async def redis_view(redis_url: str, topic: str) -> tuple[str, int, dict[str, dict]]:
+    """(epoch, seq, market -> {seq, status, prices}): what the page must end up showing."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        epoch, seq = await client.hmget(meta_key(topic), "epoch", "seq")
+        latest = {k.decode(): orjson.loads(v) for k, v in
+                  (await client.hgetall(latest_key(topic))).items()}
+    finally:
+        await client.aclose()
+    markets = {m: {"seq": e["seq"], "status": e["status"], "prices": e["prices"]}
+               for m, e in latest.items()}
+    return epoch.decode(), int(seq), markets
+
+
+SHOWN_JS = """(topic) => {
+  const out = {};
+  const rows = document.querySelectorAll(`section[data-topic="${topic}"] .mkt[data-market]`);
+  for (const row of rows) {
+    const prices = {};
+    for (const px of row.querySelectorAll(".px")) {
+      prices[px.dataset.outcome] = px.querySelector(".v").textContent;
+    }
+    out[row.dataset.market] = {seq: Number(row.dataset.seq), status: row.dataset.status, prices};
+  }
+  return out;
+}"""
+
+# True once the page's client holds `seq` of every topic and the DOM shows, per
+# market, the seq expected: the screen has caught up, not just the socket.
+CAUGHT_UP_JS = """(want) => {
+  const og = window.oddsgate;
+  if (!og) return false;
+  const topics = og.topics;
+  for (const [topic, [seq, markets]] of Object.entries(want)) {
+    if (!topics[topic] || topics[topic].seq !== seq) return false;
+    for (const [market, mseq] of Object.entries(markets)) {
+      const row = document.querySelector(
+        `section[data-topic="${topic}"] .mkt[data-market="${market}"]`);
+      if (!row || Number(row.dataset.seq) !== mseq) return false;
+    }
+  }
+  return true;
+}"""
+
+
+async def shown(page: Page, topic: str) -> dict[str, dict]:
+    return await page.evaluate(SHOWN_JS, topic)
+
+
+async def wait_caught_up(page: Page, redis_url: str, topics: list[str]) -> None:
+    want = {}
+    for topic in topics:
+        _, seq, markets = await redis_view(redis_url, topic)
+        want[topic] = [seq, {m: v["seq"] for m, v in markets.items()}]
+    await page.wait_for_function(CAUGHT_UP_JS, arg=want, timeout=WAIT_MS, polling=50)
+
+
+async def assert_shows_newest(page: Page, redis_url: str, topics: list[str]) -> None:
+    """Exactly the newest price of every market, on screen and in the client's state."""
+    state = await page.evaluate("window.oddsgate.topics")
+    for topic in topics:
+        epoch, seq, markets = await redis_view(redis_url, topic)
+        assert await shown(page, topic) == markets, topic
+        assert (state[topic]["epoch"], state[topic]["seq"]) == (epoch, seq)
+        assert {m: v["seq"] for m, v in state[topic]["markets"].items()} == \
+            {m: v["seq"] for m, v in markets.items()}
+
+
+async def open_shell(page: Page, worker, topics: list[str] | None, *,
+                     with_token: bool = True) -> None:
+    query = []
+    if with_token:
+        query.append(f"token={token()}")
+    if topics:
+        query.append("topics=" + ",".join(topics))
+    await page.goto(f"{worker.http}/?{'&'.join(query)}")
+    await wait_js(page, "() => window.oddsgate !== undefined")
+
+
+async def wait_js(page: Page, predicate: str, arg: Any = None) -> None:
+    """Poll `predicate`, which must be a function: the page's CSP forbids eval, which
+    Playwright would use to poll a bare expression."""
+    await page.wait_for_function(predicate, arg=arg, timeout=WAIT_MS, polling=50)
+
+
+# -- the page ----------------------------------------------------------------------
+
+
+async def test_page_shows_the_snapshot_then_a_live_price(worker, publisher, redis_url,
+                                                         browser) -> None:
+    await publisher.publish_many([
+        update(MARKET_TOPIC, 1, {"home": "1.85", "draw": "3.40", "away": "4.20"}),
+        update(MARKET_TOPIC, 1, {"home": "1.90", "draw": "3.40", "away": "4.10"}),
+        update(LEAGUE_TOPIC, 1, {"home": "1.50", "away": "2.60"}),
+        update(LEAGUE_TOPIC, 2, {"home": "2.05", "away": "1.80"}),
+        update(LEAGUE_TOPIC, 3, {"home": "3.10", "away": "1.38"}, status="suspended"),
+        update(LEAGUE_TOPIC, 4, {"home": "1.22", "away": "4.40"}, status="closed"),
+    ])
+    page = await browser.new_page()
+    errors = PageErrors(page)
+    script_responses: list[dict[str, str]] = []
+    page.on("response", lambda r: script_responses.append(r.headers)
+            if "/static/" in r.url else None)
+    topics = [MARKET_TOPIC, LEAGUE_TOPIC]
+    await open_shell(page, worker, topics)
+
+    # The snapshot, on screen.
+    await wait_caught_up(page, redis_url, topics)
+    await assert_shows_newest(page, redis_url, topics)
+    assert await page.get_attribute("#conn", "data-state") == "connected"
+    assert await page.get_attribute('[data-market="5:8:3"]', "data-status") == "suspended"
+    assert await page.inner_text('[data-market="5:8:4"] .badge') == "CLOSED"
+
+    # Then live: a price published now appears, with its flash direction.
+    await publisher.publish_many([
+        update(MARKET_TOPIC, 1, {"home": "2.15", "draw": "3.25", "away": "3.70"}),
+        update(LEAGUE_TOPIC, 2, {"home": "1.95", "away": "1.90"}),
+    ])
+    home = f'section[data-topic="{MARKET_TOPIC}"] [data-market="1:39:1"] [data-outcome="home"]'
+    await page.wait_for_function(
+        "(sel) => document.querySelector(sel + ' .v').textContent === '2.15'",
+        arg=home, timeout=WAIT_MS, polling=50)
+    assert await page.get_attribute(home, "data-dir") == "up"
+    await wait_caught_up(page, redis_url, topics)
+    await assert_shows_newest(page, redis_url, topics)
+
+    og = await page.evaluate("window.oddsgate")
+    assert og["violations"] == 0, og["violationList"]
+    assert (og["status"], og["resumes"], og["resets"]) == ("connected", 0, 0)
+    assert og["latencyMs"] is not None
+    assert re.fullmatch(r"latency \d+ ms", await page.inner_text("#latency"))
+    assert script_responses and script_responses[0]["cache-control"] == \
+        "public, max-age=31536000, immutable"
+    assert errors.uncaught == [] and errors.console == []
+    print(f"\nshell timings (ms since navigation): {og['timings']}; "
+          f"publish-to-screen {og['latencyMs']:.1f} ms")
+
+    # One more move so that a flash is on screen, then the artifact.
+    await publisher.publish(update(LEAGUE_TOPIC, 1, {"home": "1.44", "away": "2.75"}))
+    await page.wait_for_function(
+        "() => document.querySelector('[data-market=\"5:8:1\"] [data-outcome=home] .v')"
+        ".textContent === '1.44'", timeout=WAIT_MS, polling=50)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "shell.png"))
+
+
+async def test_cookie_token_default_topics_and_cached_script(worker, browser, pmap) -> None:
+    """The host page's og_session cookie; no topics= parameter; a second visit."""
+    await browser.add_cookies([{"name": "og_session", "value": token(), "url": worker.http}])
+    page = await browser.new_page()
+    errors = PageErrors(page)
+    await open_shell(page, worker, None, with_token=False)
+    expected = list(dict.fromkeys([
+        *sorted(pmap.high_value),
+        *(f"odds:{s}:{min(lg for sp, lg in pmap.market_level if sp == s)}:1"
+          for s in sorted(pmap.sports) if any(sp == s for sp, _ in pmap.market_level)),
+    ]))[:6]
+    assert await page.evaluate("window.oddsgate.wanted") == expected
+    await wait_js(page, """(topics) => topics.every(
+        (t) => window.oddsgate.topics[t] && window.oddsgate.topics[t].hasBase)""", expected)
+    assert await page.evaluate("window.oddsgate.violations") == 0
+
+    # Again: the HTML is revalidated, the immutable script comes from the cache.
+    await page.goto(page.url)
+    await wait_js(page, "() => window.oddsgate && window.oddsgate.status === 'connected'")
+    transfer = await page.evaluate("""() => performance.getEntriesByType('resource')
+        .filter((e) => e.name.includes('/static/app.')).map((e) => e.transferSize)""")
+    assert transfer == [0]
+    assert errors.uncaught == [] and errors.console == []
+
+
+@pytest.mark.parametrize("how", ["stop", "kill"])
+async def test_page_resumes_after_its_worker_restarts(worker_factory, publisher, redis_url,
+                                                      browser, how) -> None:
+    """Stopped (close 1012) or killed (the socket just drops): the page resumes."""
+    rng = random.Random(3)
+    topics = [MARKET_TOPIC, LEAGUE_TOPIC]
+    await churn(publisher, topics, 40, rng)
+    worker = worker_factory()
+    page = await browser.new_page()
+    errors = PageErrors(page)
+    await open_shell(page, worker, topics)
+    await wait_caught_up(page, redis_url, topics)
+    await churn(publisher, topics, 200, rng)  # live traffic, in batches
+
+    if how == "kill":
+        worker.proc.kill()
+        worker.proc.wait()
+    else:
+        worker.stop()
+    # The indicator counts down to each attempt while the worker is away.
+    await wait_js(page, """() => window.oddsgate.status === 'reconnecting'
+        && /^reconnecting in \\d+ ms$/.test(document.querySelector('#conn').innerText)""")
+    await churn(publisher, topics, 120, rng)  # missed while down: replayed on resume
+    worker_factory(OG_PORT=str(worker.port))
+    await wait_js(page, "() => window.oddsgate.resumes >= 1")
+    await churn(publisher, topics, 100, rng)
+
+    await wait_caught_up(page, redis_url, topics)
+    await assert_shows_newest(page, redis_url, topics)
+    og = await page.evaluate("window.oddsgate")
+    assert og["violations"] == 0, og["violationList"]
+    assert og["resets"] == 0
+    assert og["stats"]["snapshots"] == len(topics)  # resumed by replay, not a new snapshot
+    states = [s["state"] for s in og["statusLog"]]
+    assert states.index("reconnecting") < states.index("resumed"), states
+    assert og["status"] == "resumed"
+    assert errors.uncaught == []
+
+
+async def test_reset_replaces_the_view_with_the_snapshot(worker_factory, publisher, redis_url,
+                                                         browser) -> None:
+    rng = random.Random(4)
+    topic = LEAGUE_TOPIC
+    await churn(publisher, [topic], 30, rng)
+    worker = worker_factory()
+    page = await browser.new_page()
+    errors = PageErrors(page)
+    await open_shell(page, worker, [topic])
+    await wait_caught_up(page, redis_url, [topic])
+    before = await page.evaluate("window.oddsgate.topics")
+
+    worker.stop()
+    await wait_js(page, "() => window.oddsgate.status === 'reconnecting'")
+    # History no longer reaches the page's resume point: the worker must reset it.
+    await churn(publisher, [topic], 5, rng)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.xtrim(history_key(topic), maxlen=1, approximate=False)
+    finally:
+        await client.aclose()
+    await churn(publisher, [topic], 25, rng, markets=8)  # markets 7 and 8 appear
+    worker_factory(OG_PORT=str(worker.port))
+    await wait_js(page, "() => window.oddsgate.resets >= 1")
+
+    await wait_caught_up(page, redis_url, [topic])
+    await assert_shows_newest(page, redis_url, [topic])
+    og = await page.evaluate("window.oddsgate")
+    assert og["violations"] == 0, og["violationList"]
+    assert (og["resets"], og["status"], og["stats"]["snapshots"]) == (1, "reset", 2)
+    assert og["statusLog"][-1]["detail"] == f"{topic}: window"
+    assert og["topics"][topic]["seq"] > before[topic]["seq"]
+    assert errors.uncaught == []
+
+
+# -- the JS client against the Python one --------------------------------------------------
+
+T, U = "odds:1:39:1", "odds:1:40"
+E1, E2 = "r1-20261122", "r2-20261123"
+
+
+def _ev(seq: int, market: str = "a", *, topic: str = T, epoch: str = E1, **extra: Any) -> dict:
+    return {"type": "odds", "topic": topic, "epoch": epoch, "seq": seq, "market": market,
+            "event_id": f"m-{market}", "ts": 1763800000123456789 + seq, "status": "open",
+            "prices": {"home": f"1.{seq:02d}"}, **extra}
+
+
+def _welcome(n: int = 1) -> dict:
+    return {"type": "welcome", "conn": f"c{n}", "node": "h", "worker": 0, "heartbeat_ms": 15000}
+
+
+def _subscribed(*topics: str) -> dict:
+    return {"type": "subscribed", "id": 1, "topics": list(topics)}
+
+
+def _snapshot(seq: int, markets: list[dict], *, topic: str = T, epoch: str = E1) -> dict:
+    return {"type": "snapshot", "topic": topic, "epoch": epoch, "seq": seq, "markets": markets}
+
+
+def _opening(seq: int = 2) -> list[dict]:
+    return [_welcome(), _subscribed(T), _snapshot(seq, [_ev(seq - 1, "a"), _ev(seq, "b")])]
+
+
+def _batch(*events: dict) -> dict:
+    return {"type": "batch", "events": list(events)}
+
+
+RESET = {"type": "reset", "topic": T, "reason": "window"}
+
+# Streams in which each rule of gateway/rules.py fires (or must not).
+HAND_STREAMS: list[list[dict]] = [
+    [*_opening(), _ev(3), _ev(4, "c"), _batch(_ev(5), _ev(6, "b"))],
+    [_welcome(), _subscribed(T), _snapshot(0, []), _ev(1)],
+    [*_opening(), _ev(4, "b", coalesced=True), _ev(5)],
+    [*_opening(), _ev(3), _welcome(2), _subscribed(T), _ev(4), _batch(_ev(6, coalesced=True))],
+    [*_opening(9), RESET, _snapshot(3, [_ev(3, epoch=E2)], epoch=E2), _ev(4, epoch=E2)],
+    [*_opening(9), RESET, _snapshot(4, [_ev(4)]), _ev(5)],
+    [*_opening(), _ev(3), _snapshot(7, [_ev(6), _ev(7, "b")]), _ev(8)],
+    [{"$expect_resume": [T, E1, 40]}, _welcome(), _subscribed(T), _ev(41), _ev(42)],
+    [*_opening(), _ev(3), _ev(4), _welcome(2), {"$expect_resume": [T, E1, 2]}, _subscribed(T),
+     _ev(3), _ev(4)],
+    [*_opening(9), _welcome(2), {"$expect_snapshot": T}, _subscribed(T), _snapshot(5, [_ev(5)])],
+    [_welcome(), {"$expect_snapshot": U},
+     {"type": "error", "id": 1, "code": "shed", "topics": [U]}, _subscribed()],
+    [*_opening(), _ev(3), _ev(3)],
+    [*_opening(), _ev(4), _ev(3)],
+    [*_opening(), _ev(5, "b", coalesced=True), _ev(4, "b")],
+    [*_opening(), _ev(3), _welcome(2), {"$expect_resume": [T, E1, 3]}, _subscribed(T), _ev(3)],
+    [*_opening(5), _snapshot(6, [_ev(2, "a"), _ev(6, "c")])],
+    [*_opening(5), _snapshot(4, [])],
+    [*_opening(), _ev(4)],
+    [*_opening(), _ev(3), _welcome(2), _subscribed(T), _ev(6)],
+    [_welcome(), _ev(1)],
+    [_welcome(), {"$expect_snapshot": T}, _ev(1), _subscribed(T), _ev(1)],
+    [*_opening(), _welcome(2), _ev(3)],
+    [*_opening(), RESET, _ev(3)],
+    [*_opening(), {"type": "unsubscribed", "id": 2, "topics": [T]}, _ev(3)],
+    [_welcome(), _snapshot(1, []), {"type": "reset", "topic": T}],
+    [*_opening(), _ev(3, epoch=E2)],
+    [*_opening(), _snapshot(4, [], epoch=E2)],
+    [_welcome(), _subscribed(T), _snapshot(2, [_ev(3), _ev(1, epoch=E2)])],
+    [*_opening(), {"type": "odds", "topic": T, "seq": 3}, {**_ev(4), "seq": "4"},
+     {"type": "reset"}, {"type": "snapshot", "topic": T}, _snapshot(5, [{"market": 3, "seq": 1}])],
+    [*_opening(), _ev(3, topic=U), {"type": "pong", "id": 3, "ts": 1}],
+]
+
+
+def _random_stream(rng: random.Random) -> list[dict]:
+    """A delivery §5 allows (skips only superseded events, flags gaps, may resume),
+    then sometimes broken the way a buggy server would."""
+    n = rng.randint(1, 30)
+    markets = [f"1:39:{rng.randrange(rng.randint(1, 4))}" for _ in range(n)]
+    published = [_ev(i + 1, m) for i, m in enumerate(markets)]
+    last_of = {m: i + 1 for i, m in enumerate(markets)}
+    base = rng.randrange(n)
+    held = {e["market"]: e for e in published[:base]}
+    received, last = [], base
+    for event in published[base:]:
+        if last_of[event["market"]] > event["seq"] and rng.random() < 0.4:
+            continue
+        copy = dict(event)
+        if event["seq"] != last + 1:
+            copy["coalesced"] = True
+        received.append(copy)
+        last = event["seq"]
+    mutation = rng.choice(["none", "none", "swap", "dup", "unflag", "drop", "epoch"])
+    if mutation == "swap" and len(received) >= 2:
+        i, j = sorted(rng.sample(range(len(received)), 2))
+        received[i], received[j] = received[j], received[i]
+    elif mutation == "dup" and received:
+        received.insert(rng.randint(1, len(received)), dict(rng.choice(received)))
+    elif mutation == "unflag":
+        for event in received:
+            event.pop("coalesced", None)
+    elif mutation == "drop" and received:
+        del received[rng.randrange(len(received))]
+    elif mutation == "epoch" and received:
+        received[-1] = {**received[-1], "epoch": E2}
+    frames: list[dict] = []
+    i = 0
+    while i < len(received):
+        size = rng.randint(1, 4)
+        chunk = received[i : i + size]
+        frames.append(chunk[0] if len(chunk) == 1 else _batch(*chunk))
+        i += size
+    if rng.random() < 0.5:
+        at = rng.randint(0, len(frames))
+        frames[at:at] = [_welcome(2), _subscribed(T)]
+    return [_welcome(), _subscribed(T), _snapshot(base, list(held.values())), *frames]
+
+
+def _python_result(stream: list[dict]) -> dict:
+    checker = RuleChecker()
+    for step in stream:
+        if "$expect_resume" in step:
+            checker.expect_resume(*step["$expect_resume"])
+        elif "$expect_snapshot" in step:
+            checker.expect_snapshot(step["$expect_snapshot"])
+        else:
+            checker.feed(step)
+    return {
+        "rules": [v.rule for v in checker.violations],
+        "counts": checker.counts,
+        "topics": {t: [st.epoch, st.seq, st.has_base, st.live,
+                       {m: e["seq"] for m, e in st.markets.items()}]
+                   for t, st in checker.topics.items()},
+    }
+
+
+# Streams go in and results come out as JSON text: Playwright's own serialisation of
+# a large nested argument takes seconds.
+JS_RESULTS = """(text) => JSON.stringify(JSON.parse(text).map((stream) => {
+  const checker = new window.oddsgate.lib.RuleChecker();
+  for (const step of stream) {
+    if (step["$expect_resume"]) checker.expectResume(...step["$expect_resume"]);
+    else if (step["$expect_snapshot"]) checker.expectSnapshot(step["$expect_snapshot"]);
+    else checker.feed(step);
+  }
+  const topics = {};
+  for (const [t, st] of checker.topics) {
+    const markets = {};
+    for (const [m, e] of st.markets) markets[m] = e.seq;
+    topics[t] = [st.epoch, st.seq, st.hasBase, st.live, markets];
+  }
+  return {rules: checker.violations.map((v) => v.rule), counts: checker.counts, topics};
+}))"""
+
+
+async def test_js_client_checks_the_rules_like_the_python_one(worker, browser) -> None:
+    rng = random.Random(6)
+    streams = HAND_STREAMS + [_random_stream(rng) for _ in range(400)]
+    page = await browser.new_page()
+    await open_shell(page, worker, [MARKET_TOPIC])
+    js = orjson.loads(await page.evaluate(JS_RESULTS, orjson.dumps(streams).decode()))
+    python = [_python_result(s) for s in streams]
+    for i, (got, want) in enumerate(zip(js, python, strict=True)):
+        assert got == want, (i, streams[i])
+    fired = {rule for result in python for rule in result["rules"]}
+    assert fired == {"seq_order", "market_regression", "silent_gap", "unexpected", "epoch",
+                     "bad_snapshot", "malformed"}
+
+    # Backoff: full jitter under the same ceilings as gateway.client.backoff_delay.
+    ceilings = await page.evaluate("""() => Array.from({length: 12},
+        (_, n) => window.oddsgate.lib.backoffDelay(n, () => 1))""")
+    assert ceilings == [min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**n) * 1000 for n in range(12)]
+    assert await page.evaluate("window.oddsgate.lib.backoffDelay(3, () => 0)") == 0
+    assert await page.evaluate("[...window.oddsgate.lib.TERMINAL_CLOSE_CODES]") == \
+        [1008, 1009, 4400, 4401, 4429]
+    assert PartitionMap.load(None).high_value  # the default topics above start from these
+
+
+# The JS client over a scripted socket: what it sends, when it reconnects, when it stops.
+SCRIPTED_JS = """async ([topic, other]) => {
+  const lib = window.oddsgate.lib;
+  const sockets = [];
+  class ScriptedSocket {
+    constructor(url) { this.url = url; this.readyState = 1; this.sent = []; sockets.push(this); }
+    send(data) { this.sent.push(JSON.parse(data)); }
+    close() { this.readyState = 3; }
+  }
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const say = (ws, msg) => ws.onmessage({data: JSON.stringify(msg)});
+  const welcome = {type: "welcome", conn: "c", node: "n", worker: 0, heartbeat_ms: 20000};
+  const ev = (seq, market) => ({type: "odds", topic, epoch: "E1", seq, market, event_id: "m",
+                                ts: Date.now() * 1e6, status: "open", prices: {home: "1.50"}});
+  const client = new lib.OddsClient("ws://example/ws?token=t", [topic, other],
+                                    {WebSocketImpl: ScriptedSocket});
+  const out = {};
+  client.start();
+  let ws = sockets[0];
+  say(ws, welcome);
+  out.first = ws.sent[0];
+  say(ws, {type: "error", id: 1, code: "unknown_topic", topics: [other], message: "no"});
+  say(ws, {type: "subscribed", id: 1, topics: [topic]});
+  say(ws, {type: "snapshot", topic, epoch: "E1", seq: 5, markets: [ev(5, "1:39:1")]});
+  say(ws, {type: "batch", events: [ev(6, "1:39:1"), ev(8, "1:39:1")]});  // a silent gap
+  say(ws, ev(7, "1:39:1"));  // older than shown: counted, never shown
+  out.held = client.checker.topics.get(topic).markets.get("1:39:1").seq;
+  out.wanted = client.wanted;
+  say(ws, {type: "reconnect", after_ms: 300, reason: "drain"});
+  ws.onclose({code: 1012, reason: "drain"});
+  out.status = [client.status, client.detail];
+  out.waitMs = client.reconnectAt - Date.now();
+  await sleep(150);
+  out.socketsEarly = sockets.length;
+  await sleep(300);
+  out.socketsLate = sockets.length;
+  ws = sockets[1];
+  say(ws, welcome);
+  out.resume = ws.sent[0];
+  say(ws, {type: "error", id: 2, code: "shed", topics: [topic], retry_after_ms: 50});
+  say(ws, {type: "subscribed", id: 2, topics: []});
+  await sleep(150);
+  out.retry = ws.sent[1];
+  say(ws, {type: "subscribed", id: 3, topics: [topic]});
+  out.resumes = client.stats.resumes;
+  ws.onclose({code: 1006, reason: ""});  // no hint: full-jitter backoff
+  out.backoffMs = client.reconnectAt - Date.now();
+  await sleep(250);
+  ws = sockets[2];
+  say(ws, welcome);
+  ws.onclose({code: 4401, reason: "token expired"});  // terminal
+  await sleep(300);
+  out.final = [client.status, client.detail, sockets.length];
+  out.counts = client.checker.counts;
+  client.stop();
+  return out;
+}"""
+
+
+async def test_js_client_resumes_honours_hints_and_stops_when_refused(worker, browser) -> None:
+    page = await browser.new_page()
+    await open_shell(page, worker, [MARKET_TOPIC])
+    out = await page.evaluate(SCRIPTED_JS, [MARKET_TOPIC, "odds:9:9"])
+    assert out["first"] == {"op": "subscribe", "id": 1,
+                            "topics": {MARKET_TOPIC: None, "odds:9:9": None}}
+    assert out["wanted"] == [MARKET_TOPIC]  # refused for good: not asked again
+    assert out["held"] == 8
+    assert out["counts"] == {"silent_gap": 1, "seq_order": 1, "market_regression": 1}
+    # reconnect.after_ms is honoured: nothing before it, a new socket after it.
+    assert out["status"] == ["reconnecting", "drain"]
+    assert 250 <= out["waitMs"] <= 300
+    assert (out["socketsEarly"], out["socketsLate"]) == (1, 2)
+    # The resume carries the last event held; a shed topic is asked for again.
+    assert out["resume"] == {"op": "subscribe", "id": 2,
+                             "topics": {MARKET_TOPIC: {"epoch": "E1", "seq": 8}}}
+    assert out["retry"] == {"op": "subscribe", "id": 3,
+                            "topics": {MARKET_TOPIC: {"epoch": "E1", "seq": 8}}}
+    assert out["resumes"] == 1  # the retry continues the resume, it is not another
+    assert 0 <= out["backoffMs"] <= BACKOFF_CAP_S * 1000
+    assert out["final"] == ["closed", "4401 token expired", 3]
