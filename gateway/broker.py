@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import hiredis
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
+from redis.exceptions import NoScriptError
 
 from feed.keys import history_key, latest_key, meta_key
 from feed.publisher import new_epoch
@@ -138,6 +139,9 @@ class RedisBroker:
         self.commands = aioredis.Redis.from_url(url, socket_timeout=5.0)
         self._load_state = self.commands.register_script(LOAD_STATE_LUA)
         self._read_since = self.commands.register_script(READ_SINCE_LUA)
+        self._loads: dict[str, list[asyncio.Future[TopicState]]] = {}
+        self._loads_scheduled = False
+        self._batches: set[asyncio.Task] = set()
         self._transport: asyncio.Transport | None = None
         self._topics: set[str] = set()
         self._confirmed: set[str] = set()
@@ -279,11 +283,53 @@ class RedisBroker:
     # -- reads ------------------------------------------------------------
 
     async def load_state(self, topic: str) -> TopicState:
-        keys = [meta_key(topic), history_key(topic), latest_key(topic)]
-        epoch, seq, markets = await self._load_state(
-            keys=keys, args=[new_epoch(), UNPUBLISHED_TOPIC_TTL_S]
-        )
-        return TopicState(_text(epoch), int(seq), list(markets))
+        """The topic's state as of one seq; loads asked for in one turn share a round trip.
+
+        A subscribe storm (a drained worker's crowd, a cold start) opens
+        hundreds of topics at once: one pipeline per loop turn instead of a
+        command, and a pooled connection, per topic.
+        """
+        fut: asyncio.Future[TopicState] = asyncio.get_running_loop().create_future()
+        self._loads.setdefault(topic, []).append(fut)
+        if not self._loads_scheduled:
+            self._loads_scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_load_batch)
+        return await fut
+
+    def _start_load_batch(self) -> None:
+        self._loads_scheduled = False
+        batch, self._loads = self._loads, {}
+        task = asyncio.get_running_loop().create_task(self._load_batch(batch))
+        self._batches.add(task)
+        task.add_done_callback(self._batches.discard)
+
+    async def _load_batch(self, batch: dict[str, list[asyncio.Future[TopicState]]]) -> None:
+        topics = list(batch)
+        try:
+            replies = await self._pipeline_loads(topics)
+            if any(isinstance(r, NoScriptError) for r in replies):
+                # Redis restarted and lost its script cache: nothing ran; again.
+                await self.commands.script_load(LOAD_STATE_LUA)
+                replies = await self._pipeline_loads(topics)
+        except Exception as exc:
+            replies = [exc] * len(topics)
+        for topic, reply in zip(topics, replies, strict=True):
+            for fut in batch[topic]:
+                if fut.done():
+                    continue
+                if isinstance(reply, Exception):
+                    fut.set_exception(ConnectionError(f"load of {topic} failed: {reply}"))
+                else:
+                    epoch, seq, markets = reply
+                    fut.set_result(TopicState(_text(epoch), int(seq), list(markets)))
+
+    async def _pipeline_loads(self, topics: list[str]) -> list:
+        epoch = new_epoch()  # created only for topics that have none
+        async with self.commands.pipeline(transaction=False) as pipe:
+            for topic in topics:
+                pipe.evalsha(self._load_state.sha, 3, meta_key(topic), history_key(topic),
+                             latest_key(topic), epoch, UNPUBLISHED_TOPIC_TTL_S)
+            return await pipe.execute(raise_on_error=False)
 
     async def read_since(self, topic: str, seq: int, most: int) -> History:
         """Every event of `topic` after `seq`, if history still holds them all."""
