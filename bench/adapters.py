@@ -1,0 +1,329 @@
+"""One connection class per wire protocol the load generator speaks.
+
+Each reads its system's frames as cheaply as it can (one orjson parse per
+frame, nothing else decoded twice) and feeds every event to the same check
+and the same latency histogram, so systems are compared on equal terms:
+
+- `OddsgateConn`: PROTOCOL.md (welcome, subscribe, snapshot, odds, batch).
+- `PlainConn`: the hand-rolled baseline (bench/peers/plain_ws.py): one JSON
+  subscribe, one event per frame.
+- `SocketIOConn`: Engine.IO v4 / Socket.IO v5 over a direct WebSocket
+  (python-socketio and Node's socket.io both speak it).
+- `NatsConn`: the NATS client protocol inside WebSocket frames.
+
+The §5 check per topic: seq strictly increasing within an epoch, a gap only
+on an event marked `coalesced`, an event only after its topic's snapshot
+(peers have no snapshots: their first event of a topic sets the base).
+`ready` resolves when the connection is usable, `synced` when its
+subscriptions are all in place (for oddsgate: every snapshot received).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import orjson
+
+from bench.counters import BAD_SNAPSHOT, EPOCH, SEQ_ORDER, SILENT_GAP, UNEXPECTED, Counters
+from bench.wsclient import OP_BINARY, WsClient
+
+_loads = orjson.loads
+_time_ns = time.time_ns
+
+
+class BenchConn(WsClient):
+    """Common bookkeeping: futures, the per-topic check, latency recording."""
+
+    path = "/"
+    base_on_first_event = True  # peers have no snapshot
+
+    def __init__(self, host: str, port: int, counters: Counters, topics: list[str]) -> None:
+        super().__init__(host, port, self.path)
+        self.c = counters
+        self.topics = topics
+        self.held: dict[str, list] = {}  # topic -> [epoch, last seq]
+        loop = asyncio.get_running_loop()
+        self.ready: asyncio.Future[None] = loop.create_future()
+        self.synced: asyncio.Future[None] = loop.create_future()
+        self.sub_sent_ns = 0
+        self.stalled = False
+        self.wanted_open = True
+
+    # -- lifecycle --------------------------------------------------------
+
+    def _set_ready(self) -> None:
+        if not self.ready.done():
+            self.ready.set_result(None)
+
+    def _set_synced(self) -> None:
+        if not self.synced.done():
+            self.synced.set_result(None)
+
+    def on_lost(self, exc: Exception | None) -> None:
+        why = self.handshake_error or (str(exc) if exc else "closed by server")
+        for fut in (self.ready, self.synced):
+            if not fut.done():
+                fut.set_exception(ConnectionError(why))
+                fut.exception()
+        if self.wanted_open:
+            self.c.lost += 1
+
+    def subscribe(self) -> None:
+        raise NotImplementedError
+
+    # -- the event path ---------------------------------------------------
+
+    def _event(self, ev: dict, now_ns: int) -> None:
+        c = self.c
+        topic = ev["topic"]
+        seq = ev["seq"]
+        held = self.held.get(topic)
+        if held is None:
+            if self.base_on_first_event:
+                self.held[topic] = [ev["epoch"], seq]
+            else:
+                c.violate(UNEXPECTED)
+        elif ev["epoch"] != held[0]:
+            c.violate(EPOCH)
+        else:
+            last = held[1]
+            if seq <= last:
+                c.violate(SEQ_ORDER)
+            else:
+                if seq != last + 1:
+                    if ev.get("coalesced"):
+                        c.coalesced += 1
+                    else:
+                        c.violate(SILENT_GAP)
+                held[1] = seq
+        us = (now_ns - ev["ts"]) // 1000
+        if us < 64:
+            c.latency.counts[us if us > 0 else 0] += 1
+        else:
+            shift = us.bit_length() - 6
+            c.latency.counts[(shift << 5) + (us >> shift)] += 1
+            if us > c.latency.max_us:
+                c.latency.max_us = us
+        c.deliveries += 1
+
+
+class OddsgateConn(BenchConn):
+    """PROTOCOL.md's player: a `shed` topic is asked for again after `retry_after_ms`."""
+
+    path = "/ws"
+    base_on_first_event = False
+    MAX_RETRIES = 30
+
+    def __init__(self, host: str, port: int, counters: Counters, topics: list[str]) -> None:
+        super().__init__(host, port, counters, topics)
+        self.pending: set[str] = set()  # topics whose snapshot has not come yet
+        self.reset_pending: set[str] = set()
+        self.requests: dict[int, list[str]] = {}
+        self.retrying: set[str] = set()
+        self.retries = 0
+
+    def subscribe(self) -> None:
+        self.pending = set(self.topics)
+        self.sub_sent_ns = _time_ns()
+        self._request(self.topics)
+
+    def _request(self, topics: list[str]) -> None:
+        request_id = len(self.requests) + 1
+        self.requests[request_id] = topics
+        self.send_text(orjson.dumps({"op": "subscribe", "id": request_id,
+                                     "topics": dict.fromkeys(topics)}))
+
+    def _retry(self) -> None:
+        topics, self.retrying = sorted(self.retrying), set()
+        if topics and self.open:
+            self._request(topics)
+
+    def on_message(self, payload: bytes) -> None:
+        c = self.c
+        c.frames += 1
+        c.bytes_in += len(payload)
+        now = _time_ns()
+        msg = _loads(payload)
+        kind = msg["type"]
+        if kind == "batch":
+            event = self._event
+            for ev in msg["events"]:
+                event(ev, now)
+        elif kind == "odds":
+            self._event(msg, now)
+        elif kind == "snapshot":
+            self._snapshot(msg, now)
+        elif kind == "welcome":
+            self._set_ready()
+        elif kind == "subscribed":
+            asked = self.requests.get(msg.get("id"), ())
+            refused = set(asked) - set(msg["topics"]) - self.retrying
+            self.pending -= refused
+            if not self.pending:
+                self._set_synced()
+        elif kind == "error":
+            self._error(msg)
+        elif kind == "reset":
+            c.resets += 1
+            self.held.pop(msg["topic"], None)
+            self.reset_pending.add(msg["topic"])
+        elif kind == "reconnect":
+            c.reconnect_frames += 1
+
+    def _error(self, msg: dict) -> None:
+        code = str(msg.get("code"))
+        self.c.error(code)
+        topics = msg.get("topics") or ()
+        if code == "shed" and topics and self.retries < self.MAX_RETRIES:
+            self.retries += 1
+            if not self.retrying:
+                delay = (msg.get("retry_after_ms") or 1000) / 1000
+                asyncio.get_running_loop().call_later(delay, self._retry)
+            self.retrying.update(topics)
+            return
+        for topic in topics:
+            self.pending.discard(topic)
+
+    def _snapshot(self, msg: dict, now: int) -> None:
+        topic = msg["topic"]
+        epoch = msg["epoch"]
+        seq = msg["seq"]
+        held = self.held.get(topic)
+        if held is not None and held[0] == epoch and seq < held[1] \
+                and topic not in self.reset_pending:
+            self.c.violate(SEQ_ORDER)
+        self.reset_pending.discard(topic)
+        for market in msg["markets"]:
+            if market["seq"] > seq or market["epoch"] != epoch:
+                self.c.violate(BAD_SNAPSHOT)
+        self.held[topic] = [epoch, seq]
+        if topic in self.pending:
+            self.pending.discard(topic)
+            self.c.subscribe.record((now - self.sub_sent_ns) // 1000)
+            if not self.pending:
+                self._set_synced()
+
+
+class PlainConn(BenchConn):
+    path = "/ws"
+
+    def on_open(self) -> None:
+        self._set_ready()
+
+    def subscribe(self) -> None:
+        self.sub_sent_ns = _time_ns()
+        self.send_text(orjson.dumps({"op": "subscribe", "topics": self.topics}))
+
+    def on_message(self, payload: bytes) -> None:
+        c = self.c
+        c.frames += 1
+        c.bytes_in += len(payload)
+        now = _time_ns()
+        msg = _loads(payload)
+        if msg["type"] == "odds":
+            self._event(msg, now)
+        elif msg["type"] == "subscribed":
+            self._set_synced()
+
+
+class SocketIOConn(BenchConn):
+    path = "/socket.io/?EIO=4&transport=websocket"
+
+    def subscribe(self) -> None:
+        self.sub_sent_ns = _time_ns()
+        self.send_text(b'421["subscribe",' + orjson.dumps(self.topics) + b"]")
+
+    def on_message(self, payload: bytes) -> None:
+        c = self.c
+        c.frames += 1
+        c.bytes_in += len(payload)
+        if payload[:2] == b"42":
+            now = _time_ns()
+            name_and_data = _loads(payload[2:])
+            if name_and_data[0] == "odds":
+                self._event(name_and_data[1], now)
+            return
+        head = payload[:1]
+        if head == b"2":  # Engine.IO ping
+            self.send_text(b"3")
+        elif head == b"0":  # Engine.IO open: join the default namespace
+            self.send_text(b"40")
+        elif payload[:2] == b"40":
+            self._set_ready()
+        elif payload[:2] == b"43":  # the subscribe's ack
+            self._set_synced()
+        elif payload[:2] == b"44":
+            c.error("connect_error")
+            self.abort()
+
+
+def nats_subject(topic: str) -> str:
+    """`odds:1:39:1` as a NATS subject: tokens separated by dots."""
+    return topic.replace(":", ".")
+
+
+class NatsConn(BenchConn):
+    CONNECT = (b'CONNECT {"verbose":false,"pedantic":false,"protocol":1,"echo":false,'
+               b'"headers":false,"name":"oddsgate-bench"}\r\nPING\r\n')
+
+    def __init__(self, host: str, port: int, counters: Counters, topics: list[str]) -> None:
+        super().__init__(host, port, counters, topics)
+        self._stream = b""
+        self._need = 0
+        self._pongs = 0
+
+    def _send(self, data: bytes) -> None:
+        self._write_frame(OP_BINARY, data)
+
+    def subscribe(self) -> None:
+        self.sub_sent_ns = _time_ns()
+        lines = [f"SUB {nats_subject(t)} {i + 1}\r\n".encode() for i, t in enumerate(self.topics)]
+        self._send(b"".join(lines) + b"PING\r\n")
+
+    def on_message(self, payload: bytes) -> None:
+        c = self.c
+        c.frames += 1
+        c.bytes_in += len(payload)
+        buf = self._stream + payload if self._stream else payload
+        pos = 0
+        now = 0
+        while True:
+            need = self._need
+            if need:
+                if len(buf) - pos < need + 2:
+                    break
+                if not now:
+                    now = _time_ns()
+                self._event(_loads(buf[pos : pos + need]), now)
+                pos += need + 2
+                self._need = 0
+                continue
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            line = buf[pos:eol]
+            pos = eol + 2
+            if line[:4] == b"MSG ":
+                self._need = int(line[line.rfind(b" ") + 1 :])
+            elif line == b"PING":
+                self._send(b"PONG\r\n")
+            elif line == b"PONG":
+                self._pongs += 1
+                if self._pongs == 1:
+                    self._set_ready()
+                else:
+                    self._set_synced()
+            elif line[:4] == b"INFO":
+                self._send(self.CONNECT)
+            elif line[:4] == b"-ERR":
+                c.error(line[5:60].decode(errors="replace"))
+        self._stream = buf[pos:] if pos < len(buf) else b""
+
+
+PROTOCOLS: dict[str, type[BenchConn]] = {
+    "oddsgate": OddsgateConn,
+    "plain": PlainConn,
+    "socketio": SocketIOConn,
+    "nats": NatsConn,
+}

@@ -1,0 +1,309 @@
+"""Load-generator processes: many connections each, driven over a pipe.
+
+The orchestrator starts several of these (multiprocessing 'spawn'), gives
+each its share of the planned connections (a global index and the topics it
+follows), and then sends commands: connect, subscribe, reset (start a
+measurement interval), stats, stall, drop, close. Every reply is a plain
+dict. Connections are spread over the target endpoints (worker ports, or
+one HAProxy frontend later) and over several loopback source addresses, so
+50,000 connections do not run out of ephemeral ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import multiprocessing
+import multiprocessing.connection
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+
+import psutil
+import uvloop
+
+from bench.adapters import PROTOCOLS, BenchConn
+from bench.counters import Counters
+
+CONNECT_TIMEOUT_S = 15.0
+# A player's kernel receive buffer. Fixed (which turns Linux's autotuning off,
+# up to 32 MiB here) so that a stalled player backs up into the server within
+# seconds, as one on a phone would, instead of into an elastic loopback buffer.
+PLAYER_RCVBUF = 64 * 1024
+
+
+@dataclass
+class LoadSpec:
+    protocol: str  # a key of bench.adapters.PROTOCOLS
+    endpoints: list[tuple[str, int]]  # (host, port) to spread connections over
+    sources: list[str]  # loopback source addresses
+    plans: list[tuple[int, list[str]]]  # (global connection index, topics)
+
+
+class LoadGen:
+    def __init__(self, spec: LoadSpec) -> None:
+        self.spec = spec
+        self.conn_class: type[BenchConn] = PROTOCOLS[spec.protocol]
+        self.counters = Counters()
+        self.conns: dict[int, BenchConn] = {}
+        self.connect_failures: dict[str, int] = {}
+        self.subscribed: set[int] = set()
+        self.warmers: list[BenchConn] = []
+        self.proc = psutil.Process()
+        self._mark_cpu = self._cpu()
+        self._mark_wall = time.monotonic()
+
+    def _cpu(self) -> float:
+        t = self.proc.cpu_times()
+        return t.user + t.system
+
+    # -- commands ---------------------------------------------------------
+
+    async def cmd_connect(self, upto: int | None = None, concurrency: int = 32,
+                          deadline_s: float = 120.0) -> dict:
+        """Open the planned connections with index < `upto` not open yet."""
+        todo = [(i, topics) for i, topics in self.spec.plans
+                if i not in self.conns and (upto is None or i < upto)]
+        feed = iter(todo)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        deadline = started + deadline_s
+
+        async def opener() -> None:
+            for index, topics in feed:
+                if time.monotonic() > deadline:
+                    self._fail("bench deadline")
+                    continue
+                await self._open(loop, index, topics)
+
+        workers = [asyncio.create_task(opener()) for _ in range(max(1, concurrency))]
+        await asyncio.gather(*workers)
+        return {
+            "attempted": len(todo),
+            "open": len(self.conns),
+            "seconds": time.monotonic() - started,
+            "failures": dict(self.connect_failures),
+        }
+
+    async def _open(self, loop: asyncio.AbstractEventLoop, index: int, topics: list[str]) -> None:
+        host, port = self.spec.endpoints[index % len(self.spec.endpoints)]
+        source = self.spec.sources[index % len(self.spec.sources)]
+        cls = self.conn_class
+        counters = self.counters
+        t0 = time.perf_counter_ns()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PLAYER_RCVBUF)
+            sock.bind((source, 0))
+            sock.setblocking(False)
+            await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT_S)
+            _, conn = await loop.create_connection(
+                lambda: cls(host, port, counters, topics), sock=sock)
+            await asyncio.wait_for(asyncio.shield(conn.ready), CONNECT_TIMEOUT_S)
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            sock.close()
+            self._fail(type(exc).__name__ + (f": {exc}" if str(exc) else ""))
+            return
+        counters.connect.record((time.perf_counter_ns() - t0) // 1000)
+        self.conns[index] = conn
+
+    def _fail(self, why: str) -> None:
+        why = why[:120]
+        self.connect_failures[why] = self.connect_failures.get(why, 0) + 1
+
+    async def cmd_subscribe(self, per_second: float | None = None, wait_s: float = 60.0,
+                            upto: int | None = None) -> dict:
+        """Open, not yet subscribed connections (index < `upto`) subscribe; wait for them."""
+        picked = [i for i, c in self.conns.items()
+                  if i not in self.subscribed and c.open and (upto is None or i < upto)]
+        todo = [self.conns[i] for i in picked]
+        self.subscribed.update(picked)
+        started = time.monotonic()
+        if per_second:
+            step = max(1, int(per_second / 100))
+            for k in range(0, len(todo), step):
+                for conn in todo[k : k + step]:
+                    conn.subscribe()
+                await asyncio.sleep(max(0.0, started + (k + step) / per_second
+                                        - time.monotonic()))
+        else:
+            for conn in todo:
+                conn.subscribe()
+        futures = [c.synced for c in todo]
+        if futures:
+            await asyncio.wait(futures, timeout=wait_s)
+        synced = sum(1 for f in futures if f.done() and not f.exception())
+        return {"requested": len(todo), "synced": synced,
+                "seconds": time.monotonic() - started}
+
+    async def cmd_warm(self, topics: list[str], per_conn: int = 200, per_request: int = 40,
+                       wait_s: float = 60.0) -> dict:
+        """Open every topic's channel before the crowd arrives, a few at a time.
+
+        One connection per `per_conn` topics (a server's per-connection limit),
+        subscribing `per_request` topics at a time and waiting for each batch; they
+        stay open (and read) with their own counters, outside every measurement.
+        """
+        loop = asyncio.get_running_loop()
+        counters = Counters()
+        started = time.monotonic()
+        synced = 0
+        for k in range(0, len(topics), per_conn):
+            for endpoint in self.spec.endpoints:
+                host, port = endpoint
+                group = topics[k : k + per_conn]
+                _, conn = await loop.create_connection(
+                    lambda group=group, host=host, port=port: self.conn_class(
+                        host, port, counters, group),
+                    host, port)
+                await asyncio.wait_for(asyncio.shield(conn.ready), CONNECT_TIMEOUT_S)
+                self.warmers.append(conn)
+                for j in range(0, len(group), per_request):
+                    conn.topics = group[j : j + per_request]
+                    conn.synced = loop.create_future()
+                    conn.subscribe()
+                    await asyncio.wait_for(asyncio.shield(conn.synced), wait_s)
+                    synced += len(conn.topics)
+        return {"topics": synced, "seconds": time.monotonic() - started,
+                "errors": dict(counters.errors)}
+
+    async def cmd_reset(self, subscribe: bool = False) -> dict:
+        self.counters.reset()
+        if subscribe:
+            self.counters.subscribe.clear()
+        self._mark_cpu = self._cpu()
+        self._mark_wall = time.monotonic()
+        return {}
+
+    async def cmd_stats(self) -> dict:
+        out = self.counters.to_dict()
+        out["cpu_s"] = self._cpu() - self._mark_cpu
+        out["wall_s"] = time.monotonic() - self._mark_wall
+        out["open"] = sum(1 for c in self.conns.values() if c.open)
+        out["rss"] = self.proc.memory_info().rss
+        return out
+
+    async def cmd_stall(self, indices: list[int]) -> dict:
+        mine = [self.conns[i] for i in indices if i in self.conns]
+        for conn in mine:
+            conn.stalled = True
+            conn.pause()
+        return {"stalled": len(mine)}
+
+    async def cmd_drop(self, indices: list[int]) -> dict:
+        """Cut connections off (no close handshake), as a vanished player would."""
+        dropped = 0
+        for i in indices:
+            conn = self.conns.pop(i, None)
+            if conn is not None:
+                conn.wanted_open = False
+                conn.abort()
+                dropped += 1
+        return {"dropped": dropped}
+
+    async def cmd_close(self) -> dict:
+        for conn in [*self.conns.values(), *self.warmers]:
+            conn.wanted_open = False
+            conn.close()
+        await asyncio.sleep(0.2)
+        for conn in [*self.conns.values(), *self.warmers]:
+            conn.abort()
+        self.conns.clear()
+        return {}
+
+
+async def _serve(pipe: multiprocessing.connection.Connection, spec: LoadSpec) -> None:
+    gen = LoadGen(spec)
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue = asyncio.Queue()
+    loop.add_reader(pipe.fileno(), lambda: inbox.put_nowait(pipe.recv()))
+    pipe.send(("ok", {"ready": True}))
+    while True:
+        name, kwargs = await inbox.get()
+        try:
+            result = await getattr(gen, f"cmd_{name}")(**kwargs)
+            pipe.send(("ok", result))
+        except Exception:
+            pipe.send(("error", traceback.format_exc()))
+        if name == "close":
+            return
+
+
+def process_main(pipe: multiprocessing.connection.Connection, spec: LoadSpec) -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        uvloop.run(_serve(pipe, spec))
+
+
+class LoadGenError(RuntimeError):
+    pass
+
+
+class LoadGenPool:
+    """The orchestrator's handle on the load-generator processes."""
+
+    def __init__(self, specs: list[LoadSpec], start_timeout: float = 30.0) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        self.procs: list[multiprocessing.process.BaseProcess] = []
+        self.pipes: list[multiprocessing.connection.Connection] = []
+        for n, spec in enumerate(specs):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=process_main, args=(child, spec),
+                               name=f"bench-loadgen-{n}", daemon=True)
+            proc.start()
+            child.close()
+            self.procs.append(proc)
+            self.pipes.append(parent)
+        self._collect(start_timeout)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs if p.pid is not None]
+
+    def call(self, name: str, timeout: float = 60.0, per_process: list[dict] | None = None,
+             **kwargs: object) -> list[dict]:
+        for n, pipe in enumerate(self.pipes):
+            args = dict(kwargs)
+            if per_process is not None:
+                args.update(per_process[n])
+            pipe.send((name, args))
+        return self._collect(timeout)
+
+    def call_one(self, index: int, name: str, timeout: float = 60.0, **kwargs: object) -> dict:
+        self.pipes[index].send((name, kwargs))
+        if not self.pipes[index].poll(timeout):
+            raise LoadGenError(f"load generator {index} did not answer within {timeout:.0f}s")
+        status, value = self.pipes[index].recv()
+        if status != "ok":
+            raise LoadGenError(f"load generator {index} failed:\n{value}")
+        return value
+
+    def _collect(self, timeout: float) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        results = []
+        for n, pipe in enumerate(self.pipes):
+            if not pipe.poll(max(0.0, deadline - time.monotonic())):
+                raise LoadGenError(f"load generator {n} did not answer within {timeout:.0f}s")
+            status, value = pipe.recv()
+            if status != "ok":
+                raise LoadGenError(f"load generator {n} failed:\n{value}")
+            results.append(value)
+        return results
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.call("close", timeout=10.0)
+        for proc in self.procs:
+            proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(2)
+
+
+def split_plans(plans: list[tuple[int, list[str]]], processes: int) -> list[list]:
+    """Round-robin, so every process holds a fair share of every kind of connection."""
+    shares: list[list] = [[] for _ in range(processes)]
+    for plan, share in zip(plans, itertools.cycle(shares), strict=False):
+        share.append(plan)
+    return shares

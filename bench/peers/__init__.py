@@ -1,0 +1,1 @@
+"""Peers the bench compares oddsgate with, and their idempotent installer."""

@@ -1,0 +1,91 @@
+"""Plots of a bench run; run with the bench env's Python (it has matplotlib).
+
+    bench/peers/.venv/bin/python bench/plot.py bench/results/latest-full.json bench/results full
+
+Writes latency-vs-rate-<mode>.png (p50/p99/p99.9 against the event rate,
+from the saturation steps) and cpu-per-million-<mode>.png (server
+CPU-seconds per million deliveries per system, steady and saturation's
+highest held step), and prints the names it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def latency_vs_rate(results: list[dict], out: Path, mode: str) -> str | None:
+    series = [(r["system"], r["figures"].get("steps") or []) for r in results
+              if r["scenario"] == "saturation" and r["status"] == "ok"]
+    series = [(name, steps) for name, steps in series if steps]
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=True)
+    for ax, key, title in zip(axes, ("p50_ms", "p99_ms", "p999_ms"), ("p50", "p99", "p99.9"),
+                              strict=True):
+        for name, steps in series:
+            xs = [s["events_per_s"] for s in steps if (s.get("latency_ms") or {}).get(key)]
+            ys = [s["latency_ms"][key] for s in steps if (s.get("latency_ms") or {}).get(key)]
+            ax.plot(xs, ys, marker="o", label=name)
+        ax.set_title(f"publish-to-receipt {title}")
+        ax.set_xlabel("events/s published")
+        ax.set_yscale("log")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("ms")
+    axes[-1].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    name = f"latency-vs-rate-{mode}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def cpu_per_million(results: list[dict], out: Path, mode: str) -> str | None:
+    bars: dict[str, dict[str, float]] = {}
+    for r in results:
+        if r["status"] != "ok" or r["scenario"] not in ("steady", "saturation"):
+            continue
+        value = r["figures"].get("server_cpu_s_per_million")
+        if value:
+            bars.setdefault(r["system"], {})[r["scenario"]] = value
+    if not bars:
+        return None
+    systems = list(bars)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    width = 0.38
+    for k, scenario in enumerate(("steady", "saturation")):
+        xs = [i + (k - 0.5) * width for i in range(len(systems))]
+        ys = [bars[s].get(scenario, 0) for s in systems]
+        ax.bar(xs, ys, width, label="saturation (highest held)" if k else scenario)
+    ax.set_xticks(range(len(systems)), systems)
+    ax.set_ylabel("server CPU-seconds per million deliveries")
+    ax.set_title("CPU cost of fan-out (lower is better)")
+    ax.legend()
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    name = f"cpu-per-million-{mode}.png"
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def main() -> int:
+    data = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(sys.argv[2])
+    mode = sys.argv[3] if len(sys.argv) > 3 else data.get("mode", "run")
+    out.mkdir(parents=True, exist_ok=True)
+    for made in (latency_vs_rate(data["results"], out, mode),
+                 cpu_per_million(data["results"], out, mode)):
+        if made:
+            print(made)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
