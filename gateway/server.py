@@ -206,10 +206,6 @@ class Worker:
     def accepting(self) -> bool:
         return self.broker.connected.is_set() and not self.draining
 
-    @property
-    def sessions(self) -> set[Session]:
-        return set(self.connections)
-
     def connections_in_backpressure(self) -> int:
         return len(self.hub.pressured)
 

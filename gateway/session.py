@@ -207,15 +207,6 @@ class Session:
             self.pending.append(event)
         return verdict
 
-    def enqueue(self, events: list[bytes]) -> None:
-        """Events already checked against the cursor (a replay, a merge)."""
-        if not events:
-            return
-        if not self.scheduled:
-            self.scheduled = True
-            self._scheduler.schedule(self)
-        self.pending.extend(events)
-
     # -- back-pressure (called by the connection's flow control) ------------
 
     def on_pause(self, now: float) -> None:

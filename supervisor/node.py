@@ -147,9 +147,6 @@ class Supervisor:
                 await service.stop()
         await self._terminate_all()
 
-    def request_stop(self) -> None:
-        self._stop.set()
-
     # -- processes --------------------------------------------------------
 
     def _free_slot(self, worker: WorkerHandle) -> int:

@@ -270,17 +270,6 @@ def test_flush_with_nothing_pending_writes_nothing() -> None:
     assert session.frames_out == 0
 
 
-def test_enqueue_adds_checked_events_after_pending_ones() -> None:
-    session, written, scheduler = following()
-    session.enqueue([])
-    assert scheduler.scheduled == []
-    session.deliver(TOPIC, EPOCH, 1, event(1))
-    session.enqueue([event(2), event(3)])
-    assert scheduler.scheduled == [session]
-    session.flush()
-    assert written == [batch([event(1), event(2), event(3)])]
-
-
 def test_send_flushes_pending_events_first() -> None:
     session, written, _ = following()
     session.deliver(TOPIC, EPOCH, 1, event(1))
