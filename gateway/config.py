@@ -147,6 +147,11 @@ class Settings(EnvSettings):
     shed_retry_ms: int = setting(
         "OG_SHED_RETRY_MS", 2000, "retry_after_ms of a shed subscription", minimum=1
     )
+    max_batch: int = setting(
+        "OG_MAX_BATCH", 256,
+        "most events in one frame (a `batch`); 1 sends every event in its own frame",
+        minimum=1,
+    )
     reuse_port: bool = setting(
         "OG_REUSE_PORT", False,
         "share the port with a successor process (set by the supervisor for reloads)",

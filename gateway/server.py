@@ -138,9 +138,10 @@ class Worker:
             allow_anonymous=settings.allow_anonymous,
         )
         self.counters = WorkerCounters()
-        self.fanout = Fanout(self.counters)
+        self.fanout = Fanout(self.counters, max_batch=settings.max_batch)
         self.hub = Hub(self.fanout, recent_capacity=settings.recent_events,
-                       replay_max=settings.replay_max, counters=self.counters)
+                       replay_max=settings.replay_max, replay_chunk=settings.max_batch,
+                       counters=self.counters)
         self.broker = RedisBroker(
             settings.redis_url,
             self.hub.on_message,
@@ -455,6 +456,7 @@ class Worker:
             burst=s.rate_limit_burst,
             max_refused_in_a_row=s.rate_limit_close_after,
             max_bad_requests=s.max_bad_requests,
+            max_batch=s.max_batch,
             counters=self.counters,
         )
         self.connections[session] = conn

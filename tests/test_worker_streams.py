@@ -286,3 +286,18 @@ async def test_client_resumes_after_its_worker_restarts(worker_factory, publishe
     await _assert_caught_up([player], redis_url, topic)
     assert player.stats.resets == 0
     await player.close()
+
+
+@pytest.mark.parametrize(("max_batch", "frames"), [("1", 10), ("256", 1)])
+async def test_events_of_one_turn_share_a_frame_up_to_max_batch(worker_factory, publisher,
+                                                                max_batch, frames) -> None:
+    worker = worker_factory(OG_MAX_BATCH=max_batch)
+    topic = "odds:1:39:18"
+    ws = await _raw_player(worker.url)
+    assert [f["type"] for f in await _subscribe_raw(ws, topic, None)] == ["subscribed",
+                                                                          "snapshot"]
+    await publisher.publish_many([_update(topic, 1, f"1.{i:02d}") for i in range(10)])
+    received = await _frames_until_quiet(ws)
+    assert len(received) == frames
+    assert [e["seq"] for e in _events(received)] == list(range(1, 11))
+    await ws.close()
