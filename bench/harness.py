@@ -55,9 +55,9 @@ class Params:
     stalled_share: float = 0.02
     saturation_connections: int = 1_000
     saturation_steps: list[float] = field(
-        default_factory=lambda: [0.5, 1, 2, 4, 8, 16, 32, 64])
-    saturation_settle_s: float = 1.5
-    saturation_measure_s: float = 3.0
+        default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    saturation_settle_s: float = 1.0
+    saturation_measure_s: float = 2.5
     p99_limit_ms: float = 50.0
     profile: bool = False
     profile_s: float = 8.0
@@ -97,7 +97,7 @@ class Params:
                     + self.spike_s + 2)
         if scenarios[0] == "saturation":
             step = self.saturation_settle_s + self.saturation_measure_s
-            return 2.5 + self.saturation_connections / 1200 + self.warmup_s + 5 * step
+            return 2.5 + self.saturation_connections / 1200 + self.warmup_s + 5 * step + 10
         if scenarios[0] == "connect":
             counts = [c for c in self.connect_counts if fd_limit is None or c <= fd_limit]
             return 6.0 + max(counts, default=0) / 1000
