@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import hiredis
 import redis.asyncio as aioredis
-from redis.asyncio.connection import parse_url
+from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.exceptions import NoScriptError
 
 from feed.keys import history_key, latest_key, meta_key
@@ -136,7 +136,10 @@ class RedisBroker:
         self._on_resubscribed = on_resubscribed
         self._reconnect_delay = reconnect_delay
         self._conn_kwargs = parse_url(url)
-        self.commands = aioredis.Redis.from_url(url, socket_timeout=5.0)
+        # A full pool makes a command wait for a connection instead of failing
+        # ("Too many connections") in a burst of replays or snapshot reads.
+        self.commands = aioredis.Redis(connection_pool=BlockingConnectionPool.from_url(
+            url, max_connections=64, timeout=5.0, socket_timeout=5.0))
         self._load_state = self.commands.register_script(LOAD_STATE_LUA)
         self._read_since = self.commands.register_script(READ_SINCE_LUA)
         self._loads: dict[str, list[asyncio.Future[TopicState]]] = {}
@@ -187,6 +190,7 @@ class RedisBroker:
                     fut.set_exception(ConnectionError("broker closed"))
         with contextlib.suppress(Exception):
             await self.commands.aclose()
+            await self.commands.connection_pool.disconnect()
 
     # -- subscriptions ----------------------------------------------------
 

@@ -175,6 +175,14 @@ class Hub:
             raise
         return channel
 
+    def take_open_channel(self, topic: str) -> TopicChannel | None:
+        """`open_channel` without awaiting, for a channel already open and loaded."""
+        channel = self.channels.get(topic)
+        if channel is None or not channel.ready.done() or channel.ready.exception():
+            return None
+        channel.joining += 1
+        return channel
+
     def abandon(self, channel: TopicChannel) -> None:
         """Give back a channel `open_channel` returned, without joining it."""
         channel.joining -= 1

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import secrets
 import socket
@@ -231,18 +232,30 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _heartbeat(self, tick_s: float = 1.0) -> None:
-        """WebSocket pings every `heartbeat_ms`, spread over ticks; no pong in time: close.
+    async def _heartbeat(self, tick_s: float = 0.1) -> None:
+        """WebSocket pings every `heartbeat_ms`; no pong within the next interval: close.
 
         One task for the worker instead of websockets' keepalive task per
-        connection (a task and its coroutine are about 1.5 KB a player). It
-        also closes connections whose token expired (4401), to the second.
+        connection (a task and its coroutine are about 1.5 KB a player). Each
+        tick looks at a slice of the players, so a whole pass takes about a
+        second and no tick holds the loop for long. It also closes
+        connections whose token expired (4401).
         """
         interval = self.settings.heartbeat_ms / 1000
+        pass_s = min(1.0, interval)
+        queue: list[tuple[Session, PlayerConnection]] = []
+        per_tick = 1
         while True:
-            await asyncio.sleep(min(tick_s, interval))
+            await asyncio.sleep(tick_s)
+            if not queue:
+                queue = list(self.connections.items())
+                queue.reverse()  # pop() from the end walks it in order
+                per_tick = max(1, math.ceil(len(queue) * tick_s / pass_s))
             now, wall = time.monotonic(), time.time()
-            for session, conn in list(self.connections.items()):
+            for _ in range(min(len(queue), per_tick)):
+                session, conn = queue.pop()
+                if not session.open:
+                    continue
                 try:
                     if session.expires_at is not None and wall >= session.expires_at:
                         session.expires_at = None
@@ -556,8 +569,18 @@ class Worker:
             except (ConnectionError, TimeoutError):
                 return None
 
-        results = await asyncio.gather(*(open_one(t) for t in topics))
-        return dict(zip(topics, results, strict=True))
+        opened: dict[str, TopicChannel | None] = {}
+        cold = []
+        for topic in topics:  # open channels need no task, no timeout, no await
+            channel = self.hub.take_open_channel(topic)
+            if channel is None:
+                cold.append(topic)
+            else:
+                opened[topic] = channel
+        if cold:
+            results = await asyncio.gather(*(open_one(t) for t in cold))
+            opened.update(zip(cold, results, strict=True))
+        return {topic: opened[topic] for topic in topics}
 
     def _abandon(self, opened: dict[str, TopicChannel | None]) -> None:
         for channel in opened.values():
