@@ -205,8 +205,13 @@ class Hub:
         channel.ready.set_result(None)
         self._drop_if_unused(channel)  # every joiner may have timed out meanwhile
 
-    def _install(self, channel: TopicChannel, epoch: str, seq: int, markets: list[bytes]) -> None:
-        """A fresh snapshot becomes the channel's state; kept live events follow it."""
+    def _install(self, channel: TopicChannel, epoch: str, seq: int, markets: list[bytes],
+                 reset_reason: str | None = None) -> None:
+        """A fresh snapshot becomes the channel's state; kept live events follow it.
+
+        With `reset_reason` (a resync), every follower is told `reset` and gets
+        the new snapshot before those events.
+        """
         parsed: list[tuple[str, bytes]] = []
         for event in markets:
             try:
@@ -216,10 +221,14 @@ class Hub:
         channel.cursor.begin_sync()
         result = channel.cursor.complete_sync(epoch, seq, [])
         channel.load(parsed)
+        if reset_reason is not None:
+            self.fanout.flush_channel(channel)
+            for session in list(channel.subscribers):
+                self._reset_session(session, channel, reset_reason)
         self._deliver_merged(channel, result.deliver)
         if result.gap or result.epoch_changed:
             channel.cursor.begin_sync()
-            self._start_repair(channel)
+            self._start_repair(channel)  # inside a repair already: its loop goes on
 
     def join(self, session: Session, channel: TopicChannel, resume: ResumePoint | None) -> None:
         """Attach a player to a ready channel and send its snapshot or replay."""
@@ -448,20 +457,7 @@ class Hub:
             await asyncio.sleep(0.5)
             return
         self.counters.channel_resets += 1
-        kept = channel.cursor.kept
-        channel.cursor = SeqCursor(syncing=True)
-        channel.cursor.kept = kept
-        parsed = []
-        for event in state.markets:
-            parsed.append((_parse(event)[2], event))
-        result = channel.cursor.complete_sync(state.epoch, state.seq, [])
-        channel.load(parsed)
-        self.fanout.flush_channel(channel)
-        for session in list(channel.subscribers):
-            self._reset_session(session, channel, reason)
-        self._deliver_merged(channel, result.deliver)
-        if result.gap or result.epoch_changed:
-            channel.cursor.begin_sync()
+        self._install(channel, state.epoch, state.seq, state.markets, reset_reason=reason)
 
     def _deliver_merged(self, channel: TopicChannel, items: list[Item]) -> None:
         """Fan out merged items; the cursor already stands at the last of them."""
