@@ -150,10 +150,11 @@ class Oddsgate(System):
     description = "oddsgate workers (python -m supervisor.cli worker), uvloop"
 
     def __init__(self, workdir: Path, avail: Availability, workers: int = 1,
-                 tree: Path = ROOT) -> None:
+                 tree: Path = ROOT, env: dict[str, str] | None = None) -> None:
         super().__init__(workdir, avail)
         self.count = workers
         self.tree = tree  # the checkout whose gateway/ the workers run
+        self.env = dict(env or {})  # OG_* settings of a variant (an A/B run), over the bench's
 
     def workers(self) -> int:
         return self.count
@@ -173,6 +174,7 @@ class Oddsgate(System):
                 "OG_NODE": "bench",
                 "PYTHONUNBUFFERED": "1",
                 "PYTHONPATH": str(self.tree),
+                **self.env,
             }
             proc = self.server.start([sys.executable, "-m", "supervisor.cli", "worker"],
                                      self.workdir / f"oddsgate-worker-{index}.log", env,
