@@ -152,6 +152,24 @@ class Settings(EnvSettings):
         "most events in one frame (a `batch`); 1 sends every event in its own frame",
         minimum=1,
     )
+    gc_managed: bool = setting(
+        "OG_GC_MANAGED", True,
+        "the worker runs CPython's full garbage collections itself (gateway/gcpolicy.py) "
+        "instead of stalling whenever the heap grows by a quarter",
+    )
+    gc_full_closed_share: float = setting(
+        "OG_GC_FULL_CLOSED_SHARE", 0.25,
+        "a full collection once this share of the open players have closed since the last",
+        minimum=0.0,
+    )
+    gc_full_min_closed: int = setting(
+        "OG_GC_FULL_MIN_CLOSED", 1000,
+        "and at least this many players", minimum=1,
+    )
+    gc_full_interval_s: float = setting(
+        "OG_GC_FULL_INTERVAL_S", 900.0,
+        "a full collection at least this often, whatever closed", minimum=1.0,
+    )
     reuse_port: bool = setting(
         "OG_REUSE_PORT", False,
         "share the port with a successor process (set by the supervisor for reloads)",

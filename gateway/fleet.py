@@ -133,6 +133,8 @@ class WorkerField(IntEnum):
     LATENCY_COUNT = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 1
     BREAKER_OPEN = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 2  # 0/1: shedding new subscriptions
     BREAKER_TRIPS = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 3
+    GC_FULL_COLLECTIONS = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 4
+    GC_FULL_PAUSE_NS = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 5  # their total pause
     # up to WORKER_WORDS - 1 spare
 
 
@@ -210,6 +212,8 @@ class SlotView:
     latency_count: int
     breaker_open: int
     breaker_trips: int
+    gc_full_collections: int
+    gc_full_pause_ns: int
     drain: bool
     drain_window_ms: int
     drain_seq: int

@@ -74,6 +74,8 @@ class FleetReporter:
             F.PUBSUB_LAG_NS: worker.hub.pubsub_lag_ns,
             F.BREAKER_OPEN: int(worker.breaker.open),
             F.BREAKER_TRIPS: worker.breaker.trips,
+            F.GC_FULL_COLLECTIONS: worker.gc.collections,
+            F.GC_FULL_PAUSE_NS: worker.gc.pause_ns_total,
         })
         self.writer.set_state(self.state())
 

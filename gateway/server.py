@@ -38,6 +38,7 @@ from gateway.config import Settings
 from gateway.counters import WorkerCounters
 from gateway.errors import CloseCode, ErrorCode, ProtocolError, close_for_exception
 from gateway.fanout import Fanout
+from gateway.gcpolicy import GcPolicy
 from gateway.http import error_response, json_response, response
 from gateway.hub import Hub
 from gateway.session import Session
@@ -153,6 +154,10 @@ class Worker:
         self.static_site = StaticSite.load()  # the player shell: `/` and `/static/`
         self.connections: dict[Session, ServerConnection] = {}
         self.breaker = Breaker(settings.breaker_trip_share, settings.breaker_recover_share)
+        # Installed by the process entry (gateway/worker.py): it owns process-wide state.
+        self.gc = GcPolicy(closed_share=settings.gc_full_closed_share,
+                           min_closed=settings.gc_full_min_closed,
+                           interval_s=settings.gc_full_interval_s)
         # The node's share of players in back-pressure: this worker's own unless a
         # fleet table is attached (gateway/reporter.py sets the node's).
         self.backpressure_share: Callable[[], float] = self._local_backpressure_share
@@ -502,6 +507,7 @@ class Worker:
             session.open = False
             self.hub.leave_all(session)
             self.connections.pop(session, None)
+            self.gc.connection_closed()
 
     async def _dispatch(self, session: Session, message: str | bytes, now: float) -> None:
         try:

@@ -25,7 +25,10 @@ async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) ->
         loop.add_signal_handler(sig, stop.set)
     worker = Worker(settings)
     table = FleetTable.attach(settings.fleet) if settings.fleet else None
-    reporter = reporter_task = None
+    reporter = reporter_task = gc_task = None
+    if settings.gc_managed:
+        worker.gc.install()
+        gc_task = asyncio.create_task(worker.gc.run(lambda: len(worker.connections)))
     try:
         if table is not None:
             reporter = FleetReporter(worker, table.worker_writer(settings.fleet_slot),
@@ -45,10 +48,12 @@ async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) ->
         await worker.stop()
         return 0
     finally:
-        if reporter_task is not None:
-            reporter_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await reporter_task
+        for task in (reporter_task, gc_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        worker.gc.uninstall()
         if reporter is not None:
             reporter.publish()  # the last word: STOPPING, final counters
         if table is not None:

@@ -81,6 +81,8 @@ _SLOT_SERIES: tuple[tuple[str, str, str, str], ...] = (
      "Reconnections of the Redis pub/sub connection."),
     ("gauge", "oddsgate_redis_connected", "redis_connected",
      "1 while the worker's Redis pub/sub connection is up."),
+    ("counter", "oddsgate_gc_full_collections_total", "gc_full_collections",
+     "Full garbage collections the worker ran (gateway/gcpolicy.py)."),
 )
 
 
@@ -164,8 +166,12 @@ class FleetCollector(Collector):
         age = GaugeMetricFamily("oddsgate_worker_heartbeat_age_seconds",
                                 "Seconds since the worker last published its counters.",
                                 labels=["worker", "slot"])
+        gc_pause = CounterMetricFamily("oddsgate_gc_full_pause_seconds_total",
+                                       "Time the worker stood still in full garbage collections.",
+                                       labels=["worker", "slot"])
         now_ns = time.time_ns()
         for view in live:
+            gc_pause.add_metric(labels[view.index], view.gc_full_pause_ns / 1e9)
             resumes.add_metric([*labels[view.index], "replayed"], view.resumes_replayed)
             resumes.add_metric([*labels[view.index], "reset"], view.resumes_reset)
             lag.add_metric(labels[view.index], view.pubsub_lag_ns / 1e9)
@@ -177,7 +183,7 @@ class FleetCollector(Collector):
             for candidate in WorkerState:
                 state.add_metric([*labels[view.index], candidate.name.lower()],
                                  1 if candidate is view.state else 0)
-        yield from (resumes, lag, age, state)
+        yield from (resumes, lag, age, state, gc_pause)
 
     def _latency(self, views: list[SlotView]) -> Metric:
         counts = [0] * len(LATENCY_BOUNDS_S)

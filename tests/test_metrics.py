@@ -41,6 +41,8 @@ def _fill(table: FleetTable) -> None:
             WorkerField.RESUMES_RESET: 2,
             WorkerField.REDIS_CONNECTED: 1,
             WorkerField.PUBSUB_LAG_NS: 1_500_000,
+            WorkerField.GC_FULL_COLLECTIONS: 3,
+            WorkerField.GC_FULL_PAUSE_NS: 250_000_000,
         })
         for ns in (100_000, 500_000, 700_000, 30_000_000, 2 * 10**9):
             worker.observe_latency_ns(ns)
@@ -110,6 +112,8 @@ def test_names_types_and_labels(registry):
         "oddsgate_breaker_open": "gauge",
         "oddsgate_breaker_trips": "counter",
         "oddsgate_workers_configured": "gauge",
+        "oddsgate_gc_full_collections": "counter",
+        "oddsgate_gc_full_pause_seconds": "counter",
     }
     assert {name: f.type for name, f in families.items()} == expected
     for family in families.values():
@@ -129,6 +133,8 @@ def test_values(registry):
     assert resumes[(("kind", "reset"), *_slot(2))] == 2
     assert resumes[(("kind", "replayed"), *_slot(0))] == 7
     assert set(_samples(families["oddsgate_pubsub_lag_seconds"]).values()) == {0.0015}
+    assert _samples(families["oddsgate_gc_full_collections"]) == {_slot(0): 3, _slot(2): 3}
+    assert set(_samples(families["oddsgate_gc_full_pause_seconds"]).values()) == {0.25}
     ages = _samples(families["oddsgate_worker_heartbeat_age_seconds"])
     assert set(ages) == live and all(0 <= age < 60 for age in ages.values())
 
