@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import resource
 import signal
@@ -417,12 +418,27 @@ class Supervisor:
             return [self.workers[which]]
         raise ValueError(f"worker must be 0..{self.n - 1} or \"all\", not {which!r}")
 
+    def drain_window_ms(self, players: int) -> int:
+        """The spread of a drained worker's reconnect hints.
+
+        At least OG_DRAIN_WINDOW_MS, and long enough that its players come back
+        no faster than OG_DRAIN_RECONNECTS_PER_S: 5,000 players told to return
+        within 500 ms arrive at 10,000 a second, faster than the other workers
+        resume them, and each one then waits in their queues well past its hint.
+        """
+        window = self.settings.drain_window_ms
+        rate = self.settings.drain_reconnects_per_s
+        if rate > 0:
+            window = max(window, math.ceil(1000 * players / rate))
+        return window
+
     def _request_drain(self, worker: WorkerHandle, *, retire: bool = False,
                        settle_ms: int | None = None) -> None:
         for inc in [worker.current] if worker.current else []:
             writer = self.table.supervisor_writer(inc.slot)
+            view = self._view(inc)
             writer.request_drain(
-                self.settings.drain_window_ms,
+                self.drain_window_ms(view.connections if view is not None else 0),
                 self.settings.drain_settle_ms if settle_ms is None else settle_ms,
                 retire=retire,
             )
@@ -489,8 +505,10 @@ class Supervisor:
                     old.retiring = True
                     worker.retired.append(old)
                     # The successor already listens on the same port: no settle.
+                    view = self._view(old)
                     self.table.supervisor_writer(old.slot).request_drain(
-                        self.settings.drain_window_ms, 0, retire=True)
+                        self.drain_window_ms(view.connections if view is not None else 0), 0,
+                        retire=True)
                     deadline = time.monotonic() + timeout
                     while time.monotonic() < deadline and self._view(old) is not None \
                             and self._view(old).connections > 0:

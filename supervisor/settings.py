@@ -34,6 +34,12 @@ class NodeSettings(EnvSettings):
         "OG_DRAIN_WINDOW_MS", 500, "drained players get reconnect.after_ms spread over this",
         minimum=0,
     )
+    drain_reconnects_per_s: int = setting(
+        "OG_DRAIN_RECONNECTS_PER_S", 1000,
+        "the window is stretched so that a drained worker's players return at most this "
+        "many a second (what the other workers resume without falling behind); 0: never",
+        minimum=0,
+    )
     drain_settle_ms: int = setting(
         "OG_DRAIN_SETTLE_MS", 600,
         "time between a drain's start and the reconnect hints (HAProxy sees the drain first)",
