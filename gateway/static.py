@@ -12,12 +12,18 @@ change to the script changes its URL. The HTML is `no-cache`: revalidated on
 every visit (a 304 when its ETag still matches), so a deploy reaches players on
 their next load. Unknown names are 404, never a fallback to another version.
 
+The page's Content-Security-Policy allows scripts of its own origin, plus the
+inline scripts of index.html (the bootstrap that opens the WebSocket while the
+script loads) by their sha256, taken from the HTML as served: an edit to the
+bootstrap changes its hash with it, never silently breaks the page.
+
 A worker answers plain HTTP inside the WebSocket handshake, one request per
 connection (`Connection: close`), GET only; that suits a page of two files.
 """
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import gzip
 import hashlib
@@ -61,12 +67,17 @@ COMPRESSIBLE = frozenset({".html", ".js", ".mjs", ".css", ".svg", ".json"})
 
 # The page talks to its own origin only (the WebSocket included: 'self' covers
 # ws:/wss: of the same host). No frame-ancestors: operators embed it in iframes.
-HTML_SECURITY_HEADERS = (
-    ("Content-Security-Policy",
-     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-     "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"),
-    ("Referrer-Policy", "no-referrer"),  # the page URL may carry ?token=
+# Scripts: its own origin, and the inline scripts of index.html (the bootstrap that
+# opens the WebSocket early) by the hashes of what is served, computed at load time.
+CSP_TEMPLATE = (
+    "default-src 'none'; script-src 'self'{inline}; style-src 'self' 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
 )
+REFERRER_POLICY = ("Referrer-Policy", "no-referrer")  # the page URL may carry ?token=
+
+# An inline script of index.html: a <script> without src, and its text.
+_INLINE_SCRIPT = re.compile(r"<script\b(?![^>]*\bsrc=)[^>]*>(.*?)</script>",
+                            re.DOTALL | re.IGNORECASE)
 
 # A reference to an asset in index.html: /static/<source name>.
 _STATIC_REF = re.compile(r"/static/([A-Za-z0-9_][A-Za-z0-9_.\-]*)")
@@ -81,6 +92,20 @@ def hashed_name(name: str, body: bytes) -> str:
     """`app.js` -> `app.<hash>.js`: the name changes whenever the content does."""
     stem, dot, ext = name.partition(".")
     return f"{stem}.{content_hash(body)}{dot}{ext}"
+
+
+def script_hash(source: str) -> str:
+    """The CSP source expression allowing one inline script: `'sha256-<base64>'` of its
+    text as the browser hashes it (UTF-8, after the HTML parser's newline normalisation)."""
+    text = source.replace("\r\n", "\n").replace("\r", "\n")
+    digest = base64.b64encode(hashlib.sha256(text.encode()).digest()).decode()
+    return f"'sha256-{digest}'"
+
+
+def security_headers(html: str) -> tuple[tuple[str, str], ...]:
+    """The page's CSP and Referrer-Policy, allowing exactly the inline scripts of `html`."""
+    inline = "".join(f" {script_hash(m.group(1))}" for m in _INLINE_SCRIPT.finditer(html))
+    return (("Content-Security-Policy", CSP_TEMPLATE.format(inline=inline)), REFERRER_POLICY)
 
 
 def accepts_gzip(values: Iterable[str]) -> bool:
@@ -214,7 +239,7 @@ class StaticSite:
 
         html = _STATIC_REF.sub(rewrite, (directory / INDEX).read_text(encoding="utf-8"))
         index = Asset.build("/", html.encode(), ".html", HTML_CACHE_CONTROL,
-                            HTML_SECURITY_HEADERS)
+                            security_headers(html))
         return cls(index, assets, urls)
 
     def respond(self, path: str, headers: Headers) -> Response:

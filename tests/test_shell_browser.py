@@ -13,23 +13,30 @@ bootstrap installs it, so a missing browser is a failure.
 
 from __future__ import annotations
 
+import asyncio
+import http.server
 import os
 import random
 import re
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
 import redis.asyncio as aioredis
+from websockets.datastructures import Headers
 
 from feed.events import PriceUpdate
 from feed.keys import history_key, latest_key, meta_key
 from feed.publisher import Publisher
 from gateway.client import BACKOFF_BASE_S, BACKOFF_CAP_S
 from gateway.rules import RuleChecker
+from gateway.static import StaticSite
 from gateway.topics import PartitionMap
+from supervisor.embedded_redis import free_port
 from tests.conftest import ROOT, token
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -211,6 +218,9 @@ async def test_page_shows_the_snapshot_then_a_live_price(worker, publisher, redi
     script_responses: list[dict[str, str]] = []
     page.on("response", lambda r: script_responses.append(r.headers)
             if "/static/" in r.url else None)
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    sent = sent_frames(page)
     topics = [MARKET_TOPIC, LEAGUE_TOPIC]
     await open_shell(page, worker, topics)
 
@@ -237,6 +247,13 @@ async def test_page_shows_the_snapshot_then_a_live_price(worker, publisher, redi
     og = await page.evaluate("window.oddsgate")
     assert og["violations"] == 0, og["violationList"]
     assert (og["status"], og["resumes"], og["resets"]) == ("connected", 0, 0)
+    # index.html's bootstrap opened the one socket, before the module even started.
+    assert og["earlySocket"] == "adopted"
+    assert len(sockets) == 1 and sockets[0].startswith(f"{worker.url}?token=ey"), sockets
+    assert og["timings"]["ws-created"] < og["timings"]["script"]
+    # One subscribe, whether the bootstrap sent it (welcome first) or the client did.
+    assert sent == [[{"op": "subscribe", "id": 1,
+                      "topics": {MARKET_TOPIC: None, LEAGUE_TOPIC: None}}]], sent
     assert og["latencyMs"] is not None
     assert re.fullmatch(r"latency \d+ ms", await page.inner_text("#latency"))
     assert script_responses and script_responses[0]["cache-control"] == \
@@ -259,6 +276,8 @@ async def test_cookie_token_default_topics_and_cached_script(worker, browser, pm
     await browser.add_cookies([{"name": "og_session", "value": token(), "url": worker.http}])
     page = await browser.new_page()
     errors = PageErrors(page)
+    requests: list[str] = []
+    page.on("request", lambda r: requests.append(urlsplit(r.url).path))
     await open_shell(page, worker, None, with_token=False)
     expected = list(dict.fromkeys([
         *sorted(pmap.high_value),
@@ -269,6 +288,9 @@ async def test_cookie_token_default_topics_and_cached_script(worker, browser, pm
     await wait_js(page, """(topics) => topics.every(
         (t) => window.oddsgate.topics[t] && window.oddsgate.topics[t].hasBase)""", expected)
     assert await page.evaluate("window.oddsgate.violations") == 0
+    # The bootstrap's socket (no token: the cookie) and its one GET /v1/topics are used.
+    assert await page.evaluate("window.oddsgate.earlySocket") == "adopted"
+    assert requests.count("/v1/topics") == 1, requests
 
     # Again: the HTML is revalidated, the immutable script comes from the cache.
     await page.goto(page.url)
@@ -277,6 +299,133 @@ async def test_cookie_token_default_topics_and_cached_script(worker, browser, pm
         .filter((e) => e.name.includes('/static/app.')).map((e) => e.transferSize)""")
     assert transfer == [0]
     assert errors.uncaught == [] and errors.console == []
+
+
+async def hold_script(page: Page, http: str) -> asyncio.Future:
+    """Hold app.js back until the returned future is done: what the bootstrap does before
+    the module runs is then what a slow network shows."""
+    release = asyncio.get_running_loop().create_future()
+
+    async def handle(route) -> None:
+        await release
+        await route.continue_()
+
+    await page.route(lambda url: url.startswith(http + "/static/"), handle)
+    return release
+
+
+class NoWorkerYet(http.server.ThreadingHTTPServer):
+    """What a player meets while no worker is up behind HAProxy: the page (as a worker
+    serves it), and 503 for the WebSocket handshake."""
+
+    daemon_threads = True
+
+    def __init__(self, port: int) -> None:
+        site = StaticSite.load()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = urlsplit(self.path).path
+                if path == "/ws":
+                    self.send_error(503)
+                    return
+                resp = site.respond(path, Headers())
+                self.send_response(resp.status_code)
+                for name, value in resp.headers.raw_items():
+                    if name.lower() not in ("date", "connection"):
+                        self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(resp.body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", port), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def sent_frames(page: Page) -> list[list[dict]]:
+    """What the page sends, pings aside, per WebSocket it opens, as they go."""
+    sent: list[list[dict]] = []
+
+    def on_socket(ws) -> None:
+        frames: list[dict] = []
+        sent.append(frames)
+
+        def on_sent(payload: str | bytes) -> None:
+            frame = orjson.loads(payload)
+            if frame.get("op") != "ping":
+                frames.append(frame)
+
+        ws.on("framesent", on_sent)
+
+    page.on("websocket", on_socket)
+    return sent
+
+
+async def test_frames_before_the_script_are_replayed(worker, publisher, redis_url,
+                                                     browser) -> None:
+    """The bootstrap's socket gets its welcome, subscribes and gets the snapshots, all
+    before app.js has arrived: the client adopts the socket, takes the request over and
+    plays what was buffered, in order; it does not subscribe again."""
+    topics = [MARKET_TOPIC, LEAGUE_TOPIC, MARKET_TOPIC]  # a repeat is asked for once
+    await churn(publisher, topics, 30, random.Random(7))
+    page = await browser.new_page()
+    errors = PageErrors(page)
+    sent = sent_frames(page)
+    release = await hold_script(page, worker.http)
+    await page.goto(f"{worker.http}/?token={token()}&topics={','.join(topics)}",
+                    wait_until="commit")
+    await wait_js(page, """() => !!window.__ogEarly && window.__ogEarly.frames
+        .filter((f) => JSON.parse(f).type === "snapshot").length === 2""")
+    buffered = await page.evaluate("window.__ogEarly.frames.map((f) => JSON.parse(f).type)")
+    assert buffered[:2] == ["welcome", "subscribed"], buffered
+    release.set_result(None)
+    await wait_caught_up(page, redis_url, topics)
+    await assert_shows_newest(page, redis_url, topics)
+    og = await page.evaluate("window.oddsgate")
+    assert (og["earlySocket"], og["status"], og["violations"]) == ("adopted", "connected", 0)
+    assert og["stats"]["connections"] == 1 and og["stats"]["snapshots"] == 2
+    assert og["wanted"] == [MARKET_TOPIC, LEAGUE_TOPIC]
+    assert og["timings"]["snapshot"] >= og["timings"]["script"]
+    assert await page.evaluate("window.oddsgate.client.pending.size") == 0  # answered
+    assert sent == [[{"op": "subscribe", "id": 1,
+                      "topics": {MARKET_TOPIC: None, LEAGUE_TOPIC: None}}]]
+    assert await page.evaluate("window.__ogEarly") is None  # taken over, not kept
+    assert errors.uncaught == [] and errors.console == []
+
+
+async def test_early_socket_unreachable_then_the_client_connects(worker_factory, publisher,
+                                                                 redis_url, browser) -> None:
+    """No worker listens when the bootstrap opens its socket: it has failed by the time
+    app.js runs, and the client goes on as after any failed attempt: it reconnects."""
+    topics = [MARKET_TOPIC]
+    await churn(publisher, topics, 10, random.Random(8))
+    port = free_port()
+    origin = f"http://127.0.0.1:{port}"
+    page = await browser.new_page()
+    errors = PageErrors(page)
+    sockets: list[str] = []
+    page.on("websocket", lambda ws: sockets.append(ws.url))
+    release = await hold_script(page, origin)
+    placeholder = NoWorkerYet(port)
+    try:
+        await page.goto(f"{origin}/?token={token()}&topics={MARKET_TOPIC}", wait_until="commit")
+        await wait_js(page, "() => !!window.__ogEarly && window.__ogEarly.closed !== null")
+    finally:
+        placeholder.shutdown()
+        placeholder.server_close()
+    worker_factory(OG_PORT=str(port))  # then app.js comes from it
+    release.set_result(None)
+    await wait_caught_up(page, redis_url, topics)
+    await assert_shows_newest(page, redis_url, topics)
+    og = await page.evaluate("window.oddsgate")
+    assert (og["earlySocket"], og["status"], og["violations"]) == ("closed", "connected", 0)
+    assert og["stats"]["connections"] == 1
+    states = [(s["state"], s["detail"]) for s in og["statusLog"]]
+    assert states[:2] == [("connecting", ""), ("reconnecting", "unreachable")], states
+    assert len(sockets) == 2 and sockets[0] == sockets[1], sockets
+    assert errors.uncaught == []  # the console has the failed socket's error
 
 
 @pytest.mark.parametrize("how", ["stop", "kill"])

@@ -8,9 +8,12 @@ players get.
 
 from __future__ import annotations
 
+import base64
 import gzip
+import hashlib
 import re
 import shutil
+from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -48,6 +51,39 @@ def _get(site: StaticSite, path: str, **headers: str):
     return site.respond(path, Headers([(k.replace("_", "-"), v) for k, v in headers.items()]))
 
 
+class _InlineScripts(HTMLParser):
+    """The text of every <script> without src, as a browser's parser sees it."""
+
+    def __init__(self, html: str) -> None:
+        super().__init__()
+        self.scripts: list[str] = []
+        self._inside = False
+        self.feed(html)
+        self.close()
+
+    def handle_starttag(self, tag, attrs) -> None:
+        if tag == "script" and "src" not in dict(attrs):
+            self._inside = True
+            self.scripts.append("")
+
+    def handle_endtag(self, tag) -> None:
+        if tag == "script":
+            self._inside = False
+
+    def handle_data(self, data) -> None:
+        if self._inside:
+            self.scripts[-1] += data
+
+
+def _script_src(csp: str) -> list[str]:
+    directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+    return directives["script-src"].split()
+
+
+def _sha256(script: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(script.encode()).digest()).decode() + "'"
+
+
 # -- names --------------------------------------------------------------------
 
 
@@ -81,6 +117,44 @@ def test_html_referring_to_a_missing_asset_stops_the_load(tmp_path) -> None:
     (shell / "index.html").write_text('<script src="/static/nope.js"></script>')
     with pytest.raises(ValueError, match=r"nope\.js"):
         StaticSite.load(shell)
+
+
+# -- the inline bootstrap and the CSP ------------------------------------------------
+
+
+def test_csp_allows_exactly_the_inline_bootstrap_by_its_hash(site) -> None:
+    scripts = _InlineScripts(site.index.body.decode()).scripts
+    assert len(scripts) == 1  # the bootstrap that opens the WebSocket early
+    assert "new WebSocket(" in scripts[0] and "__ogEarly" in scripts[0]
+    csp = _get(site, "/").headers["Content-Security-Policy"]
+    assert _script_src(csp) == ["'self'", _sha256(scripts[0])]
+    assert "unsafe-inline" not in " ".join(_script_src(csp))
+    assert "unsafe-eval" not in csp
+
+
+def test_a_change_to_the_bootstrap_changes_its_hash_in_the_csp(site, tmp_path) -> None:
+    shell = _copy_shell(tmp_path)
+    index = shell / "index.html"
+    index.write_text(index.read_text().replace("(() => {", "(() => { // changed", 1))
+    changed = StaticSite.load(shell)
+    [script] = _InlineScripts(changed.index.body.decode()).scripts
+    assert "// changed" in script
+    old = _get(site, "/").headers["Content-Security-Policy"]
+    new = _get(changed, "/").headers["Content-Security-Policy"]
+    assert _script_src(new) == ["'self'", _sha256(script)]
+    assert _script_src(new) != _script_src(old)
+
+
+def test_no_inline_script_no_hash_and_crlf_hashed_as_the_browser_does(tmp_path) -> None:
+    shell = _copy_shell(tmp_path)
+    index = shell / "index.html"
+    index.write_text('<script type="module" src="/static/app.js"></script>')
+    csp = _get(StaticSite.load(shell), "/").headers["Content-Security-Policy"]
+    assert _script_src(csp) == ["'self'"]
+    # The HTML parser turns CRLF into LF before the browser hashes a script.
+    index.write_bytes(b"<script>\r\nlet a = 1;\r\n</script>")
+    csp = _get(StaticSite.load(shell), "/").headers["Content-Security-Policy"]
+    assert _script_src(csp) == ["'self'", _sha256("\nlet a = 1;\n")]
 
 
 # -- responses ------------------------------------------------------------------
@@ -175,6 +249,8 @@ def test_worker_serves_the_shell_within_budget(worker) -> None:
     assert headers["Content-Encoding"] == "gzip"
     assert len(packed) <= HTML_MAX_GZIP_BYTES
     assert gzip.decompress(packed) == html
+    [bootstrap] = _InlineScripts(html.decode()).scripts
+    assert _script_src(headers["Content-Security-Policy"]) == ["'self'", _sha256(bootstrap)]
 
     match = HASHED_SCRIPT.search(html.decode())
     assert match, html[:500]

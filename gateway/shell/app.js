@@ -8,6 +8,9 @@
 // 3. Board: the DOM. Events mark markets dirty; one animation frame renders them,
 //    so a burst costs one DOM write per market, never one per event.
 // 4. Start-up: URL parameters (token, topics), window.oddsgate for tests and benches.
+//    index.html's inline bootstrap has already opened the WebSocket (and asked for
+//    /v1/topics when no topics are given) while this module was loading; OddsClient
+//    adopts that socket as its first connection.
 
 // -- 1. rules ------------------------------------------------------------------
 
@@ -273,9 +276,12 @@ export function backoffDelay(attempt, random = Math.random) {
 // One player connection, resumed across disconnects. `onChange(kind, detail)` is
 // told of everything the page shows: "status", "snapshot" (topic), "event" (the
 // event, only when it became its market's state), "reset" (topic), "refused".
+// `early` is index.html's window.__ogEarly ({ws, frames, closed, sent}): a socket opened
+// before this module ran, which the first open() adopts instead of opening one, and the
+// subscribe request the page sent on it on welcome, if any.
 export class OddsClient {
   constructor(url, topics, { onChange = () => {}, WebSocketImpl = WebSocket,
-    now = Date.now, random = Math.random } = {}) {
+    now = Date.now, random = Math.random, early = null } = {}) {
     this.url = url;
     this.wanted = [...new Set(topics)]; // topics to follow, in display order
     this.onChange = onChange;
@@ -306,6 +312,9 @@ export class OddsClient {
     this.timers = new Set();
     this.watchdog = null;
     this.stopped = false;
+    this.early = early?.ws ? early : null;
+    this.earlySent = null; // the early subscribe request, while its frames are replayed
+    this.earlySocket = this.early ? "pending" : "none"; // then "adopted", or "closed" before
   }
 
   setStatus(state, detail = "") {
@@ -343,9 +352,11 @@ export class OddsClient {
     this.reconnectAt = null;
     if (this.stats.connections === 0) this.setStatus("connecting");
     else this.onChange("status", this.status); // "reconnecting…": an attempt in flight
-    let ws;
+    const early = this.early;
+    this.early = null; // the first connection only
+    let ws = early?.ws;
     try {
-      ws = new this.WebSocketImpl(this.url);
+      ws ??= new this.WebSocketImpl(this.url);
     } catch (err) {
       this.setStatus("closed", `bad URL: ${err}`);
       return;
@@ -356,11 +367,23 @@ export class OddsClient {
     const guard = this.later(() => {
       if (this.ws === ws && this.welcome === null) this.drop(ws, 1006, "no welcome in time");
     }, OPEN_TIMEOUT_MS);
-    ws.onmessage = (e) => this.onFrame(ws, e.data);
-    ws.onclose = (e) => {
+    const closed = (code, reason) => {
       clearTimeout(guard);
-      if (this.ws === ws) this.disconnected(e.code, e.reason);
+      if (this.ws === ws) this.disconnected(code, reason);
     };
+    ws.onmessage = (e) => this.onFrame(ws, e.data);
+    ws.onclose = (e) => closed(e.code, e.reason);
+    if (early) {
+      // Adopted: the frames it got before this module ran, in order, then its close if
+      // that came too (the close event fired already: it goes the usual way from here).
+      this.earlySocket = early.closed ? "closed" : "adopted";
+      this.earlySent = early.sent; // sent on the welcome among these frames, if at all
+      for (const data of early.frames.splice(0)) {
+        if (this.ws === ws) this.onFrame(ws, data);
+      }
+      this.earlySent = null;
+      if (early.closed) closed(early.closed.code, early.closed.reason);
+    }
   }
 
   // Give up on `ws` now (no welcome, no pong): stop listening to it and go on.
@@ -452,7 +475,17 @@ export class OddsClient {
     if (isInt(msg.heartbeat_ms) && msg.heartbeat_ms > 0) this.heartbeatMs = msg.heartbeat_ms;
     this.watchdog = setInterval(() => this.checkAlive(), Math.min(1000, this.heartbeatMs / 4));
     this.setStatus(resuming ? "resuming" : "connected");
-    this.subscribe(this.wanted, resuming);
+    const sent = this.earlySent;
+    if (sent) {
+      // The bootstrap asked for these snapshots on welcome: the request is ours now.
+      const topics = Object.keys(sent.topics);
+      for (const topic of topics) this.checker.expectSnapshot(topic);
+      this.ids = Math.max(this.ids, sent.id);
+      this.pending.set(sent.id, { op: "subscribe", topics, resume: false });
+      this.subscribe(this.wanted.filter((t) => !topics.includes(t)));
+    } else {
+      this.subscribe(this.wanted, resuming);
+    }
   }
 
   // Every wanted topic from what is held for it (§3): null asks for a snapshot.
@@ -698,6 +731,9 @@ export class Board {
     this.latencyMs = null;
     this.latencies = []; // the last 200 publish-to-screen latencies, ms
     this.firstRenderAt = null;
+    this.shown = new Set(); // topics whose snapshot has been on screen
+    this.allShown = false;
+    this.firstEventShown = false;
     this.labels = labels;
     this.connNode = document.getElementById("conn");
     this.connText = this.connNode.querySelector("span");
@@ -791,6 +827,15 @@ export class Board {
       this.firstRenderAt = performance.now();
       this.root.setAttribute("aria-busy", "false");
       performance.mark("oddsgate:first-render");
+    }
+    for (const topic of replaced) this.shown.add(topic);
+    if (!this.allShown && replaced.size && this.client.wanted.every((t) => this.shown.has(t))) {
+      this.allShown = true; // every wanted topic's odds on screen
+      performance.mark("oddsgate:all-snapshots");
+    }
+    if (!this.firstEventShown && newestTs !== null) {
+      this.firstEventShown = true; // a live price moved on screen
+      performance.mark("oddsgate:first-event");
     }
     this.showStats();
   }
@@ -898,6 +943,13 @@ function expose(client, board) {
     get latencyMs() { return board.latencyMs; },
     get latencies() { return board.latencies.slice(); },
     get welcome() { return client.welcome; },
+    get earlySocket() { return client.earlySocket; }, // index.html's socket: adopted?
+    // ms since navigation start (bench/scenarios/shell.py reports them): script,
+    // skeleton, ws-created, ws-open, welcome (the subscribe leaves in the same turn),
+    // snapshot (first received), first-render, all-snapshots (every wanted topic on
+    // screen), first-event (a live price applied on screen). index.html's bootstrap
+    // marks ws-created and ws-open of the socket it opens, and welcome when it sends
+    // the subscribe itself.
     get timings() {
       const marks = {};
       for (const m of performance.getEntriesByType("mark")) {
@@ -919,24 +971,35 @@ async function main() {
   const params = new URLSearchParams(location.search);
   const token = params.get("token"); // else the og_session cookie goes by itself
   const given = (params.get("topics") || "").split(",").map((t) => t.trim()).filter(Boolean);
-  const pmapReply = fetchTopics().catch(() => null);
+  const early = window.__ogEarly; // index.html's bootstrap, if it ran: adopted once
+  delete window.__ogEarly;
+  const pmapReply = (early?.pmap || fetchTopics()).catch(() => null);
   const topics = given.length ? given : defaultTopics((await pmapReply) || {});
   let labels = topicLabel(null);
   let board = null;
   const client = new OddsClient(socketUrl(token), topics, {
     onChange: (kind, detail) => {
-      if (kind === "status" && detail === "connected") performance.mark("oddsgate:welcome");
+      if (kind === "status" && detail === "connected"
+        && !performance.getEntriesByName("oddsgate:welcome").length) {
+        performance.mark("oddsgate:welcome"); // unless the bootstrap subscribed already
+      }
       if (kind === "snapshot" && client.stats.snapshots === 1) {
         performance.mark("oddsgate:snapshot");
       }
       board.onChange(kind, detail);
     },
+    early,
   });
   board = new Board(document.getElementById("board"), client, (t) => labels(t));
   board.layout(topics);
+  performance.mark("oddsgate:skeleton");
   expose(client, board);
   client.start();
-  performance.mark("oddsgate:ws-open");
+  if (client.earlySocket === "none") { // else the bootstrap marked its socket's
+    performance.mark("oddsgate:ws-created");
+    client.ws?.addEventListener("open", () => performance.mark("oddsgate:ws-open"),
+      { once: true });
+  }
   addEventListener("online", () => client.retryNow());
   const pmap = await pmapReply;
   if (pmap) {
