@@ -152,6 +152,11 @@ class Settings(EnvSettings):
         "most events in one frame (a `batch`); 1 sends every event in its own frame",
         minimum=1,
     )
+    listen_backlog: int = setting(
+        "OG_LISTEN_BACKLOG", 4096,
+        "connections the kernel queues for accept() (capped by net.core.somaxconn)",
+        minimum=1,
+    )
     gc_managed: bool = setting(
         "OG_GC_MANAGED", True,
         "the worker runs CPython's full garbage collections itself (gateway/gcpolicy.py) "

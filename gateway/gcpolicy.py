@@ -116,11 +116,14 @@ class GcPolicy:
                  reason, found, pause / 1e6)
         return found
 
-    async def run(self, open_connections: Callable[[], int]) -> None:
-        """Check every `check_s`; collect when due. Only while installed."""
+    async def run(self, open_connections: Callable[[], int],
+                  hold: Callable[[], bool] = lambda: False) -> None:
+        """Check every `check_s`; collect when due. Only while installed, and not while
+        `hold()` (a draining worker still sending its players away: a pause there
+        delays their hints, and the garbage is better collected once they left)."""
         while True:
             await asyncio.sleep(self.check_s)
-            if not self.installed:
+            if not self.installed or hold():
                 continue
             try:
                 reason = self.due(open_connections())

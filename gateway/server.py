@@ -196,6 +196,10 @@ class Worker:
             max_queue=4,
             server_header="oddsgate",
             reuse_port=s.reuse_port,
+            # A drain sends thousands of players back through HAProxy within
+            # seconds; asyncio's default backlog (100) overflowed on the bench,
+            # dropped SYNs, failed HAProxy's health checks and 503'd the herd.
+            backlog=s.listen_backlog,
             write_limit=(s.high_watermark_bytes, s.low_watermark_bytes),
             create_connection=self._connection_class,
         )

@@ -28,7 +28,9 @@ async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) ->
     reporter = reporter_task = gc_task = None
     if settings.gc_managed:
         worker.gc.install()
-        gc_task = asyncio.create_task(worker.gc.run(lambda: len(worker.connections)))
+        gc_task = asyncio.create_task(worker.gc.run(
+            lambda: len(worker.connections),
+            hold=lambda: worker.draining and bool(worker.connections)))
     try:
         if table is not None:
             reporter = FleetReporter(worker, table.worker_writer(settings.fleet_slot),

@@ -418,16 +418,20 @@ class Supervisor:
             return [self.workers[which]]
         raise ValueError(f"worker must be 0..{self.n - 1} or \"all\", not {which!r}")
 
-    def drain_window_ms(self, players: int) -> int:
+    def drain_window_ms(self, players: int, receivers: int | None = None) -> int:
         """The spread of a drained worker's reconnect hints.
 
         At least OG_DRAIN_WINDOW_MS, and long enough that its players come back
-        no faster than OG_DRAIN_RECONNECTS_PER_S: 5,000 players told to return
-        within 500 ms arrive at 10,000 a second, faster than the other workers
-        resume them, and each one then waits in their queues well past its hint.
+        no faster than OG_DRAIN_RECONNECTS_PER_WORKER_S times the workers that
+        take them in (`receivers`; by default those ready now). 5,000 players
+        told to return within 500 ms arrive at 10,000 a second; one 2-core
+        worker resumed ~470 a second on the bench, so most of them queued
+        seconds past their hint.
         """
+        if receivers is None:
+            receivers = sum(1 for w in self.workers if w.phase is Phase.READY)
         window = self.settings.drain_window_ms
-        rate = self.settings.drain_reconnects_per_s
+        rate = self.settings.drain_reconnects_per_worker_s * max(1, receivers)
         if rate > 0:
             window = max(window, math.ceil(1000 * players / rate))
         return window

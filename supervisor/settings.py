@@ -34,10 +34,11 @@ class NodeSettings(EnvSettings):
         "OG_DRAIN_WINDOW_MS", 500, "drained players get reconnect.after_ms spread over this",
         minimum=0,
     )
-    drain_reconnects_per_s: int = setting(
-        "OG_DRAIN_RECONNECTS_PER_S", 1000,
+    drain_reconnects_per_worker_s: int = setting(
+        "OG_DRAIN_RECONNECTS_PER_WORKER_S", 300,
         "the window is stretched so that a drained worker's players return at most this "
-        "many a second (what the other workers resume without falling behind); 0: never",
+        "many a second per worker still in service (what each resumes without queueing); "
+        "0: never stretched",
         minimum=0,
     )
     drain_settle_ms: int = setting(

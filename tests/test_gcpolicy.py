@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import weakref
 
@@ -144,3 +145,21 @@ async def test_a_worker_runs_a_full_collection_after_players_closed(worker_facto
 def test_a_worker_can_leave_garbage_collection_to_cpython(worker_factory) -> None:
     worker = worker_factory(OG_GC_MANAGED="0")
     assert "start-up heap frozen" not in worker.log()
+
+
+async def test_run_holds_off_while_told_to_and_collects_after() -> None:
+    collected = []
+    policy = GcPolicy(min_closed=1, closed_share=0.0, check_s=0.01,
+                      collect=lambda: collected.append(1) or 0)
+    policy.installed = True  # as if installed; the collector itself is not touched
+    policy.connection_closed()
+    held = [True]
+    task = asyncio.create_task(policy.run(lambda: 10, hold=lambda: held[0]))
+    try:
+        await asyncio.sleep(0.1)
+        assert collected == []  # due, but held (a drain sending players away)
+        held[0] = False
+        await eventually(lambda: collected == [1])
+    finally:
+        task.cancel()
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+
 import orjson
 import pytest
 from websockets.asyncio.client import connect
@@ -84,3 +86,10 @@ async def test_anonymous_mode(worker_factory) -> None:
     with pytest.raises(InvalidStatus):  # a bad token is still refused
         async with connect(open_worker.url + "?token=forged"):
             pass
+
+
+def test_a_worker_listens_with_the_configured_backlog(worker_factory) -> None:
+    worker = worker_factory(OG_LISTEN_BACKLOG="777")
+    out = subprocess.run(["ss", "-ltnH", f"sport = :{worker.port}"], capture_output=True,
+                         text=True, check=True).stdout.split()
+    assert out[2] == "777"  # Send-Q of a listening socket: its backlog
