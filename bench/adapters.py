@@ -16,12 +16,21 @@ on an event marked `coalesced`, an event only after its topic's snapshot
 (peers have no snapshots: their first event of a topic sets the base).
 `ready` resolves when the connection is usable, `synced` when its
 subscriptions are all in place (for oddsgate: every snapshot received).
+
+An oddsgate player can follow a `reconnect` hint (PROTOCOL.md §4) when the
+load generator asks it to (`on_hint`): the load generator opens a new
+connection after `after_ms` and the new `OddsgateConn` `resume()`s every
+topic from the `{"epoch","seq"}` the old one held, sharing its check state,
+so the §5 check runs across the move. What the move took is kept in a
+`Move`, written only on control frames (never per event).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import orjson
 
@@ -32,11 +41,56 @@ _loads = orjson.loads
 _time_ns = time.time_ns
 
 
+@dataclass(slots=True)
+class Move:
+    """One player sent elsewhere by a `reconnect` hint, as its load generator saw it.
+
+    Times are `time.time_ns()` of the load-generator process. `due_ns` is the
+    hint's receipt plus its `after_ms`; the player counts as resumed once the
+    new connection's `subscribed` came and every topic that got a `reset` (or
+    had no resume point) has its snapshot: `resumed_ns` is the later of those.
+    """
+
+    index: int
+    from_worker: int | None
+    after_ms: int
+    hint_ns: int
+    to_worker: int | None = None
+    attempts: int = 0
+    connected_ns: int = 0
+    subscribed_ns: int = 0
+    snapshot_ns: int = 0
+    resets: int = 0
+    failure: str = ""  # why the last attempt failed
+    abandoned: bool = False  # the load generator stopped following before it resumed
+    conn: OddsgateConn | None = None
+
+    @property
+    def due_ns(self) -> int:
+        return self.hint_ns + self.after_ms * 1_000_000
+
+    @property
+    def resumed_ns(self) -> int:
+        conn = self.conn
+        if not self.subscribed_ns or conn is None or conn.pending or conn.reset_pending:
+            return 0
+        return max(self.subscribed_ns, self.snapshot_ns)
+
+    def record(self) -> dict:
+        return {"index": self.index, "from_worker": self.from_worker,
+                "to_worker": self.to_worker, "after_ms": self.after_ms,
+                "hint_ns": self.hint_ns, "connected_ns": self.connected_ns,
+                "resumed_ns": self.resumed_ns, "resets": self.resets,
+                "attempts": self.attempts, "failure": self.failure,
+                "abandoned": self.abandoned}
+
+
 class BenchConn(WsClient):
     """Common bookkeeping: futures, the per-topic check, latency recording."""
 
     path = "/"
     base_on_first_event = True  # peers have no snapshot
+    index = -1  # the player's global index (the load generator sets it)
 
     def __init__(self, host: str, port: int, counters: Counters, topics: list[str]) -> None:
         super().__init__(host, port, self.path)
@@ -66,7 +120,7 @@ class BenchConn(WsClient):
             if not fut.done():
                 fut.set_exception(ConnectionError(why))
                 fut.exception()
-        if self.wanted_open:
+        if self.wanted_open and not self._handshaking:  # an attempt that failed is no loss
             self.c.lost += 1
 
     def subscribe(self) -> None:
@@ -122,17 +176,35 @@ class OddsgateConn(BenchConn):
         self.requests: dict[int, list[str]] = {}
         self.retrying: set[str] = set()
         self.retries = 0
+        self.worker: int | None = None  # from `welcome`
+        # called with (self, after_ms, now_ns) on a `reconnect` frame; None: not followed
+        self.on_hint: Callable[[OddsgateConn, int, int], None] | None = None
+        self.move: Move | None = None  # set on the connection that resumes a moved player
 
     def subscribe(self) -> None:
         self.pending = set(self.topics)
         self.sub_sent_ns = _time_ns()
         self._request(self.topics)
 
-    def _request(self, topics: list[str]) -> None:
+    def resume(self) -> None:
+        """Subscribe every topic again from the last event held (PROTOCOL.md §3).
+
+        `held` is the moved player's check state (shared with its previous
+        connection); a topic with nothing held (its snapshot never came, or
+        a `reset` was pending) asks for a snapshot instead.
+        """
+        held = self.held
+        points = {t: {"epoch": held[t][0], "seq": held[t][1]} if t in held else None
+                  for t in self.topics}
+        self.pending = {t for t, point in points.items() if point is None}
+        self.sub_sent_ns = _time_ns()
+        self._request(self.topics, points)
+
+    def _request(self, topics: list[str], points: dict | None = None) -> None:
         request_id = len(self.requests) + 1
         self.requests[request_id] = topics
         self.send_text(orjson.dumps({"op": "subscribe", "id": request_id,
-                                     "topics": dict.fromkeys(topics)}))
+                                     "topics": points or dict.fromkeys(topics)}))
 
     def _retry(self) -> None:
         topics, self.retrying = sorted(self.retrying), set()
@@ -155,11 +227,14 @@ class OddsgateConn(BenchConn):
         elif kind == "snapshot":
             self._snapshot(msg, now)
         elif kind == "welcome":
+            self.worker = msg.get("worker")
             self._set_ready()
         elif kind == "subscribed":
             asked = self.requests.get(msg.get("id"), ())
             refused = set(asked) - set(msg["topics"]) - self.retrying
             self.pending -= refused
+            if self.move is not None and not self.move.subscribed_ns:
+                self.move.subscribed_ns = now
             if not self.pending:
                 self._set_synced()
         elif kind == "error":
@@ -168,8 +243,13 @@ class OddsgateConn(BenchConn):
             c.resets += 1
             self.held.pop(msg["topic"], None)
             self.reset_pending.add(msg["topic"])
+            if self.move is not None:
+                self.move.resets += 1
         elif kind == "reconnect":
             c.reconnect_frames += 1
+            if self.on_hint is not None:
+                after_ms = msg.get("after_ms")
+                self.on_hint(self, after_ms if isinstance(after_ms, int) else 0, now)
 
     def _error(self, msg: dict) -> None:
         code = str(msg.get("code"))
@@ -198,6 +278,8 @@ class OddsgateConn(BenchConn):
             if market["seq"] > seq or market["epoch"] != epoch:
                 self.c.violate(BAD_SNAPSHOT)
         self.held[topic] = [epoch, seq]
+        if self.move is not None:
+            self.move.snapshot_ns = now
         if topic in self.pending:
             self.pending.discard(topic)
             self.c.subscribe.record((now - self.sub_sent_ns) // 1000)

@@ -26,31 +26,39 @@ from bench.calibrate import loopback_send_cost_us
 from bench.harness import Harness, Params, Result, machine_busy
 from bench.machine import describe, raise_nofile
 from bench.peers import install
-from bench.scenarios import SCENARIOS, SESSIONS, STANDALONE
+from bench.scenarios import SCENARIOS, SESSIONS, STANDALONE, drain
 from bench.scenarios.connect import FD_MARGIN
-from bench.systems import ROOT, SYSTEMS, Oddsgate, System
+from bench.systems import NODE, ROOT, SYSTEMS, Oddsgate, OddsgateNode, System
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PEERS = [name for name in SYSTEMS if name != "oddsgate"]
+OURS = ("oddsgate", NODE)  # oddsgate itself: bare workers, and a whole node behind HAProxy
+# oddsgate with other settings, run beside it (issue 4: micro-batching measured
+# before and after): one frame per event instead of one `batch` per player per turn.
+UNBATCHED = "oddsgate-unbatched"
+VARIANTS = {UNBATCHED: {"OG_MAX_BATCH": "1"}}
 
 # What runs by default, per mode: scenario -> systems.
 QUICK_PLAN = {
-    "steady": ["oddsgate", *[p for p in PEERS if p != "python-socketio"]],
+    "steady": ["oddsgate", NODE, *[p for p in PEERS if p != "python-socketio"]],
     "saturation": ["oddsgate"],
-    "spike": ["oddsgate"],
     "connect": ["oddsgate"],
     "subscribe": ["oddsgate"],
-    "drain": ["oddsgate"],
+    "drain": [NODE],
 }
 # Left out of the quick run, and why (the table says so).
-QUICK_LEAVES_OUT = {("steady", "python-socketio"): "the slowest peer; in the full run only"}
+QUICK_LEAVES_OUT = {("steady", "python-socketio"): "the slowest peer; in the full run only",
+                    ("connect", NODE): "in the full run only (the quick run's 2 minutes)",
+                    ("shell", "oddsgate"): "in the full run only (the quick run's 2 minutes)",
+                    ("spike", "oddsgate"): "in the full run only (the quick run's 2 minutes)"}
 FULL_PLAN = {
-    "steady": ["oddsgate", *PEERS],
+    "steady": ["oddsgate", NODE, *PEERS],
     "saturation": ["oddsgate", *PEERS],
-    "spike": ["oddsgate", "plain-ws", "node-socket.io"],
-    "connect": ["oddsgate", *PEERS],
+    "spike": ["oddsgate", UNBATCHED, "plain-ws", "node-socket.io"],
+    "connect": ["oddsgate", NODE, *PEERS],
     "subscribe": ["oddsgate"],
-    "drain": ["oddsgate"],
+    "drain": [NODE],
+    "shell": ["oddsgate"],
 }
 QUIET_CORES = 0.25  # other work below which `--wait-quiet` starts a run
 QUICK_BUDGET_S = 112
@@ -63,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scenario", action="append", choices=SCENARIOS,
                         help="run only these scenarios (repeatable)")
     parser.add_argument("--peers", nargs="*", metavar="PEER",
-                        help=f"peers to compare ({', '.join(PEERS)}, or none); default: the "
-                             "mode's plan")
+                        help=f"peers to compare ({', '.join([*PEERS, *VARIANTS])}, or none); "
+                             "default: the mode's plan")
     parser.add_argument("--no-oddsgate", action="store_true", help="peers only")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument("--factor", type=float, help="scale of the seed's peak event rate")
@@ -81,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--oddsgate-commit", metavar="REV",
                         help="run the workers from this commit (git archive into the workdir), "
                              "e.g. HEAD to leave uncommitted edits out")
+    parser.add_argument("--node-setting", action="append", metavar="OG_NAME=VALUE",
+                        help="a setting of the node under `oddsgate run --haproxy` "
+                             "(oddsgate+haproxy), e.g. OG_DRAIN_WINDOW_MS=10000 (repeatable)")
     parser.add_argument("--no-install", action="store_true",
                         help="do not install peers; use what is there")
     parser.add_argument("--budget", type=float, help="seconds before remaining runs are skipped")
@@ -100,11 +111,12 @@ def plan_for(args: argparse.Namespace) -> dict[str, list[str]]:
         if args.peers is not None:
             peers = [p for p in args.peers if p != "none"]
             for peer in peers:
-                if peer not in SYSTEMS:
-                    raise SystemExit(f"unknown peer {peer!r}; known: {', '.join(PEERS)}")
-            systems = ["oddsgate", *peers]
+                if peer not in SYSTEMS and peer not in VARIANTS:
+                    raise SystemExit(f"unknown peer {peer!r}; known: "
+                                     f"{', '.join([*PEERS, *VARIANTS])}")
+            systems = [*([s for s in systems if s in OURS] or ["oddsgate"]), *peers]
         if args.no_oddsgate:
-            systems = [s for s in systems if s != "oddsgate"]
+            systems = [s for s in systems if s not in OURS]
         plan[scenario] = systems
     return plan
 
@@ -124,7 +136,10 @@ def jobs_for(plan: dict[str, list[str]]) -> list[tuple[str, list[str]]]:
     if "oddsgate" in systems:
         for scenario in SCENARIOS:
             add("oddsgate", [scenario])
-    peers = [s for s in systems if s != "oddsgate"]
+    if NODE in systems:  # steady and drain share one session (one population); connect apart
+        add(NODE, list(drain.SESSION))
+        add(NODE, ["connect"])
+    peers = [s for s in systems if s not in OURS]
     for scenario in SCENARIOS:
         for system in peers:
             add(system, [scenario])
@@ -161,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     params = Params.for_mode(
         args.quick, factor=args.factor, connections=args.connections, workers=args.workers,
         loadgens=args.loadgens, seed=args.seed, measure_s=args.measure_s,
+        node_env=node_settings(args.node_setting),
         profile=args.profile if args.profile is not None else not args.quick,
     )
     if nofile < max(params.connect_counts) + 1000:
@@ -201,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.wait_quiet:
             waited += wait_quiet(args.wait_quiet, log)  # outside the budget
         estimate = params.estimate_s(
-            scenarios, None if name == "oddsgate" else nofile - FD_MARGIN)
+            scenarios, None if name == "oddsgate" else OddsgateNode.player_capacity(nofile)
+            if name == NODE else nofile - FD_MARGIN, node=name == NODE)
         if time.monotonic() - started - waited + estimate > budget:
             results += [Result(name, s, "skipped",
                                reason=f"would end past the {budget:.0f}s time budget "
@@ -210,8 +227,11 @@ def main(argv: list[str] | None = None) -> int:
             continue
         log(f"{name}: {', '.join(scenarios)}")
         try:
-            run = SESSIONS.get(scenarios[0]) or STANDALONE[scenarios[0]]
-            results += run(harness, system)
+            if isinstance(system, OddsgateNode) and scenarios[0] in drain.SESSION:
+                results += drain.run_node_session(harness, system, scenarios)
+            else:
+                run = SESSIONS.get(scenarios[0]) or STANDALONE[scenarios[0]]
+                results += run(harness, system)
         except KeyboardInterrupt:
             raise
         except Exception as exc:
@@ -266,15 +286,37 @@ def export_commit(rev: str, into: Path) -> tuple[Path, str]:
     commit = subprocess.run(["git", "rev-parse", "--short", rev], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout.strip()
     into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "archive", commit, "gateway", "feed", "supervisor"],
+    archive = subprocess.run(["git", "archive", commit, "gateway", "feed", "supervisor",
+                              "haproxy"],
                              cwd=ROOT, check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into, commit
 
 
+def node_settings(pairs: list[str] | None) -> dict[str, str] | None:
+    """`--node-setting OG_NAME=VALUE` flags as an environment."""
+    env = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.startswith("OG_"):
+            raise SystemExit(f"--node-setting {pair!r}: expected OG_NAME=VALUE")
+        env[key] = value
+    return env or None
+
+
 def _make(name: str, harness: Harness, params: Params) -> System:
     if name == "oddsgate":
         return Oddsgate(harness.workdir, harness.avail, workers=params.workers, tree=harness.tree)
+    if name == NODE:
+        return OddsgateNode(harness.workdir, harness.avail, workers=params.node_workers,
+                            tree=harness.tree, env=params.node_env)
+    if name in VARIANTS:
+        system = Oddsgate(harness.workdir, harness.avail, workers=params.workers,
+                          tree=harness.tree, env=VARIANTS[name])
+        system.name = name
+        settings = " ".join(f"{k}={v}" for k, v in VARIANTS[name].items())
+        system.description = f"oddsgate with {settings}"
+        return system
     return SYSTEMS[name](harness.workdir, harness.avail)
 
 

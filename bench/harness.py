@@ -59,6 +59,12 @@ class Params:
     saturation_settle_s: float = 1.0
     saturation_measure_s: float = 2.5
     p99_limit_ms: float = 50.0
+    node_workers: int = 2  # workers of the node under `oddsgate run --haproxy`
+    drain_connections: int = 5_000  # the node session's players: all on one worker, drained
+    drain_wait_s: float = 30.0  # after the hints' window, for the last players to resume
+    node_env: dict = field(default_factory=dict)  # OG_* settings of the node (--node-setting)
+    shell_loads: int = 30  # page loads per shell variant (cold cache, warm cache)
+    shell_mobile_loads: int = 10  # and behind the mobile network's throttling
     profile: bool = False
     profile_s: float = 8.0
 
@@ -76,9 +82,11 @@ class Params:
             p.subscribe_conns = 1_000
             p.spike_s = 4.0
             p.spike_connections = 1_000
-            p.saturation_steps = [1, 2, 4, 8, 16, 32]
+            p.saturation_steps = [1, 4, 16, 32, 64]
             p.saturation_settle_s, p.saturation_measure_s = 0.5, 2.0
             p.profile_s = 5.0
+            p.drain_connections, p.drain_wait_s = 2_000, 20.0
+            p.shell_loads, p.shell_mobile_loads = 10, 3
         for key, value in overrides.items():
             if value is not None:
                 setattr(p, key, value)
@@ -87,8 +95,21 @@ class Params:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def estimate_s(self, scenarios: list[str], fd_limit: int | None = None) -> float:
-        """About how long a job takes here, so a run can stop before its time limit."""
+    def estimate_s(self, scenarios: list[str], fd_limit: int | None = None,
+                   node: bool = False) -> float:
+        """About how long a job takes here, so a run can stop before its time limit.
+
+        `node`: the job runs a whole node (`oddsgate run --haproxy`), whose
+        steady and drain share one session (bench.scenarios.drain)."""
+        if node and scenarios[0] != "connect":
+            players = self.drain_connections
+            # start the node, connect through HAProxy, subscribe, warm
+            total = 8.0 + players / 900 + players / self.setup_subscribe_per_s
+            if "steady" in scenarios:
+                total += self.warmup_s + self.measure_s
+            if "drain" in scenarios:  # resumes ran at ~250-900/s on this 2-core machine
+                total += 3.0 + players / 300
+            return total
         if scenarios[0] == "steady":
             profile = self.profile_s + 2 if self.profile else 0.0
             return 5.5 + self.connections / 1200 + self.warmup_s + self.measure_s + profile
@@ -100,9 +121,14 @@ class Params:
             return 2.5 + self.saturation_connections / 1200 + self.warmup_s + 5 * step + 10
         if scenarios[0] == "connect":
             counts = [c for c in self.connect_counts if fd_limit is None or c <= fd_limit]
+            if node:  # one stage as large as HAProxy's descriptors allow
+                counts = [min(c, fd_limit or c) for c in self.connect_counts]
+                return 8.0 + max(counts, default=0) / 800
             return 6.0 + max(counts, default=0) / 1000
         if scenarios[0] == "subscribe":
             return 8.0 + 2 * self.subscribe_conns / self.subscribe_per_s
+        if scenarios[0] == "shell":  # ~0.5 s a loopback load, ~2.3 s a throttled one
+            return 4.0 + 2 * self.shell_loads * 0.5 + self.shell_mobile_loads * 2.3
         return 0.0
 
 
@@ -211,7 +237,8 @@ class Harness:
                  ) -> Iterator[LoadGenPool]:
         indexed = list(enumerate(plans))
         count = max(1, min(processes or self.p.loadgens, len(indexed)))
-        specs = [LoadSpec(target.protocol, target.endpoints, SOURCE_ADDRESSES, share)
+        specs = [LoadSpec(target.protocol, target.endpoints, SOURCE_ADDRESSES, share,
+                          token_secret=target.token_secret)
                  for share in split_plans(indexed, count)]
         pool = LoadGenPool(specs)
         try:

@@ -5,8 +5,16 @@ each its share of the planned connections (a global index and the topics it
 follows), and then sends commands: connect, subscribe, reset (start a
 measurement interval), stats, stall, drop, close. Every reply is a plain
 dict. Connections are spread over the target endpoints (worker ports, or
-one HAProxy frontend later) and over several loopback source addresses, so
-50,000 connections do not run out of ephemeral ports.
+one HAProxy frontend) and over several loopback source addresses, so
+50,000 connections do not run out of ephemeral ports. Through a node's
+HAProxy every player carries its own `og_session` cookie (a token signed
+with the target's secret, the same one across reconnects).
+
+`follow_hints` makes oddsgate players follow `reconnect` hints (PROTOCOL.md
+§4): after `after_ms` the player connects again to the same endpoint and
+resumes every topic from its last seq (`bench.adapters.Move` records how it
+went; `moves` returns the records). Off by default: a server that stops at
+the end of a run also sends hints, and nobody should come back then.
 """
 
 from __future__ import annotations
@@ -24,10 +32,13 @@ from dataclasses import dataclass
 import psutil
 import uvloop
 
-from bench.adapters import PROTOCOLS, BenchConn
+from bench.adapters import PROTOCOLS, BenchConn, Move, OddsgateConn
 from bench.counters import Counters
+from gateway.auth import COOKIE_NAME, issue_token
+from gateway.client import backoff_delay
 
 CONNECT_TIMEOUT_S = 15.0
+TOKEN_TTL_S = 4 * 3600.0
 # A player's kernel receive buffer. Fixed (which turns Linux's autotuning off,
 # up to 32 MiB here) so that a stalled player backs up into the server within
 # seconds, as one on a phone would, instead of into an elastic loopback buffer.
@@ -40,6 +51,7 @@ class LoadSpec:
     endpoints: list[tuple[str, int]]  # (host, port) to spread connections over
     sources: list[str]  # loopback source addresses
     plans: list[tuple[int, list[str]]]  # (global connection index, topics)
+    token_secret: str | None = None  # players send an og_session cookie signed with it
 
 
 class LoadGen:
@@ -51,6 +63,10 @@ class LoadGen:
         self.connect_failures: dict[str, int] = {}
         self.subscribed: set[int] = set()
         self.warmers: list[BenchConn] = []
+        self.follow_hints = False
+        self.moves: dict[int, Move] = {}  # player index -> its latest move
+        self._moving: set[asyncio.Task] = set()
+        self._tokens: dict[int, str] = {}
         self.proc = psutil.Process()
         self._mark_cpu = self._cpu()
         self._mark_wall = time.monotonic()
@@ -88,26 +104,144 @@ class LoadGen:
         }
 
     async def _open(self, loop: asyncio.AbstractEventLoop, index: int, topics: list[str]) -> None:
+        t0 = time.perf_counter_ns()
+        try:
+            conn = await self._connect(loop, index, topics)
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            self._fail(_why(exc))
+            return
+        self.counters.connect.record((time.perf_counter_ns() - t0) // 1000)
+        self.conns[index] = conn
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop, index: int,
+                       topics: list[str]) -> BenchConn:
+        """One player's connection, usable (greeted) when it returns."""
         host, port = self.spec.endpoints[index % len(self.spec.endpoints)]
         source = self.spec.sources[index % len(self.spec.sources)]
-        cls = self.conn_class
-        counters = self.counters
-        t0 = time.perf_counter_ns()
+        conn: BenchConn | None = None
+
+        def made() -> BenchConn:
+            nonlocal conn
+            conn = self.conn_class(host, port, self.counters, topics)
+            conn.index = index
+            if self.spec.token_secret:
+                conn.extra_headers = {"Cookie": f"{COOKIE_NAME}={self._token(index)}"}
+            if self.follow_hints and isinstance(conn, OddsgateConn):
+                conn.on_hint = self._on_hint
+            return conn
+
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PLAYER_RCVBUF)
             sock.bind((source, 0))
             sock.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT_S)
-            _, conn = await loop.create_connection(
-                lambda: cls(host, port, counters, topics), sock=sock)
+            await loop.create_connection(made, sock=sock)
+            assert conn is not None
             await asyncio.wait_for(asyncio.shield(conn.ready), CONNECT_TIMEOUT_S)
-        except (OSError, ConnectionError, TimeoutError) as exc:
-            sock.close()
-            self._fail(type(exc).__name__ + (f": {exc}" if str(exc) else ""))
+        except BaseException:
+            if conn is not None:
+                conn.wanted_open = False
+                conn.abort()
+            else:
+                sock.close()
+            raise
+        return conn
+
+    def _token(self, index: int) -> str:
+        """The player's session cookie: the same one every time it connects."""
+        token = self._tokens.get(index)
+        if token is None:
+            assert self.spec.token_secret
+            token = issue_token(self.spec.token_secret, f"bench-{index}", f"s{index}",
+                                TOKEN_TTL_S)
+            self._tokens[index] = token
+        return token
+
+    # -- following reconnect hints ----------------------------------------
+
+    def _on_hint(self, conn: OddsgateConn, after_ms: int, now_ns: int) -> None:
+        if not self.follow_hints or self.conns.get(conn.index) is not conn:
             return
-        counters.connect.record((time.perf_counter_ns() - t0) // 1000)
-        self.conns[index] = conn
+        conn.wanted_open = False  # the close that follows is expected
+        move = Move(conn.index, conn.worker, after_ms, now_ns)
+        self.moves[conn.index] = move
+        loop = asyncio.get_running_loop()
+        loop.call_later(after_ms / 1000, self._start_move, conn, move)
+
+    def _start_move(self, old: OddsgateConn, move: Move) -> None:
+        task = asyncio.get_running_loop().create_task(self._move(old, move))
+        self._moving.add(task)
+        task.add_done_callback(self._moving.discard)
+
+    async def _move(self, old: OddsgateConn, move: Move) -> None:
+        """Reconnect to the same endpoint and resume from what `old` held.
+
+        A failed attempt is retried as the client library does (full-jitter
+        backoff, gateway.client.backoff_delay) until it works or the
+        orchestrator stops following hints.
+        """
+        loop = asyncio.get_running_loop()
+        while self.follow_hints:
+            move.attempts += 1
+            try:
+                conn = await self._connect(loop, old.index, old.topics)
+            except (OSError, ConnectionError, TimeoutError) as exc:
+                move.failure = _why(exc)
+                await asyncio.sleep(backoff_delay(move.attempts - 1))
+                continue
+            assert isinstance(conn, OddsgateConn)
+            move.connected_ns = time.time_ns()
+            move.to_worker = conn.worker
+            move.failure = ""
+            move.conn = conn
+            conn.held = old.held  # the §5 check goes on across the move
+            conn.move = move
+            self.conns[old.index] = conn
+            conn.resume()
+            return
+
+    async def cmd_follow_hints(self, on: bool = True) -> dict:
+        """Follow hints from now on, or stop: moves still under way are abandoned."""
+        self.follow_hints = on
+        for conn in self.conns.values():
+            if isinstance(conn, OddsgateConn):
+                conn.on_hint = self._on_hint if on else None
+        if not on:
+            for task in list(self._moving):
+                task.cancel()
+            for move in self.moves.values():
+                if not move.resumed_ns:
+                    move.abandoned = True
+        return {"conns": len(self.conns)}
+
+    async def cmd_moves(self, clear: bool = False, records: bool = True) -> dict:
+        """The moves so far (and forget them with `clear`); counts always.
+
+        `waiting`: hinted players neither resumed nor abandoned yet (their
+        `after_ms` runs, they reconnect, or their resume is not complete)."""
+        moves = list(self.moves.values())
+        resumed = sum(1 for m in moves if m.resumed_ns)
+        out = {
+            "hinted": len(moves),
+            "resumed": resumed,
+            "waiting": sum(1 for m in moves if not m.resumed_ns and not m.abandoned),
+            "last_due_ns": max((m.due_ns for m in moves), default=0),
+        }
+        if records:
+            out["records"] = [m.record() for m in moves]
+        if clear:
+            self.moves.clear()
+        return out
+
+    async def cmd_workers(self) -> dict:
+        """Open players per worker, as their `welcome` said."""
+        counts: dict[str, int] = {}
+        for conn in self.conns.values():
+            if conn.open:
+                key = str(getattr(conn, "worker", None))
+                counts[key] = counts.get(key, 0) + 1
+        return counts
 
     def _fail(self, why: str) -> None:
         why = why[:120]
@@ -139,19 +273,21 @@ class LoadGen:
                 "seconds": time.monotonic() - started}
 
     async def cmd_warm(self, topics: list[str], per_conn: int = 200, per_request: int = 40,
-                       wait_s: float = 60.0) -> dict:
+                       wait_s: float = 60.0, endpoints: list | None = None) -> dict:
         """Open every topic's channel before the crowd arrives, a few at a time.
 
         One connection per `per_conn` topics (a server's per-connection limit),
         subscribing `per_request` topics at a time and waiting for each batch; they
         stay open (and read) with their own counters, outside every measurement.
+        `endpoints` (default: the target's) lets them reach each worker of a
+        node straight, rather than wherever HAProxy would put them.
         """
         loop = asyncio.get_running_loop()
         counters = Counters()
         started = time.monotonic()
         synced = 0
         for k in range(0, len(topics), per_conn):
-            for endpoint in self.spec.endpoints:
+            for endpoint in endpoints or self.spec.endpoints:
                 host, port = endpoint
                 group = topics[k : k + per_conn]
                 _, conn = await loop.create_connection(
@@ -204,6 +340,7 @@ class LoadGen:
         return {"dropped": dropped}
 
     async def cmd_close(self) -> dict:
+        await self.cmd_follow_hints(on=False)
         for conn in [*self.conns.values(), *self.warmers]:
             conn.wanted_open = False
             conn.close()
@@ -299,6 +436,10 @@ class LoadGenPool:
             if proc.is_alive():
                 proc.kill()
                 proc.join(2)
+
+
+def _why(exc: BaseException) -> str:
+    return type(exc).__name__ + (f": {exc}" if str(exc) else "")
 
 
 def split_plans(plans: list[tuple[int, list[str]]], processes: int) -> list[list]:

@@ -12,6 +12,8 @@ import subprocess
 from pathlib import Path
 
 from bench.harness import Result
+from bench.scenarios import shell
+from bench.systems import NODE
 
 TARGETS = {
     "deliveries_per_server_cpu_s": 300_000,
@@ -19,6 +21,8 @@ TARGETS = {
     "p99_ms": 5.0,
     "idle_conn_bytes": 10_000,
     "subscribe_p99_ms": 10.0,
+    "drain_resume_p99_ms": 500.0,  # 99% of drained players resumed within this of their hint
+    "shell_fresh_odds_p99_ms": shell.FRESH_ODDS_BUDGET_MS,
 }
 FANOUT = ("steady", "saturation", "spike")
 CONTENDED_CORES = 0.3  # CPU used by processes outside the run above which we flag it
@@ -112,6 +116,40 @@ def saturation_lines(results: list[Result]) -> list[str]:
     return out
 
 
+def batching_lines(results: list[Result], batched: str = "oddsgate",
+                   unbatched: str = "oddsgate-unbatched") -> list[str]:
+    """Issue 4's A/B: per-turn `batch` frames against one frame per event, on the same
+    spike (x50 on one match: its followers get several events a turn), in one run."""
+    runs = {r.system: r for r in results if r.scenario == "spike" and r.status == "ok"}
+    if batched not in runs or unbatched not in runs:
+        return []
+    a, b = runs[batched].figures, runs[unbatched].figures
+
+    def per_frame(f: dict) -> str:
+        frames = f.get("frames_per_s")
+        return _num(f["deliveries_per_s"] / frames, 2) if frames else "-"
+
+    def p99(f: dict) -> str:
+        return _num((f.get("latency_ms") or {}).get("p99_ms"), 1)
+
+    out = [f"Micro-batching A/B (the spike, healthy players): `{batched}` sends one `batch` "
+           f"per player per loop turn, `{unbatched}` (OG_MAX_BATCH=1) one frame per event.", "",
+           "| system | deliveries/s | delivered | deliveries / server CPU-s | events per frame "
+           "| p99 ms |", "|---|---|---|---|---|---|"]
+    for name, f in ((batched, a), (unbatched, b)):
+        out.append(f"| {name} | {_num(f.get('deliveries_per_s'))} | "
+                   f"{_pct(f.get('delivered_share'))} | "
+                   f"{_num(f.get('deliveries_per_server_cpu_s'))} | {per_frame(f)} | {p99(f)} |")
+    da, db = a.get("deliveries_per_server_cpu_s"), b.get("deliveries_per_server_cpu_s")
+    if da and db:
+        ratio = da / db
+        verdict = ("batching is kept (the default)" if ratio >= 1.0 else
+                   "one frame per event was cheaper in this run")
+        out += ["", f"Batched delivers {ratio:.2f}x the deliveries per server CPU-second of "
+                    f"one frame per event: {verdict}."]
+    return out
+
+
 def spike_lines(results: list[Result]) -> list[str]:
     out = []
     for r in results:
@@ -164,6 +202,109 @@ def subscribe_table(results: list[Result]) -> list[str]:
     return rows
 
 
+def _bytes(part: dict | None) -> str:
+    if not part:
+        return "-"
+    return (f"{_num(part.get('transfer'))} B ({_num(part.get('encoded'))} / "
+            f"{_num(part.get('decoded'))})")
+
+
+def shell_lines(results: list[Result]) -> list[str]:
+    """The player shell in a browser: one column per variant, one row per mark."""
+    runs = [r for r in results if r.scenario == shell.NAME and r.status == "ok"]
+    if not runs:
+        return []
+    rows = ["| ms since navigation start: p50 / p95 / max | "
+            + " | ".join(f"{r.variant} ({r.figures.get('loads')} loads)" for r in runs) + " |",
+            "|---|" + "---|" * len(runs)]
+    for key, label in shell.MARKS:
+        cells = []
+        for r in runs:
+            m = (r.figures.get("marks") or {}).get(key)
+            cells.append("-" if not m else " / ".join(
+                _num(m.get(k)) for k in ("p50_ms", "p95_ms", "max_ms"))
+                + ("" if m.get("count") == r.figures.get("loads") else f" ({m.get('count')})"))
+        name = f"**{label}**" if key == shell.FRESH_ODDS_MARK else label
+        rows.append(f"| {name} (`{key}`) | " + " | ".join(cells) + " |")
+    extra = [
+        ("first live price, publish-to-screen p50 / max ms",
+         lambda f: " / ".join(_num((f.get("first_event_latency_ms") or {}).get(k))
+                              for k in ("p50_ms", "max_ms"))),
+        ("HTML bytes transferred (gzip body / decoded)", lambda f: _bytes(f.get("html_bytes"))),
+        ("app.js bytes transferred (gzip body / decoded)",
+         lambda f: _bytes(f.get("js_bytes"))),
+        ("failed loads", lambda f: "0" if not f.get("failed") else f"**{f['failed']}**"),
+        ("violations (the JS client's §5 checker)", _violations),
+    ]
+    for label, cell in extra:
+        rows.append(f"| {label} | " + " | ".join(cell(r.figures) for r in runs) + " |")
+    out = ["Headless Chromium loads `GET /` on "
+           f"{len(runs[0].params.get('topics') or [])} topics (the page's defaults and the "
+           "feed's busiest) while the feed runs; each load is one navigation, timed by the "
+           "page's own marks (`window.oddsgate.timings`). A mark reached by fewer loads than "
+           "ran shows their count in brackets.", "", *rows, ""]
+    for r in runs:
+        if r.figures.get("fits_budget") is None:
+            continue
+        verdict = "**fits**" if r.figures["fits_budget"] else "**does not fit**"
+        p99 = r.figures.get("fresh_odds_p99_ms")
+        out.append(f"Fresh odds on screen, {r.variant}: p99 "
+                   f"{_num(p99) + ' ms' if p99 is not None else 'never (a load failed)'} "
+                   f"over {r.figures.get('loads')} loads (under 100 loads the p99 is the "
+                   f"slowest): {verdict} the {_num(r.figures.get('budget_ms'))} ms budget. "
+                   "DevTools' throttling delays each HTTP request (the WebSocket handshake "
+                   "included), not WebSocket frames: on a real network the subscribe -> "
+                   "snapshot round trip adds one more RTT (150 ms here).")
+    return out
+
+
+def drain_lines(results: list[Result]) -> list[str]:
+    """The drain moves of a node (bench.scenarios.drain): one row each, then their spread."""
+    runs = [r for r in results if r.scenario == "drain" and r.status == "ok"]
+    if not runs:
+        return []
+    rows = ["| system | move | players | resumed | without reset | with reset | not resumed "
+            "| after hint p50 ms | p90 ms | p99 ms | max ms | within 500 ms "
+            "| 99% resumed, from the drain command | peak resumes/s | violations |",
+            "|" + "---|" * 15]
+    lines = []
+    for r in runs:
+        f = r.figures
+        lat = f.get("resume_ms") or {}
+        share = f.get("within_target_share")
+        rows.append("| " + " | ".join([
+            r.system, r.variant, _num(f.get("players")), _num(f.get("resumed")),
+            _num(f.get("resumed_without_reset")), _num(f.get("resumed_with_reset")),
+            _num(f.get("not_resumed")), _num(lat.get("p50")), _num(lat.get("p90")),
+            _num(lat.get("p99")) if lat.get("p99") is not None else "never",
+            _num(lat.get("max")), "-" if share is None else f"{share * 100:.1f}%",
+            f"{_num(f.get('resumed_99_ms'))} ms" if f.get("resumed_99_ms") is not None
+            else "never", _num(f.get("peak_resumes_per_s")), _violations(f),
+        ]) + " |")
+        hist = f.get("histogram")
+        after = f.get("after_ms") or {}
+        settings = " ".join(f"{k}={v}" for k, v in (r.params.get("node_settings") or {}).items())
+        line = (f"- {r.variant}: hints received from {_num(f.get('first_hint_ms'))} to "
+                f"{_num(f.get('last_hint_ms'))} ms after the drain command, `after_ms` "
+                f"{after.get('min')}-{after.get('max')} (the node's window; "
+                f"{settings or 'its default settings'}); the last player was due at "
+                f"{_num(f.get('last_due_ms'))} ms and resumed at "
+                f"{_num(f.get('last_resumed_ms'))} ms; {f.get('topic_resets', 0)} topic "
+                f"resets, {f.get('reconnect_attempts_failed', 0)} failed reconnect attempts, "
+                f"{_num(f.get('mean_resumes_per_s'))} resumes/s on average.")
+        if hist:
+            line += (f" Per {hist['bucket_ms']} ms from {hist['start_ms'] / 1000:g} s after "
+                     f"the command, players due: {' '.join(map(str, hist['due']))}; resumed: "
+                     f"{' '.join(map(str, hist['resumed']))}.")
+        lines.append(line)
+    return [*rows, "", *lines, "",
+            "A player's resume time runs from its hint (the `reconnect` frame's receipt plus "
+            "its `after_ms`) to its resume complete on another worker (`subscribed`, and a "
+            "snapshot after each `reset`); players that never resumed count as never in the "
+            "shares and percentiles. Every player sits on worker 0 (the others were drained "
+            "while they connected, then undrained); worker 0 is drained."]
+
+
 def _pick(results: list[Result], scenario: str, system: str = "oddsgate") -> list[Result]:
     return [r for r in results if r.scenario == scenario and r.system == system
             and r.status == "ok"]
@@ -202,7 +343,32 @@ def target_lines(results: list[Result]) -> list[str]:
         v = (r.figures.get("subscribe_ms") or {}).get("p99_ms")
         rows.append(f"| subscribe-to-snapshot p99 ({r.variant}) | <= 10 ms | {_num(v, 2)} ms | "
                     f"{_verdict(v, TARGETS['subscribe_p99_ms'], False)} |")
-    mine = [r for r in results if r.system == "oddsgate" and r.status == "ok"]
+    for r in _pick(results, shell.NAME):
+        if r.figures.get("fits_budget") is None:
+            continue
+        v = r.figures.get("fresh_odds_p99_ms")
+        verdict = (_verdict(v, TARGETS["shell_fresh_odds_p99_ms"], False) if v is not None
+                   else "**missed** (a load never got there)")
+        rows.append(f"| fresh odds on screen p99, player shell ({r.variant}, "
+                    f"{r.figures.get('loads')} page loads) | <= 1,500 ms | "
+                    f"{_num(v) + ' ms' if v is not None else 'never'} | {verdict} |")
+    for r in _pick(results, "steady", NODE):
+        lat = r.figures.get("latency_ms") or {}
+        for key, wanted in (("p50_ms", "<= 1 ms"), ("p99_ms", "<= 5 ms")):
+            rows.append(f"| publish-to-receipt {key[:3]} through HAProxy (steady, "
+                        f"{_num(r.figures.get('connections'))} players) | {wanted} | "
+                        f"{_num(lat.get(key), 2)} ms | "
+                        f"{_verdict(lat.get(key), TARGETS[key], False)} |")
+    for r in _pick(results, "drain", NODE):
+        f = r.figures
+        p99 = (f.get("resume_ms") or {}).get("p99")
+        share = f.get("within_target_share") or 0.0
+        verdict = (_verdict(p99, TARGETS["drain_resume_p99_ms"], False) if p99 is not None
+                   else "**missed** (more than 1% never resumed)")
+        rows.append(f"| drained players resumed on other workers within 500 ms of their hint "
+                    f"({_num(f.get('players'))} players) | 99% | {share * 100:.1f}% (p99 "
+                    f"{_num(p99) + ' ms' if p99 is not None else 'never'}) | {verdict} |")
+    mine = [r for r in results if r.system.startswith("oddsgate") and r.status == "ok"]
     if mine:
         total = sum(r.figures.get("violations_total") or 0 for r in mine)
         rows.append(f"| ordering violations (every oddsgate run) | 0 | {total} | "
@@ -300,8 +466,11 @@ def render(machine: dict, params: dict, results: list[Result], mode: str,
     lines += [
         "## Fan-out", "", *fanout_table(results), "",
         *saturation_lines(results), *spike_lines(results), "",
+        *([*batching, ""] if (batching := batching_lines(results)) else []),
         "## Connect", "", *connect_table(results), "",
         "## Subscribe to snapshot", "", *subscribe_table(results), "",
+        *(["## Drain", "", *drain, ""] if (drain := drain_lines(results)) else []),
+        *(["## Player shell", "", *shell_lines(results), ""] if shell_lines(results) else []),
         "## oddsgate against its targets", "", *target_lines(results), "",
         *floor_lines(machine, results), "",
     ]

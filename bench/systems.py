@@ -2,10 +2,9 @@
 
 A `System` starts its server processes against a Redis (or, for NATS, its
 own server) and returns a `Target`: the endpoints players connect to and the
-wire protocol they speak. Today the oddsgate target is its workers' ports,
-one connection in turn to each; once the supervisor runs HAProxy the same
-`Target` will hold the HAProxy frontend instead (`via="haproxy"`), and
-nothing else in the bench changes.
+wire protocol they speak. `Oddsgate` is bare workers, its target their
+ports (one connection in turn to each); `OddsgateNode` is a whole node under
+`oddsgate run --haproxy`, its target the HAProxy frontend (`via="haproxy"`).
 """
 
 from __future__ import annotations
@@ -25,11 +24,14 @@ from pathlib import Path
 import psutil
 
 from bench.peers.install import NODE_DIR, PEERS, Availability, nats_server_path
+from supervisor.control import request as control_request
 from supervisor.embedded_redis import free_port
+from supervisor.haproxy import FD_RESERVE as HAPROXY_FD_RESERVE
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 20.0
+NODE = "oddsgate+haproxy"  # the system name of a whole node (OddsgateNode)
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Target:
     endpoints: list[tuple[str, int]]
     protocol: str  # bench.adapters.PROTOCOLS key
     via: str = "workers"  # "workers": straight to each worker; "haproxy": a frontend
+    backends: list[tuple[str, int]] = field(default_factory=list)  # behind the frontend
+    token_secret: str | None = None  # players carry an og_session cookie signed with it
 
 
 @dataclass
@@ -93,6 +97,27 @@ def wait_http(port: int, proc: subprocess.Popen, server: Server, path: str = "/h
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"not healthy within {timeout:.0f}s:\n{server.log_tail()}")
+
+
+def free_port_range(count: int) -> int:
+    """A base port with `count` free ports after it (checked, not guaranteed)."""
+    for _ in range(50):
+        base = free_port()
+        if base + count >= 65535:
+            continue
+        socks = []
+        try:
+            for offset in range(count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((LOOPBACK, base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free range of ports")
 
 
 def wait_tcp(port: int, proc: subprocess.Popen, server: Server,
@@ -182,6 +207,131 @@ class Oddsgate(System):
             wait_http(port, proc, self.server)
             endpoints.append((LOOPBACK, port))
         return Target(endpoints, self.protocol)
+
+
+class OddsgateNode(System):
+    """A whole node, `oddsgate run --haproxy`: supervisor, workers and HAProxy in front.
+
+    Players reach it through the HAProxy frontend (`Target.via == "haproxy"`),
+    each with its own `og_session` cookie (a session token the load generator
+    mints with the node's secret), so HAProxy places them by its consistent
+    hash as it would in production. The workers' own ports are in
+    `Target.backends`, for the bench's warming connections (anonymous, one set
+    per worker). The supervisor's control socket (`command`) drains and
+    undrains workers. Everything the node writes (control socket, HAProxy's
+    files, its log) stays in the run dir; `processes()` is the supervisor and
+    all its descendants (workers and HAProxy), so server CPU and RSS include
+    HAProxy.
+    """
+
+    name = NODE
+    protocol = "oddsgate"
+    has_snapshots = True
+    description = "oddsgate run --haproxy: the supervisor, its workers and HAProxy in front"
+    SECRET = "oddsgate-bench-session-secret-for-og_session"  # HS256 wants >= 32 bytes
+    READY_TIMEOUT_S = 40.0
+
+    def __init__(self, workdir: Path, avail: Availability, workers: int = 2,
+                 tree: Path = ROOT, env: dict[str, str] | None = None) -> None:
+        super().__init__(workdir, avail)
+        self.count = max(2, workers)
+        self.tree = tree
+        self.env = dict(env or {})  # OG_* over the bench's (OG_DRAIN_WINDOW_MS, say)
+        self.runtime: Path | None = None
+
+    def workers(self) -> int:
+        return self.count
+
+    def unavailable(self) -> str | None:
+        haproxy = shutil.which("haproxy") or "/usr/sbin/haproxy"
+        return None if os.access(haproxy, os.X_OK) else "haproxy is not installed"
+
+    @staticmethod
+    def player_capacity(nofile: int) -> int:
+        """Players HAProxy holds under this descriptor limit: two descriptors each."""
+        return max(0, (nofile - HAPROXY_FD_RESERVE) // 2)
+
+    def setting(self, env: str, default: int) -> int:
+        return int(self.env.get(env, default))
+
+    @property
+    def drain_window_ms(self) -> int:
+        return self.setting("OG_DRAIN_WINDOW_MS", 500)
+
+    @property
+    def drain_settle_ms(self) -> int:
+        return self.setting("OG_DRAIN_SETTLE_MS", 600)
+
+    def start(self, redis_url: str) -> Target:
+        self.feed_address = redis_url
+        self.runtime = self.workdir / "node"
+        self.runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+        frontend, agent = free_port(), free_port()
+        base = free_port_range(self.count)
+        env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("OG_")},
+            "OG_RUNTIME_DIR": str(self.runtime),
+            "OG_REDIS_URL": redis_url,
+            "OG_JWT_SECRET": self.SECRET,
+            "OG_ALLOW_ANONYMOUS": "1",  # the warming connections carry no token
+            "OG_WORKERS": str(self.count),
+            "OG_BASE_PORT": str(base),
+            "OG_AGENT_PORT": str(agent),
+            "OG_METRICS_PORT": "0",
+            "OG_HAPROXY_BIND": f"{LOOPBACK}:{frontend}",
+            "OG_NODE": "bench",
+            "OG_SHUTDOWN_DEADLINE_S": "5",
+            "PYTHONUNBUFFERED": "1",
+            "PYTHONPATH": str(self.tree),
+            **self.env,
+        }
+        proc = self.server.start([sys.executable, "-m", "supervisor.cli", "run", "--haproxy"],
+                                 self.workdir / "oddsgate-node.log", env, cwd=self.tree)
+        self.wait_ready(proc)
+        return Target([(LOOPBACK, frontend)], self.protocol, via="haproxy",
+                      backends=[(LOOPBACK, base + i) for i in range(self.count)],
+                      token_secret=self.SECRET)
+
+    def command(self, timeout: float = 30.0, **cmd: object) -> dict:
+        """One control-socket command (supervisor/control.py): status, drain, undrain."""
+        assert self.runtime is not None, "not started"
+        reply = control_request(self.runtime / "control.sock", cmd, timeout=timeout)
+        if not reply.get("ok"):
+            raise RuntimeError(f"control {cmd}: {reply.get('error') or reply}")
+        return reply
+
+    def wait(self, predicate, what: str, timeout: float = READY_TIMEOUT_S,
+             proc: subprocess.Popen | None = None) -> dict:
+        """Poll `status` until `predicate(status)`; the last status."""
+        deadline = time.monotonic() + timeout
+        status: dict = {}
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"exited with {proc.returncode}:\n{self.server.log_tail(40)}")
+            try:
+                status = self.command(cmd="status", timeout=5)
+            except (ConnectionError, OSError, RuntimeError):
+                status = {}
+            if status and predicate(status):
+                return status
+            time.sleep(0.1)
+        raise RuntimeError(f"{what} not within {timeout:.0f}s: {status.get('workers')} "
+                           f"{status.get('haproxy')}\n{self.server.log_tail(20)}")
+
+    def wait_ready(self, proc: subprocess.Popen | None = None) -> dict:
+        """Every worker ready and, in HAProxy's own view, every server UP (rise 2)."""
+        return self.wait(lambda s: all(w["phase"] == "ready" and w["agent"] == "up ready"
+                                       for w in s["workers"])
+                         and set((s.get("haproxy") or {}).values()) == {"UP"},
+                         "every worker ready and UP in HAProxy", proc=proc)
+
+    def stop(self) -> None:
+        family = self.processes()  # the supervisor and its descendants, while they are there
+        self.server.stop(timeout=30.0)
+        for proc in family:  # anything a killed supervisor left behind (psutil checks reuse)
+            with contextlib.suppress(psutil.Error):
+                if proc.is_running():
+                    proc.kill()
 
 
 class PlainWs(System):
