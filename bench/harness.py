@@ -63,8 +63,8 @@ class Params:
     drain_connections: int = 5_000  # the node session's players: all on one worker, drained
     drain_wait_s: float = 30.0  # after the hints' window, for the last players to resume
     node_env: dict = field(default_factory=dict)  # OG_* settings of the node (--node-setting)
-    shell_loads: int = 30  # page loads per shell variant (cold cache, warm cache)
-    shell_mobile_loads: int = 10  # and behind the mobile network's throttling
+    shell_loads: int = 15  # page loads per shell variant (cold cache, warm cache)
+    shell_mobile_loads: int = 6  # and behind the mobile network's throttling
     profile: bool = False
     profile_s: float = 8.0
 
