@@ -25,7 +25,7 @@ import psutil
 
 from bench.peers.install import NODE_DIR, PEERS, Availability, nats_server_path
 from supervisor.control import request as control_request
-from supervisor.embedded_redis import free_port
+from supervisor.embedded_redis import free_port, free_port_range
 from supervisor.haproxy import FD_RESERVE as HAPROXY_FD_RESERVE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,27 +97,6 @@ def wait_http(port: int, proc: subprocess.Popen, server: Server, path: str = "/h
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"not healthy within {timeout:.0f}s:\n{server.log_tail()}")
-
-
-def free_port_range(count: int) -> int:
-    """A base port with `count` free ports after it (checked, not guaranteed)."""
-    for _ in range(50):
-        base = free_port()
-        if base + count >= 65535:
-            continue
-        socks = []
-        try:
-            for offset in range(count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((LOOPBACK, base + offset))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
-    raise RuntimeError("no free range of ports")
 
 
 def wait_tcp(port: int, proc: subprocess.Popen, server: Server,

@@ -50,6 +50,28 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_range(count: int, host: str = LOOPBACK) -> int:
+    """A base port with `count` free ports after it (a node's workers listen on
+    base + index); checked, not guaranteed, like `free_port`."""
+    for _ in range(50):
+        base = free_port(host)
+        if base + count >= 65535:
+            continue
+        socks: list[socket.socket] = []
+        try:
+            for offset in range(count):
+                sock = socket.socket()
+                socks.append(sock)
+                sock.bind((host, base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in socks:
+                sock.close()
+    raise RuntimeError("no free range of ports")
+
+
 def _quote(value: str) -> str:
     """Redis config strings: double quotes, backslash escapes, so paths may hold spaces."""
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 
 from supervisor.control import request
-from supervisor.embedded_redis import free_port
+from supervisor.embedded_redis import free_port, free_port_range
 from tests.conftest import JWT_SECRET, ROOT, http_get
 
 
@@ -101,7 +101,7 @@ class Node:
 
 def start_node(redis_url: str, runtime: Path, workers: int = 2, **env: str) -> Node:
     frontend, agent, metrics = free_port(), free_port(), free_port()
-    base = _free_port_range(workers)
+    base = free_port_range(workers)
     runtime.mkdir(parents=True, exist_ok=True)
     log_path = runtime / "node.log"
     full_env = {
@@ -130,29 +130,6 @@ def start_node(redis_url: str, runtime: Path, workers: int = 2, **env: str) -> N
         node.stop()
         raise
     return node
-
-
-def _free_port_range(count: int) -> int:
-    """A base port with `count` free ports after it (checked, not guaranteed)."""
-    import socket
-
-    for _ in range(50):
-        base = free_port()
-        if base + count >= 65535:
-            continue
-        socks = []
-        try:
-            for offset in range(count):
-                s = socket.socket()
-                s.bind(("127.0.0.1", base + offset))
-                socks.append(s)
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port range")
 
 
 def welcome_worker(frame: bytes | str) -> int:

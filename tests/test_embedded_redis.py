@@ -18,7 +18,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from supervisor.embedded_redis import EmbeddedRedis, EmbeddedRedisError, free_port, stop_all
+from supervisor.embedded_redis import (
+    EmbeddedRedis,
+    EmbeddedRedisError,
+    free_port,
+    free_port_range,
+    stop_all,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -202,3 +208,16 @@ def test_sigterm_turned_into_exit_stops_server(tmp_path: Path) -> None:
         sigterm=True,
     )
     assert _gone(pid)
+
+
+def test_free_port_range_gives_a_run_of_bindable_ports() -> None:
+    base = free_port_range(4)
+    socks = []
+    try:
+        for offset in range(4):
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind(("127.0.0.1", base + offset))  # raises if the range was not free
+    finally:
+        for sock in socks:
+            sock.close()
