@@ -82,7 +82,7 @@ class Params:
             p.subscribe_conns = 1_000
             p.spike_s = 4.0
             p.spike_connections = 1_000
-            p.saturation_steps = [1, 4, 16, 32, 64]
+            p.saturation_steps = [2, 8, 32, 64]
             p.saturation_settle_s, p.saturation_measure_s = 0.5, 2.0
             p.profile_s = 5.0
             p.drain_connections, p.drain_wait_s = 2_000, 20.0
