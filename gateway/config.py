@@ -152,6 +152,12 @@ class Settings(EnvSettings):
         "most events in one frame (a `batch`); 1 sends every event in its own frame",
         minimum=1,
     )
+    fanout_slice: int = setting(
+        "OG_FANOUT_SLICE", 128,
+        "players written per loop iteration in a fan-out, so requests and pings get in "
+        "between a hot event's thousands of sends; 0: every player in one go",
+        minimum=0,
+    )
     listen_backlog: int = setting(
         "OG_LISTEN_BACKLOG", 4096,
         "connections the kernel queues for accept() (capped by net.core.somaxconn)",

@@ -140,7 +140,8 @@ class Worker:
             allow_anonymous=settings.allow_anonymous,
         )
         self.counters = WorkerCounters()
-        self.fanout = Fanout(self.counters, max_batch=settings.max_batch)
+        self.fanout = Fanout(self.counters, max_batch=settings.max_batch,
+                             slice=settings.fanout_slice)
         self.hub = Hub(self.fanout, recent_capacity=settings.recent_events,
                        replay_max=settings.replay_max, replay_chunk=settings.max_batch,
                        counters=self.counters)

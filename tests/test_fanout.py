@@ -101,3 +101,57 @@ async def test_a_closed_player_gets_nothing() -> None:
     fanout.channel_event(channel, _event(channel.topic, 1))
     await asyncio.sleep(0)
     assert frames == []
+
+
+
+def _logged_player(fanout: Fanout, name: str, framed: bool):
+    """A player whose payload and frame writes go to one list, in the order they happen."""
+    log: list[bytes] = []
+    session = Session(name, player=name, write=log.append, scheduler=fanout,
+                      write_frame=log.append if framed else None)
+    return session, log
+
+
+def _seqs(log: list[bytes]) -> list[int]:
+    """Every event seq a player was written, in order (control frames left out)."""
+    out = []
+    for raw in log:
+        msg = orjson.loads(raw[raw.index(b"{"):])
+        if msg["type"] == "batch":
+            out += [e["seq"] for e in msg["events"]]
+        elif msg["type"] == "odds":
+            out.append(msg["seq"])
+    return out
+
+
+async def test_a_big_fan_out_goes_out_a_slice_per_loop_iteration() -> None:
+    fanout = Fanout(WorkerCounters(), slice=2)
+    turns = []
+    fanout.after_run.append(lambda: turns.append(1))
+    channel = TopicChannel("odds:1:39:1", 8)
+    players = [_player(fanout, f"p{i}") for i in range(5)]
+    channel.aligned.update(p[0] for p in players)
+    fanout.channel_event(channel, _event(channel.topic, 1))
+    written = []
+    for _ in range(4):
+        await asyncio.sleep(0)
+        written.append(sum(bool(frames) for _, _, frames in players))
+    assert written == [2, 4, 5, 5]  # other callbacks (requests, pings) run in between
+    assert turns == [1]  # after the last slice, once
+
+
+async def test_a_newer_event_joins_a_player_still_waiting_for_its_slice_in_order() -> None:
+    fanout = Fanout(WorkerCounters(), slice=2)
+    channel = TopicChannel("odds:1:39:1", 8)
+    players = [_logged_player(fanout, f"p{i}", framed=i % 2 == 0) for i in range(6)]
+    channel.aligned.update(p[0] for p in players)
+    fanout.channel_event(channel, _event(channel.topic, 1))
+    await asyncio.sleep(0)  # the first slice is written, four players wait
+    fanout.channel_event(channel, _event(channel.topic, 2))
+    players[5][0].send(b'{"type":"pong"}')  # a control frame flushes what waits first
+    assert _seqs(players[5][1]) == [1] and players[5][1][-1] == b'{"type":"pong"}'
+    for _ in range(6):
+        await asyncio.sleep(0)
+    for session, log in players:
+        assert _seqs(log) == [1, 2], session.conn_id
+        assert not session.has_output and not session.scheduled
