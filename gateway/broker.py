@@ -163,10 +163,23 @@ class RedisBroker:
         while not self._closing:
             try:
                 await self._connect()
+                await self._warm_commands()
                 return
             except (OSError, ConnectionError) as exc:
                 log.warning("redis pub/sub connect to %s failed: %s", self.url, exc)
                 await asyncio.sleep(self._reconnect_delay)
+
+    async def _warm_commands(self, connections: int = 4) -> None:
+        """Open a few pooled command connections and load the scripts now, before the
+        first players: the first subscribes of a cold start otherwise paid for the
+        connects and a NOSCRIPT round trip (subscribe-to-snapshot p99 ~45 ms there).
+        Best effort: the lazy path still works if this fails."""
+        try:
+            await asyncio.gather(*(self.commands.ping() for _ in range(connections)))
+            for source in (LOAD_STATE_LUA, READ_SINCE_LUA):
+                await self.commands.script_load(source)
+        except Exception as exc:
+            log.warning("redis command connections not warmed: %s", exc)
 
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
