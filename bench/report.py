@@ -470,7 +470,7 @@ def render(machine: dict, params: dict, results: list[Result], mode: str,
         "## Connect", "", *connect_table(results), "",
         "## Subscribe to snapshot", "", *subscribe_table(results), "",
         *(["## Drain", "", *drain, ""] if (drain := drain_lines(results)) else []),
-        *(["## Player shell", "", *shell_lines(results), ""] if shell_lines(results) else []),
+        *(["## Player shell", "", *shell, ""] if (shell := shell_lines(results)) else []),
         "## oddsgate against its targets", "", *target_lines(results), "",
         *floor_lines(machine, results), "",
     ]

@@ -27,6 +27,7 @@ from bench.peers.install import NODE_DIR, PEERS, Availability, nats_server_path
 from supervisor.control import request as control_request
 from supervisor.embedded_redis import free_port, free_port_range
 from supervisor.haproxy import FD_RESERVE as HAPROXY_FD_RESERVE
+from supervisor.settings import NodeSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -131,6 +132,16 @@ class System:
     def start(self, redis_url: str) -> Target:
         raise NotImplementedError
 
+    def _start_script(self, python: Path, script: str, redis_url: str) -> Target:
+        """A one-process Python peer from bench/peers/: `--port`, `--redis-url`, /healthz."""
+        self.feed_address = redis_url
+        port = free_port()
+        proc = self.server.start(
+            [str(python), str(PEERS / script), "--port", str(port), "--redis-url", redis_url],
+            self.workdir / f"{self.name}.log")
+        wait_http(port, proc, self.server)
+        return Target([(LOOPBACK, port)], self.protocol)
+
     def stop(self) -> None:
         self.server.stop()
 
@@ -230,16 +241,10 @@ class OddsgateNode(System):
         """Players HAProxy holds under this descriptor limit: two descriptors each."""
         return max(0, (nofile - HAPROXY_FD_RESERVE) // 2)
 
-    def setting(self, env: str, default: int) -> int:
-        return int(self.env.get(env, default))
-
     @property
-    def drain_window_ms(self) -> int:
-        return self.setting("OG_DRAIN_WINDOW_MS", 500)
-
-    @property
-    def drain_settle_ms(self) -> int:
-        return self.setting("OG_DRAIN_SETTLE_MS", 600)
+    def node_settings(self) -> NodeSettings:
+        """What `oddsgate run` will read: its own defaults, this system's OG_* over them."""
+        return NodeSettings.from_env(self.env)
 
     def start(self, redis_url: str) -> Target:
         self.feed_address = redis_url
@@ -319,14 +324,7 @@ class PlainWs(System):
     description = "websockets + redis-py, one process, await send per follower"
 
     def start(self, redis_url: str) -> Target:
-        self.feed_address = redis_url
-        port = free_port()
-        proc = self.server.start(
-            [sys.executable, str(PEERS / "plain_ws.py"), "--port", str(port),
-             "--redis-url", redis_url],
-            self.workdir / "plain-ws.log")
-        wait_http(port, proc, self.server)
-        return Target([(LOOPBACK, port)], self.protocol)
+        return self._start_script(Path(sys.executable), "plain_ws.py", redis_url)
 
 
 class SocketIOPy(System):
@@ -339,14 +337,7 @@ class SocketIOPy(System):
         return self.avail.peers_venv
 
     def start(self, redis_url: str) -> Target:
-        self.feed_address = redis_url
-        port = free_port()
-        proc = self.server.start(
-            [str(self.avail.python), str(PEERS / "socketio_py.py"), "--port", str(port),
-             "--redis-url", redis_url],
-            self.workdir / "python-socketio.log")
-        wait_http(port, proc, self.server)
-        return Target([(LOOPBACK, port)], self.protocol)
+        return self._start_script(self.avail.python, "socketio_py.py", redis_url)
 
 
 class SocketIONode(System):

@@ -436,16 +436,20 @@ class Supervisor:
             window = max(window, math.ceil(1000 * players / rate))
         return window
 
+    def _send_away(self, incarnation: Incarnation, settle_ms: int, *,
+                   retire: bool = False) -> None:
+        """Drain one process: its players get hints spread over a window fit for them."""
+        view = self._view(incarnation)
+        self.table.supervisor_writer(incarnation.slot).request_drain(
+            self.drain_window_ms(view.connections if view is not None else 0), settle_ms,
+            retire=retire)
+
     def _request_drain(self, worker: WorkerHandle, *, retire: bool = False,
                        settle_ms: int | None = None) -> None:
-        for inc in [worker.current] if worker.current else []:
-            writer = self.table.supervisor_writer(inc.slot)
-            view = self._view(inc)
-            writer.request_drain(
-                self.drain_window_ms(view.connections if view is not None else 0),
-                self.settings.drain_settle_ms if settle_ms is None else settle_ms,
-                retire=retire,
-            )
+        if worker.current is not None:
+            self._send_away(worker.current,
+                            self.settings.drain_settle_ms if settle_ms is None else settle_ms,
+                            retire=retire)
 
     async def handle_command(self, request: dict) -> dict:
         cmd = request.get("cmd")
@@ -509,10 +513,7 @@ class Supervisor:
                     old.retiring = True
                     worker.retired.append(old)
                     # The successor already listens on the same port: no settle.
-                    view = self._view(old)
-                    self.table.supervisor_writer(old.slot).request_drain(
-                        self.drain_window_ms(view.connections if view is not None else 0), 0,
-                        retire=True)
+                    self._send_away(old, 0, retire=True)
                     deadline = time.monotonic() + timeout
                     while time.monotonic() < deadline and self._view(old) is not None \
                             and self._view(old).connections > 0:

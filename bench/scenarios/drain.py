@@ -157,7 +157,8 @@ def move(h: Harness, system: OddsgateNode, f: Fanout, drained: list[int],
     before = merge(stats0)
     cpu0, busy0 = cpu_seconds(procs), machine_split()
     # the node may stretch its window to the crowd: wait for the last one due, not a guess
-    window_ms, settle_ms = system.drain_window_ms, system.drain_settle_ms
+    settings = system.node_settings
+    window_ms, settle_ms = settings.drain_window_ms, settings.drain_settle_ms
     started = time.monotonic()
     drain_ns = time.time_ns()
     for worker in drained:
