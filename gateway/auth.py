@@ -32,6 +32,28 @@ class Claims:
     def anonymous(self) -> bool:
         return self.expires_at is None
 
+    def allows(self, topic: str) -> bool:
+        return topic_granted(self.topic_prefixes, topic)
+
+
+def topic_granted(grants: tuple[str, ...] | None, topic: str) -> bool:
+    """Whether a token's `topics` grants cover `topic`: the one rule of every transport.
+
+    A grant covers the topic it names and the topics under it, matched by
+    whole ids: `odds:1:39` covers `odds:1:39` and `odds:1:39:7`, never
+    `odds:1:390`; `odds:1:` covers every topic of sport 1. An empty grant
+    covers nothing (a plain string prefix would make `""` cover everything).
+    No `topics` claim (None) allows every topic.
+    """
+    if grants is None:
+        return True
+    for grant in grants:
+        if not grant:
+            continue
+        if topic == grant or topic.startswith(grant if grant.endswith(":") else grant + ":"):
+            return True
+    return False
+
 
 ANONYMOUS = Claims("anonymous", "", None, None)
 

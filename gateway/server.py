@@ -432,7 +432,7 @@ class Worker:
         topic = topics[0]
         if not self.pmap.is_topic(topic):
             return error_response(404, ErrorCode.UNKNOWN_TOPIC, f"{topic[:80]!r} is not a topic")
-        if claims.topic_prefixes is not None and not topic.startswith(claims.topic_prefixes):
+        if not claims.allows(topic):
             return error_response(403, ErrorCode.FORBIDDEN, "topic not allowed for this token")
         channel = self.hub.channels.get(topic)
         if channel is not None and channel.ready.done() and not channel.ready.exception():

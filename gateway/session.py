@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from gateway import protocol
+from gateway.auth import topic_granted
 from gateway.coalesce import CoalescingOutbox
 from gateway.counters import WorkerCounters
 from gateway.errors import CloseCode, ErrorCode, ProtocolError
@@ -170,15 +171,8 @@ class Session:
         return exc
 
     def allowed(self, topic: str) -> bool:
-        """Whether the token's `topics` prefixes cover `topic`, matched by whole ids.
-
-        `odds:1:39` covers `odds:1:39` and `odds:1:39:7`, never `odds:1:390`.
-        """
-        prefixes = self.topic_prefixes
-        if prefixes is None:
-            return True
-        return any(topic == p or topic.startswith(p if p.endswith(":") else p + ":")
-                   for p in prefixes)
+        """Whether the token's grants cover `topic` (gateway.auth.topic_granted)."""
+        return topic_granted(self.topic_prefixes, topic)
 
     def ack(self, topics: dict[str, int]) -> None:
         """Remember what the player says it processed; topics it left are ignored."""
