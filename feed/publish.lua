@@ -8,6 +8,8 @@
 -- ARGV[3] market id ("sport:league:market")
 -- ARGV[4] the event's JSON body after the seq: `"market":...}` (no leading brace)
 -- ARGV[5] history to keep, in milliseconds
+-- ARGV[6] how long the topic's keys outlive its last publish, in milliseconds
+--         (0: forever); every publish renews all three together
 -- returns {epoch, seq}
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -25,5 +27,15 @@ local cutoff = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) -
 if cutoff < 0 then cutoff = 0 end
 redis.call('XADD', KEYS[2], 'MINID', '~', cutoff, '*', 's', seq, 'e', event)
 redis.call('HSET', KEYS[3], ARGV[3], event)
+local ttl = tonumber(ARGV[6]) or 0
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[3], ttl)
+else
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+  redis.call('PERSIST', KEYS[3])
+end
 redis.call('PUBLISH', ARGV[1], event)
 return {epoch, seq}

@@ -17,16 +17,14 @@ import datetime as _dt
 import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from feed.contract import DEFAULT_TOPIC_TTL_MS, PUBLISH_LUA, topic_keys
 from feed.events import PriceUpdate
-from feed.keys import topic_keys
 from gateway.topics import PartitionMap
 
-PUBLISH_LUA = (Path(__file__).parent / "publish.lua").read_text()
 DEFAULT_HISTORY_MS = 60_000
 MIN_HISTORY_MS = 30_000  # PROTOCOL.md §3: at least 30 s of replay window
 
@@ -50,10 +48,14 @@ class Publisher:
         pmap: PartitionMap,
         *,
         history_ms: int = DEFAULT_HISTORY_MS,
+        topic_ttl_ms: int = DEFAULT_TOPIC_TTL_MS,
         validate: bool = True,
     ) -> None:
         if history_ms < MIN_HISTORY_MS:
             raise ValueError(f"history_ms must be at least {MIN_HISTORY_MS} (PROTOCOL.md §3)")
+        if topic_ttl_ms != 0 and topic_ttl_ms < history_ms:
+            raise ValueError("topic_ttl_ms must be 0 (never expire) or at least history_ms")
+        self._topic_ttl_ms = topic_ttl_ms
         self._redis = redis
         self._pmap = pmap
         self._history_ms = history_ms
@@ -69,6 +71,7 @@ class Publisher:
             update.market,
             update.body(),
             self._history_ms,
+            self._topic_ttl_ms,
         ]
 
     async def publish(self, update: PriceUpdate) -> Published:

@@ -57,6 +57,11 @@ MARGIN = 1.05  # bookmaker overround: implied probabilities sum to this
 SUSPEND_PROBABILITY = 0.01  # per update of an open market
 CLOSE_PROBABILITY = 2e-6  # per update; the most popular market lives minutes at 10k/s
 MAX_BACKLOG_S = 1.0
+# Spike defaults as plain constants: the argparse defaults read them, and a
+# slotted dataclass's class attributes are member descriptors, not the values.
+SPIKE_FACTOR = 50.0
+SPIKE_AFTER_S = 10.0
+SPIKE_SECONDS = 30.0
 REDIS_URL_ENV = "OG_REDIS_URL"
 
 
@@ -64,9 +69,9 @@ REDIS_URL_ENV = "OG_REDIS_URL"
 class Spike:
     """One match updating `factor` times faster from `after` s into the run, for `seconds` s."""
 
-    factor: float = 50.0
-    after: float = 10.0
-    seconds: float = 30.0
+    factor: float = SPIKE_FACTOR
+    after: float = SPIKE_AFTER_S
+    seconds: float = SPIKE_SECONDS
 
     def active(self, elapsed: float) -> bool:
         return self.after <= elapsed < self.after + self.seconds
@@ -524,13 +529,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--spike", action="store_true", help="one popular match at x50 rate for a while"
     )
     parser.add_argument(
-        "--spike-after", type=_non_negative_float, default=Spike.after, help="s before the spike"
+        "--spike-after", type=_non_negative_float, default=SPIKE_AFTER_S, help="s before the spike"
     )
     parser.add_argument(
-        "--spike-seconds", type=_positive_float, default=Spike.seconds, help="spike length in s"
+        "--spike-seconds", type=_positive_float, default=SPIKE_SECONDS, help="spike length in s"
     )
     parser.add_argument(
-        "--spike-factor", type=_positive_float, default=Spike.factor, help=argparse.SUPPRESS
+        "--spike-factor", type=_positive_float, default=SPIKE_FACTOR, help=argparse.SUPPRESS
     )
     parser.add_argument("--partition-map", metavar="FILE", help="JSON partition map")
     parser.add_argument(

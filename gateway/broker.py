@@ -9,8 +9,8 @@ then tells its owner, who checks each topic for events missed meanwhile:
 pub/sub is at-most-once, history is not.
 
 Commands (the replay and snapshot reads) go through redis-py. Their Lua
-scripts are read-only but for one thing: a topic that was never published
-gets its epoch on first read, so a snapshot always names its seq space.
+scripts (feed/contract.py, which owns the Redis side of a topic) only read:
+a topic nobody published to reads as `UNPUBLISHED_EPOCH`, seq 0, no markets.
 """
 
 from __future__ import annotations
@@ -26,47 +26,16 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.exceptions import NoScriptError
 
-from feed.keys import history_key, latest_key, meta_key
-from feed.publisher import new_epoch
+from feed.contract import (
+    LOAD_STATE_LUA,
+    READ_SINCE_LUA,
+    UNPUBLISHED_EPOCH,
+    history_key,
+    latest_key,
+    meta_key,
+)
 
 log = logging.getLogger("oddsgate.broker")
-
-UNPUBLISHED_TOPIC_TTL_S = 86_400
-
-# KEYS meta, hist, latest; ARGV epoch to create, ttl -> {epoch, seq, [event...]}
-LOAD_STATE_LUA = """
-local epoch = redis.call('HGET', KEYS[1], 'epoch')
-if not epoch then
-  epoch = ARGV[1]
-  redis.call('DEL', KEYS[2], KEYS[3])
-  redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
-  redis.call('EXPIRE', KEYS[1], ARGV[2])
-end
-local seq = tonumber(redis.call('HGET', KEYS[1], 'seq'))
-return {epoch, seq, redis.call('HVALS', KEYS[3])}
-"""
-
-# KEYS meta, hist; ARGV since seq, most events
-#   -> {epoch|false, head seq, covered 0/1, event...} (events after `since`, in order)
-READ_SINCE_LUA = """
-local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
-if not meta[1] then return {false, 0, 0} end
-local head = tonumber(meta[2])
-local want = head - tonumber(ARGV[1])
-if want <= 0 then return {meta[1], head, 1} end
-if want > tonumber(ARGV[2]) then return {meta[1], head, 0} end
-local entries = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', want)
-if #entries < want then return {meta[1], head, 0} end
-local out = {meta[1], head, 1}
-for i = #entries, 1, -1 do
-  local fields = entries[i][2]
-  for j = 1, #fields, 2 do
-    if fields[j] == 'e' then out[#out + 1] = fields[j + 1] end
-  end
-end
-return out
-"""
-
 
 @dataclass(frozen=True, slots=True)
 class TopicState:
@@ -81,7 +50,7 @@ class TopicState:
 class History:
     """What history holds after a seq; `events` is None when it no longer reaches it."""
 
-    epoch: str | None
+    epoch: str
     head: int
     events: list[bytes] | None
 
@@ -338,19 +307,21 @@ class RedisBroker:
                     fut.set_exception(ConnectionError(f"load of {topic} failed: {reply}"))
                 else:
                     epoch, seq, markets = reply
-                    fut.set_result(TopicState(_text(epoch), int(seq), list(markets)))
+                    if epoch is None:  # no seq space yet: nothing to show
+                        fut.set_result(TopicState(UNPUBLISHED_EPOCH, 0, []))
+                    else:
+                        fut.set_result(TopicState(_text(epoch), int(seq), list(markets)))
 
     async def _pipeline_loads(self, topics: list[str]) -> list:
-        epoch = new_epoch()  # created only for topics that have none
         async with self.commands.pipeline(transaction=False) as pipe:
             for topic in topics:
-                pipe.evalsha(self._load_state.sha, 3, meta_key(topic), history_key(topic),
-                             latest_key(topic), epoch, UNPUBLISHED_TOPIC_TTL_S)
+                pipe.evalsha(self._load_state.sha, 2, meta_key(topic), latest_key(topic))
             return await pipe.execute(raise_on_error=False)
 
     async def read_since(self, topic: str, seq: int, most: int) -> History:
         """Every event of `topic` after `seq`, if history still holds them all."""
         reply = await self._read_since(keys=[meta_key(topic), history_key(topic)], args=[seq, most])
-        epoch = _text(reply[0]) if reply[0] is not None else None
+        if reply[0] is None:  # no seq space: at seq 0 of the unpublished epoch, nothing after
+            return History(UNPUBLISHED_EPOCH, 0, [])
         events = list(reply[3:]) if reply[2] == 1 else None
-        return History(epoch, int(reply[1]), events)
+        return History(_text(reply[0]), int(reply[1]), events)

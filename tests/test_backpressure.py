@@ -14,8 +14,8 @@ import socket
 import orjson
 import redis.asyncio as aioredis
 
+from feed.contract import history_key
 from feed.events import PriceUpdate
-from feed.keys import history_key
 from gateway.client import OddsClient
 from gateway.rules import verify_coalescing
 from tests.conftest import eventually, token

@@ -383,8 +383,9 @@ def test_same_cookie_same_backend_and_cookies_spread(node: Node) -> None:
     assert min(spread.values()) >= 20, spread
     # no cookie (a ?token= client): round robin over every backend
     assert {node.who(None) for _ in range(9)} == {"b0", "b1", "b2"}
-    # the agent was asked with the agent-send string, newline included
-    assert {b"w0\n", b"w1\n", b"w2\n"} <= set(node.agent.requests)
+    # the agent was asked with the agent-send string, newline included (its checks
+    # run every 200 ms per server, not in step with the health checks: wait for them)
+    until(lambda: {b"w0\n", b"w1\n", b"w2\n"} <= set(node.agent.requests), timeout=5)
     assert node.get("/haproxy-health")[0] == 200
     assert set(read_servers(node.haproxy.settings.stats_socket)) == {"w0", "w1", "w2"}
 

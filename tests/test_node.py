@@ -17,8 +17,8 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
+from feed.contract import latest_key, meta_key
 from feed.events import PriceUpdate
-from feed.keys import latest_key, meta_key
 from feed.publisher import Publisher
 from gateway.client import OddsClient
 from gateway.topics import PartitionMap

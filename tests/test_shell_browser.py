@@ -29,8 +29,8 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.datastructures import Headers
 
+from feed.contract import history_key, latest_key, meta_key
 from feed.events import PriceUpdate
-from feed.keys import history_key, latest_key, meta_key
 from feed.publisher import Publisher
 from gateway.client import BACKOFF_BASE_S, BACKOFF_CAP_S
 from gateway.rules import RuleChecker

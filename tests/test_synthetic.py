@@ -18,8 +18,8 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+from feed.contract import history_key, meta_key
 from feed.events import PriceUpdate
-from feed.keys import history_key, meta_key
 from feed.publisher import Publisher
 from feed.synthetic import Spike, SyntheticFeed, main
 from gateway.topics import PartitionMap, parse_topic

@@ -70,13 +70,14 @@ async def test_ping_ack_unsubscribe(worker, publisher) -> None:
     await ws.send('{"op":"ping","id":"p"}')
     pong = await _recv(ws)
     assert pong["type"] == "pong" and pong["id"] == "p" and pong["ts"] >= before
+    await publisher.publish(PriceUpdate("odds:1:39:3", "1:39:3", "m-3", {"home": "1.90"}))
     await ws.send('{"op":"subscribe","topics":{"odds:1:39:3":null}}')
     assert await _recv(ws) == {"type": "subscribed", "topics": ["odds:1:39:3"]}
     assert (await _recv(ws))["type"] == "snapshot"
     await publisher.publish(PriceUpdate("odds:1:39:3", "1:39:3", "m-3", {"home": "2.00"}))
     event = await _recv(ws)
-    assert event["seq"] == 1
-    await ws.send('{"op":"ack","topics":{"odds:1:39:3":1}}')  # no reply
+    assert event["seq"] == 2
+    await ws.send('{"op":"ack","topics":{"odds:1:39:3":2}}')  # no reply
     await ws.send('{"op":"unsubscribe","id":2,"topics":["odds:1:39:3"]}')
     assert await _recv(ws) == {"type": "unsubscribed", "id": 2, "topics": ["odds:1:39:3"]}
     await publisher.publish(PriceUpdate("odds:1:39:3", "1:39:3", "m-3", {"home": "2.10"}))

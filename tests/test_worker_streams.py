@@ -16,8 +16,8 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
+from feed.contract import history_key, latest_key, meta_key, topic_keys
 from feed.events import PriceUpdate
-from feed.keys import history_key, latest_key, meta_key, topic_keys
 from feed.publisher import PUBLISH_LUA, Publisher, new_epoch
 from gateway.client import OddsClient
 from tests.conftest import eventually, token
@@ -209,11 +209,11 @@ async def test_events_lost_by_pubsub_are_filled_from_history(worker, publisher,
                                                              redis_url) -> None:
     """Pub/sub is at-most-once: a seq jump makes the worker read history first."""
     topic = "odds:1:39:15"
+    await publisher.publish(_update(topic, 1, "1.50"))  # the topic has its epoch
     players = [await _client(worker, [topic]) for _ in range(3)]
     silent = aioredis.Redis.from_url(redis_url)
     no_publish = silent.register_script(PUBLISH_LUA.replace(
         "redis.call('PUBLISH', ARGV[1], event)", ""))
-    await publisher.publish(_update(topic, 1, "1.50"))
     for i in range(5):  # in history and latest, never sent on the channel
         body = _update(topic, 2, f"1.6{i}").body()
         await no_publish(keys=topic_keys(topic), args=[topic, new_epoch(), "1:39:15",
@@ -255,8 +255,8 @@ async def _publish_once_redis_is_back(publisher: Publisher, update: PriceUpdate)
 async def test_redis_losing_its_data_resets_players_to_the_new_epoch(
         worker, publisher, redis_url, redis_server) -> None:
     topic = "odds:1:39:16"
-    players = [await _client(worker, [topic]) for _ in range(3)]
     old = await publisher.publish(_update(topic, 1, "1.90"))
+    players = [await _client(worker, [topic]) for _ in range(3)]
     await eventually(lambda: all(p.topics[topic].seq == old.seq for p in players))
     client = aioredis.Redis.from_url(redis_url)
     await client.flushall()
@@ -276,6 +276,7 @@ async def test_client_resumes_after_its_worker_restarts(worker_factory, publishe
     """The client library reconnects on its own and resumes without loss."""
     topic = "odds:1:39:17"
     worker = worker_factory()
+    await publisher.publish(_update(topic, 1, "1.00"))  # the topic has its epoch
     player = await _client(worker, [topic])
     await _publish_at(publisher, topic, 500, 0.2, markets=4)
     worker.stop()
@@ -292,12 +293,13 @@ async def test_client_resumes_after_its_worker_restarts(worker_factory, publishe
 async def test_events_of_one_turn_share_a_frame_up_to_max_batch(worker_factory, publisher,
                                                                 max_batch, frames) -> None:
     worker = worker_factory(OG_MAX_BATCH=max_batch)
-    topic = "odds:1:39:18"
+    topic = f"odds:1:39:18{max_batch}"
+    await publisher.publish(_update(topic, 1, "1.00"))  # the topic has its epoch
     ws = await _raw_player(worker.url)
     assert [f["type"] for f in await _subscribe_raw(ws, topic, None)] == ["subscribed",
                                                                           "snapshot"]
     await publisher.publish_many([_update(topic, 1, f"1.{i:02d}") for i in range(10)])
     received = await _frames_until_quiet(ws)
     assert len(received) == frames
-    assert [e["seq"] for e in _events(received)] == list(range(1, 11))
+    assert [e["seq"] for e in _events(received)] == list(range(2, 12))
     await ws.close()
