@@ -207,10 +207,11 @@ class Hub:
 
     def _install(self, channel: TopicChannel, epoch: str, seq: int, markets: list[bytes],
                  reset_reason: str | None = None) -> None:
-        """A fresh snapshot becomes the channel's state; kept live events follow it.
+        """A fresh snapshot, plus the live events kept while it was read, becomes
+        the channel's state.
 
         With `reset_reason` (a resync), every follower is told `reset` and gets
-        the new snapshot before those events.
+        a snapshot of that state.
         """
         parsed: list[tuple[str, bytes]] = []
         for event in markets:
@@ -221,11 +222,16 @@ class Hub:
         channel.cursor.begin_sync()
         result = channel.cursor.complete_sync(epoch, seq, [])
         channel.load(parsed)
+        # The cursor now stands past the live events kept during the read: they
+        # join the state before any snapshot is built from it, or a snapshot
+        # would name their seq without their prices and they would follow it
+        # as repeats (Hardening, point 4).
+        for market, event in result.deliver:
+            channel.apply(market, event)
         if reset_reason is not None:
             self.fanout.flush_channel(channel)
             for session in list(channel.subscribers):
                 self._reset_session(session, channel, reset_reason)
-        self._deliver_merged(channel, result.deliver)
         if result.gap or result.epoch_changed:
             channel.cursor.begin_sync()
             self._start_repair(channel)  # inside a repair already: its loop goes on
