@@ -144,6 +144,11 @@ class Settings(EnvSettings):
         "OG_BREAKER_RECOVER_SHARE", 0.03,
         "share under which the breaker closes again", minimum=0.0,
     )
+    breaker_min_players: int = setting(
+        "OG_BREAKER_MIN_PLAYERS", 10,
+        "players in back-pressure the breaker needs besides the share, so a few "
+        "connections cannot trip it", minimum=1,
+    )
     shed_retry_ms: int = setting(
         "OG_SHED_RETRY_MS", 2000, "retry_after_ms of a shed subscription", minimum=1
     )

@@ -438,12 +438,17 @@ class FleetTable:
                 sums[field.name.lower()] += words[field]
         return sums
 
-    def backpressure_share(self) -> float:
-        """Connections in back-pressure / all connections, node-wide (0.0 with none)."""
+    def backpressure_counts(self) -> tuple[int, int]:
+        """(connections in back-pressure, all connections), node-wide."""
         connections = backpressure = 0
         for words in self._occupied_words():
             connections += words[WorkerField.CONNECTIONS]
             backpressure += words[WorkerField.CONNECTIONS_BACKPRESSURE]
+        return backpressure, connections
+
+    def backpressure_share(self) -> float:
+        """Connections in back-pressure / all connections, node-wide (0.0 with none)."""
+        backpressure, connections = self.backpressure_counts()
         return backpressure / connections if connections > 0 else 0.0
 
 

@@ -34,7 +34,7 @@ class FleetReporter:
         self._drain_seq = -1
         self._retiring = False
         if table is not None:  # the breaker follows the whole node, not this worker
-            worker.backpressure_share = table.backpressure_share
+            worker.backpressure = table.backpressure_counts
 
     def start(self) -> None:
         self.writer.claim()

@@ -154,14 +154,15 @@ class Worker:
         self.hub.attach_broker(self.broker)
         self.static_site = StaticSite.load()  # the player shell: `/` and `/static/`
         self.connections: dict[Session, ServerConnection] = {}
-        self.breaker = Breaker(settings.breaker_trip_share, settings.breaker_recover_share)
+        self.breaker = Breaker(settings.breaker_trip_share, settings.breaker_recover_share,
+                               settings.breaker_min_players)
         # Installed by the process entry (gateway/worker.py): it owns process-wide state.
         self.gc = GcPolicy(closed_share=settings.gc_full_closed_share,
                            min_closed=settings.gc_full_min_closed,
                            interval_s=settings.gc_full_interval_s)
-        # The node's share of players in back-pressure: this worker's own unless a
+        # The node's (players in back-pressure, players): this worker's own unless a
         # fleet table is attached (gateway/reporter.py sets the node's).
-        self.backpressure_share: Callable[[], float] = self._local_backpressure_share
+        self.backpressure: Callable[[], tuple[int, int]] = self._local_backpressure
         self._connection_class = type("PlayerConnection", (PlayerConnection,),
                                       {"sndbuf": settings.socket_sndbuf_bytes})
         self._watch_task: asyncio.Task | None = None
@@ -221,15 +222,15 @@ class Worker:
     def connections_in_backpressure(self) -> int:
         return len(self.hub.pressured)
 
-    def _local_backpressure_share(self) -> float:
-        return len(self.hub.pressured) / len(self.connections) if self.connections else 0.0
+    def _local_backpressure(self) -> tuple[int, int]:
+        return len(self.hub.pressured), len(self.connections)
 
     async def _watch_pressure(self, interval_s: float = 0.1) -> None:
         """The breaker follows the node's share; players stalled too long are cut off."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                if self.breaker.update(self.backpressure_share()):
+                if self.breaker.update(*self.backpressure()):
                     log.warning("breaker %s: %.1f%% of the node's players in back-pressure",
                                 "open, shedding new subscriptions" if self.breaker.open
                                 else "closed", 100 * self.breaker.share)

@@ -109,7 +109,8 @@ async def test_a_stalled_player_is_coalesced_and_ends_on_the_newest_prices(
 async def test_the_breaker_trips_sheds_then_recovers_across_two_workers(
         redis_server, publisher, tmp_path) -> None:
     node = start_node(redis_server.url, tmp_path / "node", **SMALL_BUFFERS,
-                      OG_BREAKER_TRIP_SHARE="0.05", OG_BREAKER_RECOVER_SHARE="0.03")
+                      OG_BREAKER_TRIP_SHARE="0.05", OG_BREAKER_RECOVER_SHARE="0.03",
+                      OG_BREAKER_MIN_PLAYERS="2")
     try:
         healthy = [await _player(node.url, [LEAGUE], name=f"h{i}") for i in range(18)]
         # one stalled player on each worker: 2 of 20 connections, 10% >= 5%
