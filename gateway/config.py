@@ -131,6 +131,13 @@ class Settings(EnvSettings):
         "OG_SOCKET_SNDBUF_BYTES", 0,
         "kernel send buffer per player socket; 0: the kernel's autotuning", minimum=0,
     )
+    socket_notsent_lowat_bytes: int = setting(
+        "OG_SOCKET_NOTSENT_LOWAT_BYTES", 16_384,
+        "unsent bytes the kernel takes per player socket (TCP_NOTSENT_LOWAT); the rest "
+        "waits in the worker, where the watermarks see it and coalescing can replace it; "
+        "0: the kernel's limit (megabytes of old events a stalled player sees on waking)",
+        minimum=0,
+    )
     stall_timeout_s: float = setting(
         "OG_STALL_TIMEOUT_S", 60.0,
         "a player over its high-water mark this long is closed 1013 (a dead peer)",

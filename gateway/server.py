@@ -81,6 +81,9 @@ class PlayerConnection(ServerConnection):
     """
 
     sndbuf = 0  # SO_SNDBUF for player sockets; 0 leaves the kernel's autotuning
+    # TCP_NOTSENT_LOWAT for player sockets (OG_SOCKET_NOTSENT_LOWAT_BYTES); 0: not set
+    notsent_lowat = 0
+    TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)  # 25 on Linux
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -111,11 +114,25 @@ class PlayerConnection(ServerConnection):
         self.response = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Keep a stalled player's backlog in user space, where it can be coalesced.
+
+        Without a low mark the kernel takes unsent bytes until its autotuned
+        send buffer (up to 4 MB) is full, and only then does the transport
+        buffer and pass `write_limit`: a player that stops reading is later
+        shown every old event the kernel held. With it, `send()` refuses more
+        once this many bytes wait unsent, so the rest stays in the transport,
+        its watermarks fire, and the hub keeps only the newest per market.
+        """
         super().connection_made(transport)
+        if not (self.sndbuf or self.notsent_lowat):
+            return
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return
         if self.sndbuf:
-            sock = transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.sndbuf)
+        if self.notsent_lowat and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, self.TCP_NOTSENT_LOWAT, self.notsent_lowat)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -164,7 +181,8 @@ class Worker:
         # fleet table is attached (gateway/reporter.py sets the node's).
         self.backpressure: Callable[[], tuple[int, int]] = self._local_backpressure
         self._connection_class = type("PlayerConnection", (PlayerConnection,),
-                                      {"sndbuf": settings.socket_sndbuf_bytes})
+                                      {"sndbuf": settings.socket_sndbuf_bytes,
+                                       "notsent_lowat": settings.socket_notsent_lowat_bytes})
         self._watch_task: asyncio.Task | None = None
         self._heartbeat_task: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
