@@ -98,6 +98,24 @@ class Settings(EnvSettings):
         "OG_RATE_LIMIT_CLOSE_AFTER", 20, "refused requests in a row before close 4429",
         minimum=1
     )
+    snapshot_rate_limit_rps: float = setting(
+        "OG_SNAPSHOT_RATE_LIMIT_RPS", 5.0,
+        "GET /v1/snapshot requests a second per client (the token's player, else its "
+        "address); more get 429", minimum=0.1
+    )
+    snapshot_rate_limit_burst: float = setting(
+        "OG_SNAPSHOT_RATE_LIMIT_BURST", 20.0, "GET /v1/snapshot burst per client", minimum=1
+    )
+    snapshot_rate_limit_clients: int = setting(
+        "OG_SNAPSHOT_RATE_LIMIT_CLIENTS", 4096,
+        "clients whose snapshot buckets a worker keeps (least recently seen dropped first)",
+        minimum=1
+    )
+    snapshot_redis_reads_per_s: float = setting(
+        "OG_SNAPSHOT_REDIS_READS_PER_S", 200.0,
+        "snapshot reads a worker sends to Redis a second, all clients together (topics it "
+        "does not follow); more get 429", minimum=1
+    )
     max_bad_requests: int = setting(
         "OG_MAX_BAD_REQUESTS", 10, "bad requests per connection before close 4400", minimum=1
     )

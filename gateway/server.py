@@ -28,6 +28,7 @@ from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 
 from gateway import protocol
 from gateway.auth import AuthError, Claims, TokenVerifier, token_from_request
@@ -39,12 +40,21 @@ from gateway.counters import WorkerCounters
 from gateway.errors import CloseCode, ErrorCode, ProtocolError, close_for_exception
 from gateway.fanout import Fanout
 from gateway.gcpolicy import GcPolicy
-from gateway.http import error_response, json_response, response
+from gateway.http import (
+    SERVER_HEADER,
+    error_response,
+    json_response,
+    rate_limited,
+    response,
+    without_body,
+)
 from gateway.hub import Hub
-from gateway.session import Session
+from gateway.ratelimit import ClientBuckets, client_key, retry_after_s
+from gateway.session import RateLimiter, Session
 from gateway.static import StaticSite
 from gateway.topics import PartitionMap
 from gateway.wire import text_frame
+from gateway.wsprotocol import PlayerProtocol
 
 log = logging.getLogger("oddsgate.worker")
 
@@ -196,6 +206,12 @@ class Worker:
         self.server: Server | None = None
         self._broker_task: asyncio.Task | None = None
         self._conn_seq = 0
+        # GET /v1/snapshot: a bucket per client, and one for this worker's reads from Redis.
+        self.snapshot_clients = ClientBuckets(settings.snapshot_rate_limit_rps,
+                                              settings.snapshot_rate_limit_burst,
+                                              settings.snapshot_rate_limit_clients)
+        self.snapshot_reads = RateLimiter(settings.snapshot_redis_reads_per_s,
+                                          settings.snapshot_redis_reads_per_s)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -214,14 +230,14 @@ class Worker:
             close_timeout=5,
             max_size=s.max_frame_bytes,
             max_queue=4,
-            server_header="oddsgate",
+            server_header=SERVER_HEADER,
             reuse_port=s.reuse_port,
             # A drain sends thousands of players back through HAProxy within
             # seconds; asyncio's default backlog (100) overflowed on the bench,
             # dropped SYNs, failed HAProxy's health checks and 503'd the herd.
             backlog=s.listen_backlog,
             write_limit=(s.high_watermark_bytes, s.low_watermark_bytes),
-            create_connection=self._connection_class,
+            create_connection=self._create_connection,
         )
         self._watch_task = asyncio.create_task(self._watch_pressure())
         self._heartbeat_task = asyncio.create_task(self._heartbeat())
@@ -413,7 +429,23 @@ class Worker:
 
     # -- HTTP and the handshake -------------------------------------------
 
+    def _create_connection(self, protocol: ServerProtocol, server: Server,
+                           **kwargs: Any) -> PlayerConnection:
+        """serve()'s connection factory: oddsgate's request parsing under PlayerConnection."""
+        return self._connection_class(PlayerProtocol.adopt(protocol), server, **kwargs)
+
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
+        """Answer a request the parser let through: GET or HEAD, no body (wsprotocol.py).
+
+        HEAD gets GET's status and headers without the body; it never
+        reaches /ws (a HEAD cannot upgrade: 405 in the parser).
+        """
+        answer = await self._route(conn, request)
+        if request.method == "HEAD" and answer is not None:
+            return without_body(answer)
+        return answer
+
+    async def _route(self, conn: ServerConnection, request: Request) -> Response | None:
         url = urlsplit(request.path)
         path, query = url.path, parse_qs(url.query)
         if path == "/ws":
@@ -431,7 +463,11 @@ class Worker:
         if path == "/v1/topics":
             return json_response(200, self.pmap.to_dict())
         if path == "/v1/snapshot":
-            return await self._snapshot(request, query)
+            claims = self._authenticate(request, query)
+            refused = self._limit_snapshot(conn, request, claims)
+            if refused is not None:
+                return refused
+            return await self._snapshot(request, query, claims)
         return self.static_site.respond(path, request.headers)
 
     def _authenticate(self, request: Request, query: dict) -> Claims | Response:
@@ -441,8 +477,24 @@ class Worker:
         except AuthError as exc:
             return response(401, f"{exc}\n", headers=[("WWW-Authenticate", "Bearer")])
 
-    async def _snapshot(self, request: Request, query: dict) -> Response:
-        claims = self._authenticate(request, query)
+    def _limit_snapshot(self, conn: ServerConnection, request: Request,
+                        claims: Claims | Response) -> Response | None:
+        """429 for a client over its snapshot rate (gateway/ratelimit.py), else None.
+
+        Asked before a bad token's 401 is answered: requests with bad tokens
+        count against their address, so a flood of them is refused too.
+        """
+        peer = conn.remote_address
+        key = client_key(claims if isinstance(claims, Claims) else None,
+                         peer[0] if peer else None,
+                         request.headers.get_all("X-Forwarded-For"))
+        wait_s = self.snapshot_clients.admit(key, time.monotonic())
+        if wait_s is None:
+            return None
+        return rate_limited("too many snapshot requests from this client; retry later", wait_s)
+
+    async def _snapshot(self, request: Request, query: dict,
+                        claims: Claims | Response) -> Response:
         if isinstance(claims, Response):
             return claims
         topics = query.get("topic", [])
@@ -456,6 +508,9 @@ class Worker:
         channel = self.hub.channels.get(topic)
         if channel is not None and channel.ready.done() and not channel.ready.exception():
             return json_response(200, channel.snapshot())
+        if not self.snapshot_reads.allow(time.monotonic()):  # Redis is every worker's
+            return rate_limited("this worker reads too many snapshots now; retry later",
+                                retry_after_s(self.snapshot_reads))
         try:
             state = await self.broker.load_state(topic)
         except Exception as exc:

@@ -18,7 +18,8 @@ script loads) by their sha256, taken from the HTML as served: an edit to the
 bootstrap changes its hash with it, never silently breaks the page.
 
 A worker answers plain HTTP inside the WebSocket handshake, one request per
-connection (`Connection: close`), GET only; that suits a page of two files.
+connection (`Connection: close`), GET and HEAD only (README: "HTTP on a
+worker"); that suits a page of two files.
 """
 
 from __future__ import annotations
