@@ -17,6 +17,9 @@ on an event marked `coalesced`, an event only after its topic's snapshot
 `ready` resolves when the connection is usable, `synced` when its
 subscriptions are all in place (for oddsgate: every snapshot received).
 
+A stalled player that reads again (bench spike) watches what it is shown
+through a `Wake`: only woken players pay for it, per event.
+
 An oddsgate player can follow a `reconnect` hint (PROTOCOL.md §4) when the
 load generator asks it to (`on_hint`): the load generator opens a new
 connection after `after_ms` and the new `OddsgateConn` `resume()`s every
@@ -85,6 +88,80 @@ class Move:
                 "abandoned": self.abandoned}
 
 
+@dataclass(slots=True)
+class Wake:
+    """A stalled player reading again: the old prices it is shown before the current ones.
+
+    `owed` is, per (topic, market), the seq of the market's newest event when
+    the player woke (the feed's heads), for the markets where that is newer
+    than what the player held. An event read after waking with a lower seq
+    than its market's owed one is old: superseded before the player woke, so
+    it only delays the price it will be replaced by. The player holds the
+    current prices once every owed market got an event at least that new;
+    `current_ns` is when (`time.time_ns()` of the load generator, as
+    `woke_ns`).
+    """
+
+    index: int
+    woke_ns: int
+    owed: dict[tuple[str, str], int]
+    old_events: int = 0  # events read after waking, superseded before it
+    events: int = 0  # every event read after waking, until current
+    current_ns: int = 0
+    conn: BenchConn | None = None
+
+    @classmethod
+    def start(cls, conn: BenchConn, heads: dict[str, dict[str, int]], now_ns: int) -> Wake:
+        """What `conn` owes, from the feed's heads and the seqs it holds per topic."""
+        owed = {}
+        for topic in conn.topics:
+            held = conn.held.get(topic)
+            for market, seq in heads.get(topic, {}).items():
+                if held is None or seq > held[1]:
+                    owed[(topic, market)] = seq
+        return cls(conn.index, now_ns, owed, current_ns=0 if owed else now_ns, conn=conn)
+
+    def see(self, ev: dict, now_ns: int) -> None:
+        if self.current_ns:
+            return
+        self.events += 1
+        key = (ev["topic"], ev.get("market"))
+        seq = self.owed.get(key)
+        if seq is None:
+            return
+        if ev["seq"] < seq:
+            self.old_events += 1
+            return
+        self._paid(key, now_ns)
+
+    def see_snapshot(self, msg: dict, now_ns: int) -> None:
+        """A snapshot (after a `reset`) holds each market's newest state: none of it old."""
+        if self.current_ns:
+            return
+        topic = msg["topic"]
+        for market in msg["markets"]:
+            key = (topic, market.get("market"))
+            seq = self.owed.get(key)
+            if seq is not None and market["seq"] >= seq:
+                self._paid(key, now_ns)
+
+    def _paid(self, key: tuple[str, str], now_ns: int) -> None:
+        del self.owed[key]
+        if not self.owed:
+            self.current_ns = now_ns
+
+    @property
+    def waiting(self) -> bool:
+        """Not current yet, and still connected: it may get there."""
+        return not self.current_ns and self.conn is not None and not self.conn.closed
+
+    def record(self) -> dict:
+        return {"index": self.index, "woke_ns": self.woke_ns, "current_ns": self.current_ns,
+                "old_events": self.old_events, "events": self.events,
+                "owed_left": len(self.owed),
+                "closed": self.conn is not None and self.conn.closed}
+
+
 class BenchConn(WsClient):
     """Common bookkeeping: futures, the per-topic check, latency recording."""
 
@@ -125,6 +202,23 @@ class BenchConn(WsClient):
 
     def subscribe(self) -> None:
         raise NotImplementedError
+
+    def wake(self, wake: Wake) -> None:
+        """Read again, every event from now on also shown to `wake`.
+
+        The hook is an instance attribute over the class's `_event`, so the
+        players that never stalled keep the plain path.
+        """
+        check = self._event
+        see = wake.see
+
+        def event(ev: dict, now_ns: int) -> None:
+            check(ev, now_ns)
+            see(ev, now_ns)
+
+        self._event = event  # type: ignore[method-assign]
+        self.stalled = False
+        self.resume_reading()
 
     # -- the event path ---------------------------------------------------
 
@@ -185,6 +279,18 @@ class OddsgateConn(BenchConn):
         self.pending = set(self.topics)
         self.sub_sent_ns = _time_ns()
         self._request(self.topics)
+
+    def wake(self, wake: Wake) -> None:
+        """As every player's, and snapshots shown to `wake` too (a `reset` brings one)."""
+        check = self._snapshot
+        see = wake.see_snapshot
+
+        def snapshot(msg: dict, now_ns: int) -> None:
+            check(msg, now_ns)
+            see(msg, now_ns)
+
+        self._snapshot = snapshot  # type: ignore[method-assign]
+        super().wake(wake)
 
     def resume(self) -> None:
         """Subscribe every topic again from the last event held (PROTOCOL.md §3).

@@ -36,7 +36,12 @@ OURS = ("oddsgate", NODE)  # oddsgate itself: bare workers, and a whole node beh
 # oddsgate with other settings, run beside it (issue 4: micro-batching measured
 # before and after): one frame per event instead of one `batch` per player per turn.
 UNBATCHED = "oddsgate-unbatched"
-VARIANTS = {UNBATCHED: {"OG_MAX_BATCH": "1"}}
+# Issue "Hardening" 7: the kernel takes a stalled player's backlog (megabytes)
+# instead of the worker, where it would be coalesced. Not in a plan:
+# `--scenario spike --peers oddsgate-no-lowat` runs it beside oddsgate.
+NO_LOWAT = "oddsgate-no-lowat"
+VARIANTS = {UNBATCHED: {"OG_MAX_BATCH": "1"},
+            NO_LOWAT: {"OG_SOCKET_NOTSENT_LOWAT_BYTES": "0"}}
 
 # What runs by default, per mode: scenario -> systems.
 QUICK_PLAN = {

@@ -34,17 +34,25 @@ from gateway.topics import PartitionMap
 
 
 class Sent:
-    """What an emitter has published, in all and per topic (for exact expectations)."""
+    """What an emitter has published: in all and per topic (for exact expectations), and
+    each market's newest seq (what a woken player must end up holding, bench spike)."""
 
     def __init__(self) -> None:
         self.sent = 0
         self.by_topic: dict[str, int] = {}
+        self.heads: dict[str, dict[str, int]] = {}  # topic -> market -> seq of its newest
 
-    def count(self, updates: list[PriceUpdate]) -> None:
+    def count(self, updates: list[PriceUpdate], seqs: list[int]) -> None:
         self.sent += len(updates)
         by_topic = self.by_topic
-        for update in updates:
-            by_topic[update.topic] = by_topic.get(update.topic, 0) + 1
+        heads = self.heads
+        for update, seq in zip(updates, seqs, strict=True):
+            topic = update.topic
+            by_topic[topic] = by_topic.get(topic, 0) + 1
+            markets = heads.get(topic)
+            if markets is None:
+                markets = heads[topic] = {}
+            markets[update.market] = seq
 
 
 class LocalSeq:
@@ -59,6 +67,14 @@ class LocalSeq:
             update.topic.encode(), self.epoch.encode(), seq)
         return head + update.body()
 
+    def events(self, updates: list[PriceUpdate]) -> tuple[list[bytes], list[int]]:
+        """Each update's event, and its seq, in order."""
+        events, seqs = [], []
+        for update in updates:
+            events.append(self.event(update))
+            seqs.append(self.seqs[update.topic])
+        return events, seqs
+
 
 class LuaEmitter(Sent):
     def __init__(self, url: str, pmap: PartitionMap) -> None:
@@ -67,8 +83,8 @@ class LuaEmitter(Sent):
         super().__init__()
 
     async def publish_many(self, updates: list[PriceUpdate]) -> None:
-        await self.publisher.publish_many(updates)
-        self.count(updates)
+        published = await self.publisher.publish_many(updates)
+        self.count(updates, [p.seq for p in published])
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -84,11 +100,12 @@ class _RedisPipelineEmitter(Sent):
         raise NotImplementedError
 
     async def publish_many(self, updates: list[PriceUpdate]) -> None:
+        events, seqs = self.seq.events(updates)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for update in updates:
-                pipe.publish(*self.message(update.topic, self.seq.event(update)))
+            for update, event in zip(updates, events, strict=True):
+                pipe.publish(*self.message(update.topic, event))
             await pipe.execute()
-        self.count(updates)
+        self.count(updates, seqs)
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -141,14 +158,14 @@ class NatsEmitter(Sent):
         if self.writer is None:
             await self._connect()
         assert self.writer is not None
+        events, seqs = self.seq.events(updates)
         out = []
-        for update in updates:
-            event = self.seq.event(update)
+        for update, event in zip(updates, events, strict=True):
             subject = update.topic.replace(":", ".").encode()
             out.append(b"PUB %s %d\r\n%s\r\n" % (subject, len(event), event))
         self.writer.write(b"".join(out))
         await self.writer.drain()
-        self.count(updates)
+        self.count(updates, seqs)
 
     async def close(self) -> None:
         if self.writer is not None:

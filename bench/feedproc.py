@@ -2,7 +2,7 @@
 
 Seeded and paced by the product's own synthetic feed (same universe, same
 Zipf shares, same spike), publishing through the emitter of the system under
-test (bench.emitters). Driven over a pipe: start, set_rate, spike, stats, stop.
+test (bench.emitters). Driven over a pipe: start, set_rate, spike, heads, stats, stop.
 """
 
 from __future__ import annotations
@@ -85,6 +85,11 @@ class FeedRunner:
         assert self.feed is not None
         self.feed.rate = float(rate)
         return {}
+
+    async def cmd_heads(self, topics: list[str]) -> dict:
+        """Per topic, each market's newest seq published so far: the current prices."""
+        heads = self.emitter.heads if self.emitter else {}
+        return {t: dict(heads[t]) for t in topics if t in heads}
 
     async def cmd_stats(self) -> dict:
         t = self.proc.cpu_times()

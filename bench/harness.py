@@ -113,9 +113,9 @@ class Params:
         if scenarios[0] == "steady":
             profile = self.profile_s + 2 if self.profile else 0.0
             return 5.5 + self.connections / 1200 + self.warmup_s + self.measure_s + profile
-        if scenarios[0] == "spike":
+        if scenarios[0] == "spike":  # the stalled players' wake takes a second or two
             return (5.5 + self.spike_connections / 1200 + self.warmup_s + self.measure_s
-                    + self.spike_s + 2)
+                    + self.spike_s + 4)
         if scenarios[0] == "saturation":
             step = self.saturation_settle_s + self.saturation_measure_s
             return 2.5 + self.saturation_connections / 1200 + self.warmup_s + 5 * step + 10

@@ -3,7 +3,7 @@
 The orchestrator starts several of these (multiprocessing 'spawn'), gives
 each its share of the planned connections (a global index and the topics it
 follows), and then sends commands: connect, subscribe, reset (start a
-measurement interval), stats, stall, drop, close. Every reply is a plain
+measurement interval), stats, stall, wake, drop, close. Every reply is a plain
 dict. Connections are spread over the target endpoints (worker ports, or
 one HAProxy frontend) and over several loopback source addresses, so
 50,000 connections do not run out of ephemeral ports. Through a node's
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import psutil
 import uvloop
 
-from bench.adapters import PROTOCOLS, BenchConn, Move, OddsgateConn
+from bench.adapters import PROTOCOLS, BenchConn, Move, OddsgateConn, Wake
 from bench.counters import Counters
 from gateway.auth import COOKIE_NAME, issue_token
 from gateway.client import backoff_delay
@@ -65,6 +65,7 @@ class LoadGen:
         self.warmers: list[BenchConn] = []
         self.follow_hints = False
         self.moves: dict[int, Move] = {}  # player index -> its latest move
+        self.wakes: dict[int, Wake] = {}  # stalled player index -> since it read again
         self._moving: set[asyncio.Task] = set()
         self._tokens: dict[int, str] = {}
         self.proc = psutil.Process()
@@ -325,8 +326,32 @@ class LoadGen:
         mine = [self.conns[i] for i in indices if i in self.conns]
         for conn in mine:
             conn.stalled = True
-            conn.pause()
+            conn.pause_reading()
         return {"stalled": len(mine)}
+
+    async def cmd_wake(self, indices: list[int], heads: dict[str, dict[str, int]]) -> dict:
+        """Stalled players read again; each one's `Wake` owes it `heads` (the feed's newest
+        seq per market, at about this moment) for the topics it follows."""
+        woken = 0
+        for i in indices:
+            conn = self.conns.get(i)
+            if conn is None or not conn.stalled:
+                continue
+            wake = Wake.start(conn, heads, time.time_ns())
+            self.wakes[i] = wake  # a closed one too: it never gets current
+            if not conn.closed:
+                conn.wake(wake)
+            woken += 1
+        return {"woken": woken}
+
+    async def cmd_wakes(self, records: bool = True) -> dict:
+        """The woken players so far: how many may still get to the current prices, and
+        (`records`) what each was shown."""
+        wakes = list(self.wakes.values())
+        out: dict = {"woken": len(wakes), "waiting": sum(1 for w in wakes if w.waiting)}
+        if records:
+            out["records"] = [w.record() for w in wakes]
+        return out
 
     async def cmd_drop(self, indices: list[int]) -> dict:
         """Cut connections off (no close handshake), as a vanished player would."""

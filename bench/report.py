@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from bench.harness import Result
-from bench.scenarios import shell
+from bench.scenarios import shell, spike
 from bench.systems import NODE
 
 TARGETS = {
@@ -23,6 +23,8 @@ TARGETS = {
     "subscribe_p99_ms": 10.0,
     "drain_resume_p99_ms": 500.0,  # 99% of drained players resumed within this of their hint
     "shell_fresh_odds_p99_ms": shell.FRESH_ODDS_BUDGET_MS,
+    "stalled_old_events": spike.OLD_EVENTS_TARGET,  # per stalled player, after waking
+    "stalled_to_current_ms": spike.TO_CURRENT_TARGET_MS,
 }
 FANOUT = ("steady", "saturation", "spike")
 CONTENDED_CORES = 0.3  # CPU used by processes outside the run above which we flag it
@@ -170,6 +172,32 @@ def spike_lines(results: list[Result]) -> list[str]:
             f"{_pct(f.get('delivered_share'))} of the spike's deliveries arrived in time "
             f"(limited by {f.get('limited_by')}).")
     return out
+
+
+def wake_lines(results: list[Result]) -> list[str]:
+    """The spike's stalled players once they read again: one row per system."""
+    runs = [r for r in results if r.scenario == "spike" and r.status == "ok"
+            and r.figures.get("wake")]
+    if not runs:
+        return []
+    rows = ["| system | stalled | current | never current | old events p50 | p99 | max "
+            "| to current p50 ms | p99 ms | max ms |", "|" + "---|" * 10]
+    for r in runs:
+        w = r.figures["wake"]
+        old, ms = w.get("old_events") or {}, w.get("to_current_ms") or {}
+        never = w.get("never_current") or 0
+        rows.append("| " + " | ".join([
+            r.system, _num(w.get("stalled")), _num(w.get("current")),
+            f"**{never}**" if never else "0",
+            *(_num(old.get(k)) if old.get(k) is not None else "never"
+              for k in ("p50", "p99", "max")),
+            *(_num(ms.get(k), 1) if ms.get(k) is not None else "never"
+              for k in ("p50", "p99", "max")),
+        ]) + " |")
+    return ["Stalled players after waking (the spike's end): per player, the old events it "
+            "is shown (superseded before it woke) and the time from waking until it holds "
+            "the current price of every market it follows; a player not there within "
+            f"{spike.WAKE_WAIT_S:g} s counts as never.", "", *rows]
 
 
 def connect_table(results: list[Result]) -> list[str]:
@@ -368,6 +396,23 @@ def target_lines(results: list[Result]) -> list[str]:
         rows.append(f"| drained players resumed on other workers within 500 ms of their hint "
                     f"({_num(f.get('players'))} players) | 99% | {share * 100:.1f}% (p99 "
                     f"{_num(p99) + ' ms' if p99 is not None else 'never'}) | {verdict} |")
+    for r in _pick(results, "spike"):
+        w = r.figures.get("wake")
+        if not w:
+            continue
+        never = f"**missed** ({w.get('never_current')} never held the current prices)"
+        worst = f"spike, worst of {_num(w.get('stalled'))} stalled players"
+        old = (w.get("old_events") or {}).get("max")
+        rows.append(f"| old events shown to a stalled player after waking ({worst}) | "
+                    f"<= {_num(TARGETS['stalled_old_events'])} | "
+                    f"{_num(old) if old is not None else 'never'} | "
+                    + (_verdict(old, TARGETS["stalled_old_events"], False)
+                       if old is not None else never) + " |")
+        ms = (w.get("to_current_ms") or {}).get("max")
+        rows.append(f"| waking to the current price ({worst}) | <= 1 s | "
+                    f"{_num(ms, 1) + ' ms' if ms is not None else 'never'} | "
+                    + (_verdict(ms, TARGETS["stalled_to_current_ms"], False)
+                       if ms is not None else never) + " |")
     mine = [r for r in results if r.system.startswith("oddsgate") and r.status == "ok"]
     if mine:
         total = sum(r.figures.get("violations_total") or 0 for r in mine)
@@ -467,6 +512,7 @@ def render(machine: dict, params: dict, results: list[Result], mode: str,
         "## Fan-out", "", *fanout_table(results), "",
         *saturation_lines(results), *spike_lines(results), "",
         *([*batching, ""] if (batching := batching_lines(results)) else []),
+        *([*woken, ""] if (woken := wake_lines(results)) else []),
         "## Connect", "", *connect_table(results), "",
         "## Subscribe to snapshot", "", *subscribe_table(results), "",
         *(["## Drain", "", *drain, ""] if (drain := drain_lines(results)) else []),

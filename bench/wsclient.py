@@ -7,8 +7,10 @@ bytes `data_received` is given, answers pings, and hands each complete text
 or binary message to `on_message` (a subclass hook). No extensions are
 offered, so no compression.
 
-`pause()` stops reading from the socket (a stalled player: the kernel
-buffers fill and the server's output backs up); `resume()` reads again.
+`pause_reading()` stops reading from the socket (a stalled player: the
+kernel buffers fill and the server's output backs up); `resume_reading()`
+reads again. (Not `pause`/`resume`: an oddsgate player's `resume` is the
+protocol's, subscribing again from where it was.)
 """
 
 from __future__ import annotations
@@ -184,11 +186,11 @@ class WsClient(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
-    def pause(self) -> None:
+    def pause_reading(self) -> None:
         if self.transport is not None:
             self.transport.pause_reading()
 
-    def resume(self) -> None:
+    def resume_reading(self) -> None:
         if self.transport is not None:
             self.transport.resume_reading()
 

@@ -13,12 +13,22 @@ queues (`ss`), which a server can bound with SO_SNDBUF. When the server also
 falls behind its healthy players, their queues are in that growth too, so
 it is an upper bound per stalled player. Players' receive buffers are
 fixed at 64 KiB (bench.loadgen.PLAYER_RCVBUF), so a stalled one backs up
-into the server within seconds. The stalled players are cut off when the
-spike ends.
+into the server within seconds.
+
+When the spike ends the stalled players read again (issue "Hardening", 7):
+per player, the old events it is shown after waking (superseded before it
+woke: `bench.adapters.Wake`) and the time from waking until it holds the
+current price of every market it follows (the feed's newest at waking).
+Old events are what its own receive buffer, the server's kernel send queue
+and the server's pending output held; a server that bounds the last two by
+coalescing shows few, one that lets the kernel queue megabytes shows them
+all. Targets: at most 1,000 old events, current within 1 s. Players not
+current `WAKE_WAIT_S` after waking count as never. Then they are cut off.
 """
 
 from __future__ import annotations
 
+import math
 import random
 import time
 
@@ -28,6 +38,9 @@ from bench.scenarios.fanout import Fanout
 from bench.systems import System
 
 NAME = "spike"
+WAKE_WAIT_S = 15.0
+OLD_EVENTS_TARGET = 1_000  # per stalled player, after waking
+TO_CURRENT_TARGET_MS = 1_000.0
 
 
 def phase(h: Harness, system: System, f: Fanout, base: Result) -> Result:
@@ -68,5 +81,59 @@ def phase(h: Harness, system: System, f: Fanout, base: Result) -> Result:
           f"{base.figures['latency_ms']['p99_ms']} ms), {count} stalled, server RSS "
           f"{(rss_end - rss_start) / 2**20:+.0f} MiB")
     time.sleep(max(0.0, started + p.spike_s - time.monotonic()))
+    during["wake"] = wake(f, stalled)
+    wakes = during["wake"]
+    h.log(f"    woken: {wakes['current']} of {count} current; old events p50/max "
+          f"{wakes['old_events']['p50']}/{wakes['old_events']['max']}, to current p50/max "
+          f"{wakes['to_current_ms']['p50']}/{wakes['to_current_ms']['max']} ms")
     f.drop(stalled)
     return result
+
+
+def wake(f: Fanout, stalled: list[int], wait_s: float = WAKE_WAIT_S) -> dict:
+    """The stalled players read again; what each was shown until it held the current prices."""
+    topics = sorted({t for i in stalled for t in f.plans[i]})
+    heads = f.feed.call("heads", topics=topics)
+    f.pool.call("wake", indices=stalled, heads=heads)
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if not sum(part["waiting"] for part in f.pool.call("wakes", records=False)):
+            break
+        time.sleep(0.1)
+    records = [r for part in f.pool.call("wakes") for r in part["records"]]
+    return wake_figures(records, len(stalled))
+
+
+def wake_figures(records: list[dict], stalled: int) -> dict:
+    """Per stalled player, from the load generators' `Wake.record()`s: p50/p99/max.
+
+    Nearest rank over every stalled player. One that never held the current
+    prices (closed, or not there within the wait) counts as never in the
+    time's percentiles, which are None where it is reached; its old events
+    are what it was shown by then. The maxima are None when a player never
+    got there (or was not there to wake).
+    """
+    everyone = max(stalled, len(records))
+    current = [r for r in records if r["current_ns"]]
+    to_current = sorted(round((r["current_ns"] - r["woke_ns"]) / 1e6, 1) for r in current)
+    old = sorted(r["old_events"] for r in records)
+    complete = bool(everyone) and len(current) == everyone
+
+    def rank(values: list, q: float) -> float | int | None:
+        k = math.ceil(q * everyone) - 1
+        return values[max(0, k)] if everyone and k < len(values) else None
+
+    return {
+        "stalled": stalled,
+        "woken": len(records),
+        "current": len(current),
+        "never_current": everyone - len(current),
+        "closed": sum(1 for r in records if r["closed"] and not r["current_ns"]),
+        "old_events": {"p50": rank(old, 0.5), "p99": rank(old, 0.99),
+                       "max": old[-1] if old and len(old) == everyone else None},
+        "to_current_ms": {"p50": rank(to_current, 0.5), "p99": rank(to_current, 0.99),
+                          "max": to_current[-1] if complete else None},
+        "events_read": sum(r["events"] for r in records),
+        "old_events_target": OLD_EVENTS_TARGET,
+        "to_current_target_ms": TO_CURRENT_TARGET_MS,
+    }
