@@ -18,6 +18,7 @@ import logging
 import sys
 
 from gateway.config import ConfigError, Settings, describe
+from supervisor.embedded_redis import EmbeddedRedisError
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -230,6 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"oddsgate: {exc}", file=sys.stderr)
         return 2
+    except EmbeddedRedisError as exc:  # a runtime failure: its message, not a traceback
+        print(f"oddsgate: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

@@ -32,6 +32,7 @@ from gateway.auth import issue_token
 from gateway.client import OddsClient
 from gateway.topics import PartitionMap
 from supervisor.control import ControlUnavailable, request
+from supervisor.private import private_dir
 
 
 def _percentile(values: list[int], q: float) -> float:
@@ -113,8 +114,8 @@ async def _watch(args: argparse.Namespace, redis_url: str, secret: str, control:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    runtime = Path(os.environ.get("OG_RUNTIME_DIR") or f"/tmp/oddsgate-demo-{os.getuid()}")
-    runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
+    runtime = private_dir(os.environ.get("OG_RUNTIME_DIR")
+                          or f"/tmp/oddsgate-demo-{os.getuid()}")
     secret = os.environ.get("OG_JWT_SECRET") or secrets.token_hex(16)
     env = {**os.environ, "OG_RUNTIME_DIR": str(runtime), "OG_JWT_SECRET": secret,
            "OG_HAPROXY_BIND": f"127.0.0.1:{args.port}"}

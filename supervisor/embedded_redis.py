@@ -11,7 +11,9 @@ also fire when the *thread* that forked exits.
 
 The server runs in the foreground (`daemonize no`) as our child, in our process
 group, from a generated config file in its directory, which also holds its log
-and, when persistence is on, its append-only file.
+and, when persistence is on, its append-only file. That directory must be ours
+alone and its files are never written through a link (supervisor/private.py):
+a node may run as root in a directory another user could have prepared.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 from types import TracebackType
 
 from supervisor.children import ChildRegistry
+from supervisor.private import open_log, private_dir, write_private
 
 DEFAULT_REDIS_SERVER = "/usr/bin/redis-server"
 SOCKET_NAME = "redis.sock"
@@ -95,7 +98,9 @@ class EmbeddedRedis:
         redis_server: str | None = None,
         extra_config: dict[str, str] | None = None,
     ) -> None:
-        self.runtime_dir = Path(runtime_dir).resolve()
+        # abspath, not resolve(): a link in place of the directory must be seen
+        # (and refused) by start(), not silently followed here.
+        self.runtime_dir = Path(os.path.abspath(runtime_dir))
         self.persist = persist
         self.extra_config = dict(extra_config or {})
         self._redis_server = redis_server or shutil.which("redis-server") or DEFAULT_REDIS_SERVER
@@ -169,7 +174,7 @@ class EmbeddedRedis:
             raise EmbeddedRedisError(
                 f"redis-server not found or not executable: {self._redis_server}"
             )
-        self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        private_dir(self.runtime_dir)
         for attempt in range(_AUTO_PORT_ATTEMPTS):
             try:
                 self._start_once(timeout)
@@ -183,22 +188,12 @@ class EmbeddedRedis:
         raise AssertionError("unreachable")
 
     def _start_once(self, timeout: float) -> None:
-        self.config_path.write_text(self.config_text())
-        if self.socket_path is not None:
-            with contextlib.suppress(FileNotFoundError):
-                self.socket_path.unlink()  # left by a killed server; redis would replace it too
-        log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        # Early failures (a bad config line) go to stderr before the logfile is
-        # opened, so stderr is appended to the same log.
-        with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen(
-                [self._redis_server, str(self.config_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                cwd=self.runtime_dir,
-                start_new_session=False,
-            )
+        try:
+            log_offset = self._spawn()
+        except OSError as exc:  # a full disk, a directory squatting a file's name
+            where = exc.filename2 or exc.filename or self.runtime_dir
+            raise EmbeddedRedisError(f"cannot start redis-server: {where}: "
+                                     f"{exc.strerror or exc}") from None
         self._owner_pid = os.getpid()
         _running.add(self)
         deadline = time.monotonic() + timeout
@@ -220,6 +215,26 @@ class EmbeddedRedis:
                     f"log {self.log_path}:\n{tail}"
                 )
             time.sleep(0.01)
+
+    def _spawn(self) -> int:
+        """Write the config, start the server with its output on the log; the log's old size."""
+        write_private(self.config_path, self.config_text())
+        if self.socket_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.socket_path.unlink()  # left by a killed server; redis would replace it too
+        # Early failures (a bad config line) go to stderr before the logfile is
+        # opened, so stderr is appended to the same log.
+        with open_log(self.log_path) as log:
+            log_offset = os.fstat(log.fileno()).st_size
+            self._proc = subprocess.Popen(
+                [self._redis_server, str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=self.runtime_dir,
+                start_new_session=False,
+            )
+        return log_offset
 
     def stop(self, timeout: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after `timeout`; always reaps, so no zombie remains."""

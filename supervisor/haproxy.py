@@ -56,6 +56,7 @@ from types import TracebackType
 import psutil
 
 from supervisor.children import ChildRegistry
+from supervisor.private import open_log, private_dir, stage_file, write_private
 
 log = logging.getLogger(__name__)
 
@@ -429,6 +430,8 @@ class HAProxyProcess:
     start and reload), `haproxy.state` (server states across reloads),
     `haproxy.log` (HAProxy's stdout and stderr, unless `inherit_output`), and
     the master CLI socket. The stats socket is wherever `settings` says.
+    `runtime_dir` must be ours alone, and files are renamed into place from
+    random names, never written through a link (supervisor/private.py).
     """
 
     def __init__(
@@ -439,7 +442,7 @@ class HAProxyProcess:
         haproxy: str | None = None,
         inherit_output: bool = False,
     ) -> None:
-        self.runtime_dir = Path(runtime_dir).resolve()
+        self.runtime_dir = Path(os.path.abspath(runtime_dir))  # a link there is refused
         self.config_path = self.runtime_dir / CONFIG_NAME
         self.state_path = self.runtime_dir / STATE_NAME
         self.log_path = self.runtime_dir / LOG_NAME
@@ -496,19 +499,20 @@ class HAProxyProcess:
             if self.running:
                 return self
             binary = find_haproxy(self._haproxy)
-            self.runtime_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            private_dir(self.runtime_dir)
             if self.settings.state_file is not None:
                 # A state file left by an earlier run would resurrect its drains and DOWNs.
-                _write_atomic(Path(self.settings.state_file), _STATE_VERSION_LINE)
-            _write_atomic(self.config_path, render(self.settings))
+                write_private(self.settings.state_file, _STATE_VERSION_LINE)
+            write_private(self.config_path, render(self.settings))
             check(self.config_path, haproxy=binary)
-            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
             argv = [binary, "-W", "-db", "-S", f"{self.master_socket},mode,600",
                     "-f", str(self.config_path)]
+            log_offset = 0
             with contextlib.ExitStack() as stack:
                 out = None
                 if not self.inherit_output:
-                    out = stack.enter_context(open(self.log_path, "ab"))
+                    out = stack.enter_context(open_log(self.log_path))
+                    log_offset = os.fstat(out.fileno()).st_size
                 self._proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
                     cwd=self.runtime_dir, process_group=0,
@@ -597,18 +601,17 @@ class HAProxyProcess:
             if not self.running or self._proc is None:
                 raise HAProxyError("haproxy is not running; start() it first")
             settings = self._prepare(new_settings or self.settings)
-            staged = self.config_path.with_name(CONFIG_NAME + ".new")
-            _write_atomic(staged, render(settings))
+            staged = stage_file(self.runtime_dir, render(settings),
+                                prefix=f".{CONFIG_NAME}.new-")
             try:
                 check(staged, haproxy=self._haproxy)
-            except HAProxyError:
-                staged.unlink(missing_ok=True)
-                raise
-            before = self._master_view()
-            if settings.state_file is not None:
-                self._save_server_state(settings)
-            log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-            os.replace(staged, self.config_path)
+                before = self._master_view()
+                if settings.state_file is not None:
+                    self._save_server_state(settings)
+                log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+                os.replace(staged, self.config_path)
+            finally:
+                staged.unlink(missing_ok=True)  # already renamed, unless something failed
             self._proc.send_signal(signal.SIGUSR2)
             self._wait_reloaded(before, settings.stats_socket, timeout, log_offset)
             self.settings = settings
@@ -662,7 +665,7 @@ class HAProxyProcess:
             if backend != BACKEND or wanted.get(name) == (addr, port):
                 kept.append(line)
         text = "\n".join(kept).strip() + "\n"
-        _write_atomic(Path(settings.state_file), text if text.strip() else _STATE_VERSION_LINE)
+        write_private(settings.state_file, text if text.strip() else _STATE_VERSION_LINE)
 
     def stop(self, timeout: float = 5.0, *, graceful: bool = True) -> None:
         """Stop HAProxy and its workers; always reaps, so no process is left behind.
@@ -739,13 +742,6 @@ class HAProxyProcess:
             return f"log {self.log_path} unreadable: {exc}"
         tail = text.strip().splitlines()[-lines:]
         return f"log {self.log_path}:\n" + ("\n".join(tail) if tail else "(empty)")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write-then-rename, so HAProxy (or a reload) never reads a half-written file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def stop_all() -> None:
@@ -830,7 +826,8 @@ def main_config(argv: list[str] | None = None) -> int:
         return 1
     if args.output:
         try:
-            _write_atomic(Path(args.output).resolve(), text)
+            # an SRE's file, read by an HAProxy that may run as another user
+            write_private(Path(args.output).resolve(), text, mode=0o644)
         except OSError as exc:
             print(f"oddsgate haproxy-config: cannot write {args.output}: {exc}", file=sys.stderr)
             return 1

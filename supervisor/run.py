@@ -12,6 +12,7 @@ from gateway.topics import PartitionMap
 from supervisor.haproxy import HAProxySettings
 from supervisor.metrics import NodeInfo, WorkerInfo, fleet_registry
 from supervisor.node import Phase, Supervisor
+from supervisor.private import private_dir
 from supervisor.runtime import redis_for, runtime_dir
 from supervisor.services import HAProxyService, MetricsServer
 from supervisor.settings import NodeSettings
@@ -29,6 +30,8 @@ def haproxy_settings(node: NodeSettings, runtime) -> HAProxySettings:
 
 def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Supervisor:
     runtime = runtime_dir(worker)
+    if node.haproxy:  # refused now, in one line, rather than once the workers are up
+        private_dir(runtime / "haproxy")
     env = {"OG_REDIS_URL": redis_url}
     if worker.allow_anonymous:
         env["OG_ALLOW_ANONYMOUS"] = "1"

@@ -7,20 +7,26 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from supervisor.embedded_redis import EmbeddedRedis
+from supervisor.private import private_dir
+
+
+def runtime_path(settings: Settings) -> Path:
+    """OG_RUNTIME_DIR, else $XDG_RUNTIME_DIR/oddsgate, else /tmp/oddsgate-$UID; not created."""
+    if settings.runtime_dir:
+        return Path(settings.runtime_dir)
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "oddsgate"
+    return Path(f"/tmp/oddsgate-{os.getuid()}")
 
 
 def runtime_dir(settings: Settings) -> Path:
-    """OG_RUNTIME_DIR, else $XDG_RUNTIME_DIR/oddsgate, else /tmp/oddsgate-$UID (0700)."""
-    if settings.runtime_dir:
-        path = Path(settings.runtime_dir)
-    elif os.environ.get("XDG_RUNTIME_DIR"):
-        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "oddsgate"
-    else:
-        path = Path(f"/tmp/oddsgate-{os.getuid()}")
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    return path
+    """The runtime dir, created 0700 or checked to be ours alone (ConfigError otherwise).
+
+    The /tmp default is a name other users can take first; see supervisor/private.py.
+    """
+    return private_dir(runtime_path(settings))
 
 
 @contextlib.contextmanager
@@ -29,5 +35,10 @@ def redis_for(settings: Settings) -> Iterator[str]:
     if settings.redis_url:
         yield settings.redis_url
         return
-    with EmbeddedRedis(runtime_dir(settings) / "redis") as embedded:
+    redis_dir = runtime_dir(settings) / "redis"
+    try:
+        embedded = EmbeddedRedis(redis_dir)
+    except ValueError as exc:  # a socket path too long for sun_path
+        raise ConfigError(f"OG_RUNTIME_DIR: {exc}") from None
+    with embedded:
         yield embedded.url
