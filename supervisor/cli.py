@@ -21,13 +21,17 @@ from gateway.config import ConfigError, Settings, describe
 from supervisor.embedded_redis import EmbeddedRedisError
 
 
-def _setup_logging(verbose: bool = False) -> None:
+def setup_logging(verbose: bool = False) -> None:
+    """stderr logging for every subcommand; players' tokens are redacted from all of it."""
+    from supervisor import redact
+
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
         stream=sys.stderr,
     )
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    redact.install()
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return main_config(argv[1:])
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         return args.func(args)
     except ConfigError as exc:

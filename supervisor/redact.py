@@ -1,0 +1,60 @@
+"""Session tokens never reach a log line the node writes.
+
+A player's token is a bearer credential: whoever reads it from a log can
+connect as that player until it expires. It travels as `?token=` or as the
+`og_session` cookie, so a request line or a header dumped by a library's
+debug logging, or an exception message quoting a URL, would carry it. Rather
+than trusting every call site (ours and websockets'), the CLI installs one
+filter on the process's log handlers that rewrites each record before it is
+formatted. HAProxy's request log is redacted by its own log-format (see
+haproxy/oddsgate.cfg.tmpl).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+MARKER = "REDACTED"
+
+# `token=...` / `og_session=...` in a query string, a cookie header or free
+# text (a cookie value may be quoted), up to the next separator; any name
+# ending in "token" counts.
+_ASSIGNMENT = re.compile(r"(?i)(token|og_session)(\s*=\s*\"?)([^\s&;,\"'<>]+)")
+# A JWT wherever it appears (three base64url parts, the first a JSON header).
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+
+
+def redact(text: str) -> str:
+    """`text` with every session token it holds replaced by REDACTED."""
+    text = _ASSIGNMENT.sub(lambda m: f"{m.group(1)}{m.group(2)}{MARKER}", text)
+    return _JWT.sub(MARKER, text)
+
+
+class RedactTokens(logging.Filter):
+    """Rewrites a record's message, exception text and stack so no token remains.
+
+    A handler filter, not a logger filter: records from child loggers (such as
+    `websockets.server`) reach the root's handlers without passing the
+    root logger's own filters.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = redact(record.exc_text)
+        if record.stack_info:
+            record.stack_info = redact(record.stack_info)
+        return True
+
+
+def install(logger: logging.Logger | None = None) -> None:
+    """Put the filter on every handler of `logger` (default: the root), once each."""
+    for handler in (logger or logging.getLogger()).handlers:
+        if not any(isinstance(f, RedactTokens) for f in handler.filters):
+            handler.addFilter(RedactTokens())
