@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import math
 import random
@@ -26,6 +27,7 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.server import ServerProtocol
@@ -62,6 +64,20 @@ OPEN_CHANNEL_TIMEOUT_S = 3.0
 
 
 _HANDSHAKE_DONE = Request("/ws", Headers())
+
+CONTROL_BUDGETED = frozenset({Opcode.PING, Opcode.PONG})
+_HEARTBEAT_KEY = secrets.token_bytes(16)
+
+
+def heartbeat_payload(session: Session) -> bytes:
+    """The data of a heartbeat ping, which only its pong echoes.
+
+    Derived from the connection and the moment the ping left (no slot on the
+    session for it), keyed by a per-process secret so a peer that reads
+    nothing cannot guess it.
+    """
+    text = f"{session.conn_id}:{session.ping_sent_at!r}".encode()
+    return hashlib.blake2b(text, key=_HEARTBEAT_KEY, digest_size=8).digest()
 
 
 class _Writer:
@@ -103,9 +119,32 @@ class PlayerConnection(ServerConnection):
         self.session: Session | None = None
 
     def acknowledge_pings(self, data: bytes) -> None:
-        if self.session is not None:
-            self.session.ping_sent_at = None  # any pong proves the peer reads
+        session = self.session
+        if session is not None and session.ping_sent_at is not None \
+                and data == heartbeat_payload(session):
+            # Only the pong of our own ping proves the peer reads: an unsolicited
+            # pong costs nothing to send without reading a byte.
+            session.ping_sent_at = None
         super().acknowledge_pings(data)
+
+    def process_event(self, event: Any) -> None:
+        """Ping and pong frames are charged to the connection's request budget.
+
+        websockets answers every ping with a pong, so a client sending pings
+        as fast as it can (and never reading) took a worker's core and grew
+        its memory by hundreds of MB; past its budget such a connection is
+        closed 4429 like one flooding requests.
+        """
+        session = self.session
+        if (session is not None and isinstance(event, Frame) and event.opcode in CONTROL_BUDGETED
+                and not session.admit_control(time.monotonic())):
+            log.info("closing %s: too many ping/pong frames", session.conn_id)
+            session.open = False
+            self.protocol.fail(CloseCode.RATE_LIMITED, "too many control frames")
+            self.send_data()
+            self.transport.abort()
+            return
+        super().process_event(event)
 
     def forget_handshake(self) -> None:
         """Drop the handshake's request and response once the connection is open.
@@ -327,7 +366,7 @@ class Worker:
         elif now - last >= interval:
             session.last_ping_at = now
             session.ping_sent_at = now
-            conn.protocol.send_ping(b"")
+            conn.protocol.send_ping(heartbeat_payload(session))
             conn.send_data()
 
     def _close_stalled(self, now: float) -> None:
