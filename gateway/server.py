@@ -130,21 +130,35 @@ class PlayerConnection(ServerConnection):
     def process_event(self, event: Any) -> None:
         """Ping and pong frames are charged to the connection's request budget.
 
-        websockets answers every ping with a pong, so a client sending pings
-        as fast as it can (and never reading) took a worker's core and grew
-        its memory by hundreds of MB; past its budget such a connection is
-        closed 4429 like one flooding requests.
+        websockets answered every ping with a pong as it parsed it, so a
+        client sending pings as fast as it could (and never reading) took a
+        worker's core and grew its memory by hundreds of MB. Pings now reach
+        here unanswered (gateway/wsprotocol.py): within the budget they get
+        their pong, over it none, and as many in a row over it as close a
+        request flood (OG_RATE_LIMIT_CLOSE_AFTER) close the connection 4429.
         """
-        session = self.session
-        if (session is not None and isinstance(event, Frame) and event.opcode in CONTROL_BUDGETED
-                and not session.admit_control(time.monotonic())):
-            log.info("closing %s: too many ping/pong frames", session.conn_id)
-            session.open = False
-            self.protocol.fail(CloseCode.RATE_LIMITED, "too many control frames")
-            self.send_data()
-            self.transport.abort()
-            return
+        if isinstance(event, Frame) and event.opcode in CONTROL_BUDGETED:
+            session = self.session
+            if session is not None:
+                if not session.open:
+                    return
+                try:
+                    session.admit(time.monotonic())
+                except ProtocolError as exc:
+                    if exc.close_code is not None:
+                        self._close_flooding(session)
+                    return
+            if event.opcode is Opcode.PING and self.protocol.state is State.OPEN:
+                self.protocol.send_pong(event.data)
+                self.send_data()
         super().process_event(event)
+
+    def _close_flooding(self, session: Session) -> None:
+        log.info("closing %s: too many ping/pong frames", session.conn_id)
+        session.open = False
+        self.protocol.fail(CloseCode.RATE_LIMITED, "too many control frames")
+        self.send_data()
+        self.transport.abort()
 
     def forget_handshake(self) -> None:
         """Drop the handshake's request and response once the connection is open.

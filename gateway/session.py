@@ -163,19 +163,6 @@ class Session:
             close_code=close,
         )
 
-    def admit_control(self, now: float) -> bool:
-        """Charge a ping or pong frame to the same budget; False: close the connection.
-
-        Over budget, frames are not refused one by one (a pong is owed to every
-        ping): the connection is closed once as many in a row were over it as
-        requests that would close it.
-        """
-        try:
-            self.admit(now)
-        except ProtocolError as exc:
-            return exc.close_code is None
-        return True
-
     def count_bad_request(self, exc: ProtocolError) -> ProtocolError:
         """A bad request; the one that makes too many also closes the connection."""
         self._bad_requests += 1

@@ -17,8 +17,8 @@ parsing.
 
 `serve()` builds a plain `ServerProtocol` for every connection;
 `PlayerProtocol.adopt` turns it into this class before the first byte is
-read. Frame-level behaviour (`recv_frame` and friends) stays websockets'
-unless overridden here.
+read. Frame-level behaviour stays websockets' but for pings, which are
+answered by the connection within its budget (`recv_frame` below).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from websockets.exceptions import (
     RequestLineTooLong,
     TooManyHeaders,
 )
+from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, parse_headers, parse_line
 from websockets.protocol import CONNECTING, Protocol
 from websockets.server import ServerProtocol
@@ -113,6 +114,15 @@ class PlayerProtocol(ServerProtocol):
             return None
         self.events.append(Request(target, headers, method, version))
         return verdict
+
+    def recv_frame(self, frame: Frame) -> None:
+        """A ping is left to the connection, which answers it within the
+        connection's request budget (PlayerConnection.process_event); websockets
+        would queue a pong for every ping as it parses them."""
+        if frame.opcode is Opcode.PING:
+            self.events.append(frame)  # all that websockets does for a ping but the pong
+            return
+        super().recv_frame(frame)
 
     def refuse(self, verdict: Verdict, exc: Exception) -> None:
         """Answer a refused request now: no route runs, the connection then closes."""
