@@ -64,7 +64,8 @@ class Settings(EnvSettings):
         "OG_REDIS_URL", "", "Redis URL (redis://, rediss://, unix://); empty: embedded Redis"
     )
     runtime_dir: str = setting(
-        "OG_RUNTIME_DIR", "", "where the embedded Redis keeps its socket and files; "
+        "OG_RUNTIME_DIR", "", "the node's private files (embedded Redis, HAProxy, control "
+        "socket); created 0700, refused unless owned by this user and not group/world-writable; "
         "empty: $XDG_RUNTIME_DIR/oddsgate or /tmp/oddsgate-$UID"
     )
     node: str = setting("OG_NODE", "", "node name shown in `welcome`; empty: the host name")
