@@ -180,24 +180,29 @@ def wake_lines(results: list[Result]) -> list[str]:
             and r.figures.get("wake")]
     if not runs:
         return []
-    rows = ["| system | stalled | current | never current | old events p50 | p99 | max "
-            "| to current p50 ms | p99 ms | max ms |", "|" + "---|" * 10]
+    rows = ["| system | stalled | for | current | never current | old events p50 | p99 | max "
+            "| to current p50 ms | p99 ms | max ms |", "|" + "---|" * 11]
     for r in runs:
         w = r.figures["wake"]
         old, ms = w.get("old_events") or {}, w.get("to_current_ms") or {}
         never = w.get("never_current") or 0
+        stalled_s = w.get("stalled_s")
         rows.append("| " + " | ".join([
-            r.system, _num(w.get("stalled")), _num(w.get("current")),
+            r.system, _num(w.get("stalled")),
+            "-" if stalled_s is None else f"{stalled_s:g} s"
+            + (" (the spike went on)" if w.get("spike_went_on") else ""),
+            _num(w.get("current")),
             f"**{never}**" if never else "0",
             *(_num(old.get(k)) if old.get(k) is not None else "never"
               for k in ("p50", "p99", "max")),
             *(_num(ms.get(k), 1) if ms.get(k) is not None else "never"
               for k in ("p50", "p99", "max")),
         ]) + " |")
-    return ["Stalled players after waking (the spike's end): per player, the old events it "
-            "is shown (superseded before it woke) and the time from waking until it holds "
-            "the current price of every market it follows; a player not there within "
-            f"{spike.WAKE_WAIT_S:g} s counts as never.", "", *rows]
+    return ["Stalled players after waking (at the spike's end, or after "
+            f"{spike.STALL_MAX_S:g} s: longer, a worker's heartbeat closes them): per player, "
+            "the old events it is shown (superseded before it woke) and the time from waking "
+            "until it holds the current price of every market it follows; a player not there "
+            f"within {spike.WAKE_WAIT_S:g} s counts as never.", "", *rows]
 
 
 def connect_table(results: list[Result]) -> list[str]:

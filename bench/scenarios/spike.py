@@ -15,10 +15,12 @@ it is an upper bound per stalled player. Players' receive buffers are
 fixed at 64 KiB (bench.loadgen.PLAYER_RCVBUF), so a stalled one backs up
 into the server within seconds.
 
-When the spike ends the stalled players read again (issue "Hardening", 7):
-per player, the old events it is shown after waking (superseded before it
-woke: `bench.adapters.Wake`) and the time from waking until it holds the
-current price of every market it follows (the feed's newest at waking).
+The stalled players read again when the spike ends, or after `STALL_MAX_S`
+if it lasts longer (issue "Hardening", 7): per player, the old events it is
+shown after waking (superseded before it woke: `bench.adapters.Wake`) and
+the time from waking until it holds the current price of every market it
+follows (the feed's newest at waking). The healthy players' latency is
+measured while the others stall.
 Old events are what its own receive buffer, the server's kernel send queue
 and the server's pending output held; a server that bounds the last two by
 coalescing shows few, one that lets the kernel queue megabytes shows them
@@ -39,6 +41,10 @@ from bench.systems import System
 
 NAME = "spike"
 WAKE_WAIT_S = 15.0
+# A player silent for longer than a worker's heartbeat (OG_HEARTBEAT_MS, 20 s:
+# a ping, then as long again for its pong) is closed as dead; it would never
+# wake. So a stall lasts the spike, but at most this long.
+STALL_MAX_S = 15.0
 OLD_EVENTS_TARGET = 1_000  # per stalled player, after waking
 TO_CURRENT_TARGET_MS = 1_000.0
 
@@ -56,11 +62,12 @@ def phase(h: Harness, system: System, f: Fanout, base: Result) -> Result:
     ports = {port for _, port in f.target.endpoints}
     rss_start = rss_bytes(system.processes())
     queued_start = kernel_send_queue(ports)
+    stall_s = min(p.spike_s, STALL_MAX_S)
     f.pool.call("stall", indices=stalled)
     started = time.monotonic()
     f.feed.call("spike", seconds=p.spike_s)
     f.exclude(stalled)
-    during = f.measure(h, system, max(1.0, p.spike_s - 1.0))
+    during = f.measure(h, system, max(1.0, stall_s - 1.0))
     rss_end = rss_bytes(system.processes())
     queued_end = kernel_send_queue(ports)
     during["limited_by"] = limited_by(during, system.workers())
@@ -80,12 +87,16 @@ def phase(h: Harness, system: System, f: Fanout, base: Result) -> Result:
     h.log(f"    spike: healthy p99 {during['latency_ms']['p99_ms']} ms (steady "
           f"{base.figures['latency_ms']['p99_ms']} ms), {count} stalled, server RSS "
           f"{(rss_end - rss_start) / 2**20:+.0f} MiB")
+    time.sleep(max(0.0, started + stall_s - time.monotonic()))
+    woke = time.monotonic()
+    wakes = during["wake"] = wake(f, stalled)
+    wakes["stalled_s"] = round(woke - started, 1)
+    wakes["spike_went_on"] = stall_s < p.spike_s  # woken while the spike still ran
+    h.log(f"    woken after {wakes['stalled_s']:g}s: {wakes['current']} of {count} current; "
+          f"old events p50/max {wakes['old_events']['p50']}/{wakes['old_events']['max']}, "
+          f"to current p50/max {wakes['to_current_ms']['p50']}/"
+          f"{wakes['to_current_ms']['max']} ms")
     time.sleep(max(0.0, started + p.spike_s - time.monotonic()))
-    during["wake"] = wake(f, stalled)
-    wakes = during["wake"]
-    h.log(f"    woken: {wakes['current']} of {count} current; old events p50/max "
-          f"{wakes['old_events']['p50']}/{wakes['old_events']['max']}, to current p50/max "
-          f"{wakes['to_current_ms']['p50']}/{wakes['to_current_ms']['max']} ms")
     f.drop(stalled)
     return result
 

@@ -165,11 +165,14 @@ def _spike(system: str, wake: dict) -> Result:
 
 def test_the_report_shows_the_wake_and_judges_the_worst_player() -> None:
     good = wake_figures([_wake_record(300, 20.0), _wake_record(800, 250.0)], 2)
+    good |= {"stalled_s": 15.0, "spike_went_on": True}
     bad = wake_figures([_wake_record(16_000, 400.0), _wake_record(20, None)], 2)
+    bad |= {"stalled_s": 4.0, "spike_went_on": False}
     lines = wake_lines([_spike("oddsgate", good), _spike("oddsgate-no-lowat", bad)])
-    assert "| oddsgate | 2 | 2 | 0 | 300 | 800 | 800 | 20.0 | 250.0 | 250.0 |" in lines
-    assert ("| oddsgate-no-lowat | 2 | 1 | **1** | 20 | 16,000 | 16,000 | 400.0 | never "
-            "| never |") in lines
+    assert ("| oddsgate | 2 | 15 s (the spike went on) | 2 | 0 | 300 | 800 | 800 | 20.0 "
+            "| 250.0 | 250.0 |") in lines
+    assert ("| oddsgate-no-lowat | 2 | 4 s | 1 | **1** | 20 | 16,000 | 16,000 | 400.0 "
+            "| never | never |") in lines
     met = "\n".join(target_lines([_spike("oddsgate", good)]))
     assert "stalled player after waking (spike, worst of 2 stalled players) | <= 1,000 | 800 " \
            "| **met** |" in met
