@@ -17,9 +17,11 @@ import traceback
 from dataclasses import dataclass, field
 
 import psutil
+import redis.asyncio as aioredis
 import uvloop
 
 from bench.emitters import make_emitter
+from feed.publisher import Publisher
 from feed.synthetic import Spike, SyntheticFeed
 from gateway.topics import PartitionMap
 
@@ -53,6 +55,21 @@ def bench_feed(seed: int, rate: float = 1.0, spike: Spike | None = None,
     return SyntheticFeed(publisher, PartitionMap.load(None), seed=seed, rate=rate,
                          markets_per_league=MARKETS_PER_LEAGUE, tail_leagues=TAIL_LEAGUES,
                          spike=spike)
+
+
+async def open_markets(redis_url: str, seed: int) -> int:
+    """Publish every market of the bench's universe once, before any player follows it,
+    as an aggregator lists a market before it is offered (players following a topic
+    before its first publish would each get a `reset` when it comes). Returns the count."""
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        publisher = Publisher(client, PartitionMap.load(None))
+        updates = bench_feed(seed).opening_prices()
+        for i in range(0, len(updates), 500):
+            await publisher.publish_many(updates[i : i + 500])
+        return len(updates)
+    finally:
+        await client.aclose()
 
 
 class FeedRunner:

@@ -7,6 +7,7 @@ other. `measure()` turns one interval into the figures every run reports.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import subprocess
@@ -19,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from bench.counters import merge
-from bench.feedproc import FeedProcess
+from bench.feedproc import FeedProcess, open_markets
 from bench.loadgen import LoadGenPool, LoadSpec, split_plans
 from bench.peers.install import Availability
 from bench.population import Universe
@@ -224,6 +225,8 @@ class Harness:
     def system(self, system: System, redis_url: str) -> Iterator[Target]:
         try:
             target = system.start(redis_url)
+            if system.emitter == "lua":
+                asyncio.run(open_markets(redis_url, self.p.seed))
         except BaseException:
             system.stop()
             raise

@@ -315,6 +315,10 @@ class SyntheticFeed:
             state.status = "suspended"
         else:
             self._walk(state, sigma=0.03)
+        return self._state_of(market)
+
+    def _state_of(self, market: SyntheticMarket) -> PriceUpdate:
+        state = self._states[market.market_key]
         return PriceUpdate(
             topic=market.topic,
             market=market.market_key,
@@ -324,6 +328,13 @@ class SyntheticFeed:
             },
             status=state.status,
         )
+
+    def opening_prices(self) -> list[PriceUpdate]:
+        """Every market's current state, without advancing the stream: what an
+        aggregator publishes when it lists a market, before a player can follow it
+        (a topic followed before its first publish moves its players to its first
+        epoch with a `reset`)."""
+        return [self._state_of(m) for m in self._markets]
 
     def _walk(self, state: _MarketState, sigma: float) -> None:
         probabilities = state.probabilities

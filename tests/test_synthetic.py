@@ -361,3 +361,27 @@ def test_cli_stops_cleanly_on_sigterm(feed_redis: EmbeddedRedis, sync_client: re
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_opening_prices_list_every_market_without_advancing_the_stream(pmap) -> None:
+    feed = SyntheticFeed(None, pmap, seed=11)
+    opening = feed.opening_prices()
+    assert len(opening) == len(feed.universe())
+    assert {u.market for u in opening} == {m.market_key for m in feed.universe()}
+    for update in opening:
+        update.validate(pmap)
+    assert feed.take(50) == SyntheticFeed(None, pmap, seed=11).take(50)
+
+
+async def test_the_bench_opens_every_market_before_players_follow(redis_url) -> None:
+    from bench.feedproc import bench_feed, open_markets
+
+    count = await open_markets(redis_url, seed=3)
+    topics = bench_feed(3).topics()
+    assert count == len(bench_feed(3).universe())
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        for topic in topics:
+            assert int(await client.hget(meta_key(topic), "seq")) >= 1
+    finally:
+        await client.aclose()
