@@ -4,11 +4,11 @@ The supervisor creates the segment before it starts the workers. A forked
 worker uses the `FleetTable` object (and mapping) it inherited; a worker
 started with exec attaches by name (`FleetTable.attach`, which never touches
 the resource tracker). Each worker writes its counters into its own slot; the
-supervisor writes its commands into a separate part of each slot. Agent
-checks, `oddsgate status`, the back-pressure breaker and /metrics read it.
-Nobody locks.
+supervisor writes its commands into a separate part of each slot, and the
+node's breaker decision into the header. Agent checks, `oddsgate status`,
+every worker's admission of subscriptions and /metrics read it. Nobody locks.
 
-Layout (version 1). Every word is an 8-byte signed integer at an 8-byte
+Layout (version 2). Every word is an 8-byte signed integer at an 8-byte
 aligned offset, read and written through `memoryview.cast("q")`:
 
     header   HEADER_WORDS words (`HeaderField`), 128 bytes
@@ -18,10 +18,13 @@ aligned offset, read and written through `memoryview.cast("q")`:
                words 64..79  the supervisor part (`SupervisorField`), written
                              only by the supervisor
 
-Each part keeps spare words for later fields; a new field takes a spare word
-and bumps `LAYOUT_VERSION`. Slots are whole cache lines (the mapping is page
-aligned), so workers never share a line, and the supervisor's part sits on its
-own lines.
+The worker part is generated: the slot writer's own words (identity, state,
+heartbeat, the fan-out latency histogram), then one word per row of
+gateway/counters.py's `STATS`, in row order. A new row takes the next spare
+word; bump `LAYOUT_VERSION` with it, so a worker of the new layout refuses a
+supervisor's table of the old one rather than misreading it. Slots are whole
+cache lines (the mapping is page aligned), so workers never share a line, and
+the supervisor's part sits on its own lines.
 
 Why no lock is needed. The one assumption: a store or load of one aligned
 8-byte word is a single instruction, so a reader sees the old value or the new
@@ -44,14 +47,16 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
 from enum import IntEnum
 from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from types import TracebackType
 
+from gateway.counters import STATS
+
 MAGIC = int.from_bytes(b"oddsgate", "little")  # reads "oddsgate" in a hex dump
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 WORD_BYTES = 8
 HEADER_WORDS = 16
 WORKER_WORDS = 64
@@ -67,7 +72,6 @@ LATENCY_BOUNDS_S: tuple[float, ...] = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, float("inf"),
 )
 _FINITE_BOUNDS_NS = tuple(round(b * 1e9) for b in LATENCY_BOUNDS_S[:-1])
-_LATENCY_FIRST = 24  # word of the first latency bucket
 
 
 class FleetError(Exception):
@@ -75,7 +79,8 @@ class FleetError(Exception):
 
 
 class HeaderField(IntEnum):
-    """Header words; written once by the supervisor in `FleetTable.create`."""
+    """Header words. The supervisor writes the identity words once in
+    `FleetTable.create` and the breaker words on each of its ticks."""
 
     MAGIC = 0
     VERSION = 1
@@ -84,7 +89,12 @@ class HeaderField(IntEnum):
     SLOTS = 4
     CREATED_NS = 5  # time.time_ns() at creation
     SUPERVISOR_PID = 6
-    # 7..15 reserved
+    BREAKER_OPEN = 7  # 0/1: the node sheds new subscriptions (supervisor/node.py decides)
+    BREAKER_TRIPS = 8  # times the node's breaker opened
+    # 9..15 reserved
+
+
+_BREAKER_OPEN = int(HeaderField.BREAKER_OPEN)  # read on every subscribe: no enum lookup
 
 
 class WorkerState(IntEnum):
@@ -95,47 +105,29 @@ class WorkerState(IntEnum):
     STOPPING = 4
 
 
-class WorkerField(IntEnum):
-    """Words of a slot's worker part. Written only by the worker owning the slot.
+def _worker_words() -> list[tuple[str, int]]:
+    """(name, word) of the worker part: the writer's own words, then STATS in order."""
+    own = ["PID", "STARTED_NS", "HEARTBEAT_NS", "STATE"]
+    words = [(name, i) for i, name in enumerate(own)]
+    latency = len(own)  # one word per LATENCY_BOUNDS_S bucket, non-cumulative counts
+    words += [("LATENCY_BUCKETS", latency),
+              ("LATENCY_SUM_NS", latency + len(LATENCY_BOUNDS_S)),
+              ("LATENCY_COUNT", latency + len(LATENCY_BOUNDS_S) + 1)]
+    first = words[-1][1] + 1
+    words += [(stat.name.upper(), first + i) for i, stat in enumerate(STATS)]
+    if words[-1][1] >= WORKER_WORDS:
+        raise FleetError(f"gateway/counters.py declares more than {WORKER_WORDS} words")
+    return words
 
-    Values are word offsets inside the slot. Counters (`_total` in /metrics)
-    only grow during a worker's life; the rest are gauges.
-    """
 
-    PID = 0
-    STARTED_NS = 1  # time.time_ns() when the worker claimed the slot
-    HEARTBEAT_NS = 2  # time.time_ns() of the last publish
-    STATE = 3  # a WorkerState
-    PORT = 4
-    CONNECTIONS = 5
-    CONNECTIONS_BACKPRESSURE = 6
-    SUBSCRIPTIONS = 7  # (player, topic) pairs
-    TOPICS = 8  # Redis channels held
-    EVENTS_IN = 9
-    DELIVERIES = 10
-    FRAMES_OUT = 11
-    BYTES_OUT = 12
-    COALESCED = 13
-    SHED = 14
-    RESUMES_REPLAYED = 15
-    RESUMES_RESET = 16
-    SNAPSHOTS = 17
-    GAPS_FILLED = 18
-    CHANNEL_RESETS = 19
-    REDIS_RECONNECTS = 20
-    REDIS_CONNECTED = 21  # 0 or 1
-    CONNECTIONS_ACCEPTED = 22
-    PUBSUB_LAG_NS = 23  # receipt time of the last event minus its `ts`
-    # One word per LATENCY_BOUNDS_S bucket, non-cumulative counts; the enum
-    # names the first, the others follow it.
-    LATENCY_BUCKETS = _LATENCY_FIRST
-    LATENCY_SUM_NS = _LATENCY_FIRST + len(LATENCY_BOUNDS_S)
-    LATENCY_COUNT = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 1
-    BREAKER_OPEN = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 2  # 0/1: shedding new subscriptions
-    BREAKER_TRIPS = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 3
-    GC_FULL_COLLECTIONS = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 4
-    GC_FULL_PAUSE_NS = _LATENCY_FIRST + len(LATENCY_BOUNDS_S) + 5  # their total pause
-    # up to WORKER_WORDS - 1 spare
+WorkerField = IntEnum("WorkerField", _worker_words(), module=__name__)
+WorkerField.__doc__ = """Words of a slot's worker part. Written only by the worker owning the slot.
+
+Values are word offsets inside the slot: PID, STARTED_NS (time.time_ns() when
+the worker claimed the slot), HEARTBEAT_NS (of the last publish), STATE (a
+WorkerState), the latency histogram (LATENCY_BUCKETS names the first of its
+buckets), then one per row of gateway/counters.py's STATS.
+"""
 
 
 class SupervisorField(IntEnum):
@@ -156,15 +148,18 @@ class SupervisorField(IntEnum):
 LATENCY_WORDS = range(WorkerField.LATENCY_BUCKETS,
                       WorkerField.LATENCY_BUCKETS + len(LATENCY_BOUNDS_S))
 
-# Summed by `FleetTable.totals`: everything but identity, time and lag words.
-SUMMED_FIELDS: tuple[WorkerField, ...] = tuple(
-    f for f in WorkerField
-    if f not in (WorkerField.PID, WorkerField.STARTED_NS, WorkerField.HEARTBEAT_NS,
-                 WorkerField.STATE, WorkerField.PORT, WorkerField.PUBSUB_LAG_NS,
-                 WorkerField.LATENCY_BUCKETS, WorkerField.BREAKER_OPEN)
+# Summed by `FleetTable.totals`: the latency sum and count, and every row of STATS
+# but identities and lags.
+SUMMED_FIELDS: tuple[WorkerField, ...] = (
+    WorkerField.LATENCY_SUM_NS, WorkerField.LATENCY_COUNT,
+    *(WorkerField[stat.name.upper()] for stat in STATS if stat.summed),
 )
+# What a worker may write through `publish`, `set` and `add`: its own words but the
+# histogram's buckets (`observe_latency_ns` keeps those).
 _PUBLISHABLE = frozenset(WorkerField) - {WorkerField.LATENCY_BUCKETS}
 _VIEW_WORDS = tuple((f.name.lower(), int(f)) for f in (*WorkerField, *SupervisorField))
+_VIEW_TYPES = {"state": WorkerState, "latency_buckets": tuple[int, ...], "drain": bool,
+               "drain_retire": bool}
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,48 +173,10 @@ class DrainCommand:
     seq: int
 
 
-@dataclass(frozen=True, slots=True)
-class SlotView:
-    """A copy of one slot, taken word by word without a lock (see the module)."""
+class _SlotReading:
+    """What a SlotView does besides holding its words."""
 
-    index: int
-    pid: int
-    started_ns: int
-    heartbeat_ns: int
-    state: WorkerState
-    port: int
-    connections: int
-    connections_backpressure: int
-    subscriptions: int
-    topics: int
-    events_in: int
-    deliveries: int
-    frames_out: int
-    bytes_out: int
-    coalesced: int
-    shed: int
-    resumes_replayed: int
-    resumes_reset: int
-    snapshots: int
-    gaps_filled: int
-    channel_resets: int
-    redis_reconnects: int
-    redis_connected: int
-    connections_accepted: int
-    pubsub_lag_ns: int
-    latency_buckets: tuple[int, ...]  # non-cumulative, one per LATENCY_BOUNDS_S
-    latency_sum_ns: int
-    latency_count: int
-    breaker_open: int
-    breaker_trips: int
-    gc_full_collections: int
-    gc_full_pause_ns: int
-    drain: bool
-    drain_window_ms: int
-    drain_seq: int
-    restarts: int
-    drain_settle_ms: int
-    drain_retire: bool
+    __slots__ = ()
 
     @classmethod
     def from_words(cls, index: int, words: list[int]) -> SlotView:
@@ -228,18 +185,31 @@ class SlotView:
         values["latency_buckets"] = tuple(words[LATENCY_WORDS.start:LATENCY_WORDS.stop])
         values["drain"] = bool(words[SupervisorField.DRAIN])
         values["drain_retire"] = bool(words[SupervisorField.DRAIN_RETIRE])
-        return cls(index=index, **values)  # type: ignore[arg-type]
+        return cls(index=index, **values)  # type: ignore[call-arg]
 
     @property
     def occupied(self) -> bool:
-        return self.state is not WorkerState.EMPTY
+        return self.state is not WorkerState.EMPTY  # type: ignore[attr-defined]
 
     def heartbeat_age_s(self, now_ns: int | None = None) -> float:
         """Seconds since the last publish; infinite when there never was one."""
-        if self.heartbeat_ns == 0:
+        heartbeat_ns: int = self.heartbeat_ns  # type: ignore[attr-defined]
+        if heartbeat_ns == 0:
             return float("inf")
         now = time.time_ns() if now_ns is None else now_ns
-        return max(0, now - self.heartbeat_ns) / 1e9
+        return max(0, now - heartbeat_ns) / 1e9
+
+
+# A copy of one slot, taken word by word without a lock (see the module): `index`,
+# then one attribute per WorkerField and SupervisorField, lower-cased.
+SlotView = make_dataclass(
+    "SlotView",
+    [("index", int), *((name, _VIEW_TYPES.get(name, int)) for name, _ in _VIEW_WORDS)],
+    bases=(_SlotReading,),
+    frozen=True,
+    slots=True,
+)
+SlotView.__module__ = __name__
 
 
 _untracked_lock = threading.Lock()
@@ -450,6 +420,23 @@ class FleetTable:
         """Connections in back-pressure / all connections, node-wide (0.0 with none)."""
         backpressure, connections = self.backpressure_counts()
         return backpressure / connections if connections > 0 else 0.0
+
+    # -- the node's breaker: the supervisor decides, every worker reads -------
+
+    def publish_breaker(self, open_: bool, trips: int) -> None:
+        """Write the node's breaker decision; only the supervisor calls this.
+
+        Trips first: a reader that sees the breaker open sees its trip counted.
+        """
+        self._words[HeaderField.BREAKER_TRIPS] = trips
+        self._words[_BREAKER_OPEN] = int(open_)
+
+    def breaker_open(self) -> bool:
+        """Whether the node sheds new subscriptions: one load, asked on every subscribe."""
+        return self._words[_BREAKER_OPEN] != 0
+
+    def breaker_trips(self) -> int:
+        return self._words[HeaderField.BREAKER_TRIPS]
 
 
 class WorkerSlotWriter:

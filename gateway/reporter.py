@@ -1,10 +1,11 @@
-"""A worker's link to its supervisor: counters out, drain orders in.
+"""A worker's link to its supervisor: counters out; drain orders and the breaker in.
 
-Every interval the worker copies its totals into its own slot of the fleet
-table (the heartbeat comes with them, so a stuck event loop shows as a stale
-heartbeat) and reads the supervisor's drain order for the slot. Nothing on
-the hot path touches shared memory except the fan-out latency histogram,
-observed once per event per turn.
+Every interval the worker copies every row of gateway/counters.py's `STATS`
+into its own slot of the fleet table (the heartbeat comes with them, so a
+stuck event loop shows as a stale heartbeat) and reads the supervisor's drain
+order for the slot. The only shared memory on the hot path: the fan-out
+latency histogram, observed once per event per turn, and the node's breaker
+word, read once per subscribe.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
+from gateway.counters import STATS
 from gateway.fleet import FleetTable, WorkerField, WorkerSlotWriter, WorkerState
 
 if TYPE_CHECKING:
@@ -20,7 +22,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("oddsgate.reporter")
 
-F = WorkerField
+# (slot word, how to read it from the worker) for every row of gateway/counters.py.
+_READS = tuple((WorkerField[stat.name.upper()], stat.read) for stat in STATS)
 
 
 class FleetReporter:
@@ -33,12 +36,15 @@ class FleetReporter:
         # whatever order stands when this process first looks is meant for it.
         self._drain_seq = -1
         self._retiring = False
-        if table is not None:  # the breaker follows the whole node, not this worker
-            worker.backpressure = table.backpressure_counts
+        if table is not None:
+            # Under a supervisor the node's breaker is decided once, by the supervisor,
+            # on every worker's players; this worker sheds when the table says so, and
+            # its own breaker (a lone worker's) stands down.
+            worker.breaker = None
+            worker.breaker_open = table.breaker_open
 
     def start(self) -> None:
         self.writer.claim()
-        self.writer.set(F.PORT, self.worker.settings.port)
         self.worker.hub.latency_sink = self.writer.observe_latency_ns
 
     def state(self) -> WorkerState:
@@ -50,33 +56,7 @@ class FleetReporter:
 
     def publish(self) -> None:
         worker = self.worker
-        c = worker.counters
-        connections = worker.connections
-        self.writer.publish({
-            F.CONNECTIONS: len(connections),
-            F.CONNECTIONS_BACKPRESSURE: worker.connections_in_backpressure(),
-            F.SUBSCRIPTIONS: sum(len(s.cursors) for s in connections),
-            F.TOPICS: len(worker.hub.channels),
-            F.EVENTS_IN: c.events_in,
-            F.DELIVERIES: c.deliveries,
-            F.FRAMES_OUT: c.frames_out,
-            F.BYTES_OUT: c.bytes_out,
-            F.COALESCED: c.coalesced,
-            F.SHED: c.shed,
-            F.RESUMES_REPLAYED: c.resumes_replayed,
-            F.RESUMES_RESET: c.resumes_reset,
-            F.SNAPSHOTS: c.snapshots,
-            F.GAPS_FILLED: c.gaps_filled,
-            F.CHANNEL_RESETS: c.channel_resets,
-            F.REDIS_RECONNECTS: worker.broker.reconnects,
-            F.REDIS_CONNECTED: int(worker.broker.connected.is_set()),
-            F.CONNECTIONS_ACCEPTED: c.connections_accepted,
-            F.PUBSUB_LAG_NS: worker.hub.pubsub_lag_ns,
-            F.BREAKER_OPEN: int(worker.breaker.open),
-            F.BREAKER_TRIPS: worker.breaker.trips,
-            F.GC_FULL_COLLECTIONS: worker.gc.collections,
-            F.GC_FULL_PAUSE_NS: worker.gc.pause_ns_total,
-        })
+        self.writer.publish({field: read(worker) for field, read in _READS})
         self.writer.set_state(self.state())
 
     def follow_orders(self) -> None:

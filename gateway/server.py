@@ -234,15 +234,17 @@ class Worker:
         self.hub.attach_broker(self.broker)
         self.static_site = StaticSite.load()  # the player shell: `/` and `/static/`
         self.connections: dict[Session, ServerConnection] = {}
-        self.breaker = Breaker(settings.breaker_trip_share, settings.breaker_recover_share,
-                               settings.breaker_min_players)
+        # A lone worker's breaker, on its own players. Under a supervisor the reporter
+        # (gateway/reporter.py) drops it and points `breaker_open` at the node's decision.
+        self.breaker: Breaker | None = Breaker(
+            settings.breaker_trip_share, settings.breaker_recover_share,
+            settings.breaker_min_players)
         # Installed by the process entry (gateway/worker.py): it owns process-wide state.
         self.gc = GcPolicy(closed_share=settings.gc_full_closed_share,
                            min_closed=settings.gc_full_min_closed,
                            interval_s=settings.gc_full_interval_s)
-        # The node's (players in back-pressure, players): this worker's own unless a
-        # fleet table is attached (gateway/reporter.py sets the node's).
-        self.backpressure: Callable[[], tuple[int, int]] = self._local_backpressure
+        # Whether new subscriptions are shed: the lone breaker's state, or the node's.
+        self.breaker_open: Callable[[], bool] = self._own_breaker_open
         self._connection_class = type("PlayerConnection", (PlayerConnection,),
                                       {"sndbuf": settings.socket_sndbuf_bytes,
                                        "notsent_lowat": settings.socket_notsent_lowat_bytes})
@@ -312,15 +314,19 @@ class Worker:
     def _local_backpressure(self) -> tuple[int, int]:
         return len(self.hub.pressured), len(self.connections)
 
+    def _own_breaker_open(self) -> bool:
+        return self.breaker is not None and self.breaker.open
+
     async def _watch_pressure(self, interval_s: float = 0.1) -> None:
-        """The breaker follows the node's share; players stalled too long are cut off."""
+        """A lone worker's breaker follows its players; players stalled too long are cut off."""
         while True:
             await asyncio.sleep(interval_s)
             try:
-                if self.breaker.update(*self.backpressure()):
-                    log.warning("breaker %s: %.1f%% of the node's players in back-pressure",
-                                "open, shedding new subscriptions" if self.breaker.open
-                                else "closed", 100 * self.breaker.share)
+                breaker = self.breaker
+                if breaker is not None and breaker.update(*self._local_backpressure()):
+                    log.warning("breaker %s: %.1f%% of the worker's players in back-pressure",
+                                "open, shedding new subscriptions" if breaker.open
+                                else "closed", 100 * breaker.share)
                 self._close_stalled(time.monotonic())
             except Exception:
                 log.exception("back-pressure watch failed")
@@ -676,7 +682,7 @@ class Worker:
                 refused[ErrorCode.FORBIDDEN].append(topic)
             elif len(session.cursors) + len(wanted) >= session.max_topics:
                 refused[ErrorCode.TOO_MANY_TOPICS].append(topic)
-            elif (self.breaker.open and resume is None
+            elif (self.breaker_open() and resume is None
                   and topic not in self.pmap.high_value):
                 # A resume continues a subscription the player had: never shed.
                 refused[ErrorCode.SHED].append(topic)

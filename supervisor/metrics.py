@@ -10,6 +10,15 @@ more than one slot (a successor reporting while its predecessor drains) then
 still exposes one series per process; `worker_of_slot` maps slot to worker
 (identity by default).
 
+The per-worker series are generated from gateway/counters.py's `STATS`: a
+row with a `metric` is a family here, nothing else to write. What is not a
+worker's figure is written out below: the slot's state and heartbeat age,
+the node-wide latency histogram, the supervisor's facts, the node's breaker
+(which the supervisor writes into the table's header).
+
+prometheus-client's own HTTP server serves it (`MetricsServer`), on a thread:
+a scrape reads shared memory and psutil, nothing of the supervisor's loop.
+
 The fan-out latency is one histogram summed over the workers. A worker that
 restarts starts its buckets from zero, so the node's sum drops by what that
 worker had counted; Prometheus reads any drop as a reset, and a `rate()`
@@ -18,22 +27,26 @@ across a restart overstates for that one step.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
 import psutil
+from prometheus_client import start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
 )
-from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
+from gateway.counters import STATS, Kind, Stat
 from gateway.fleet import LATENCY_BOUNDS_S, FleetTable, SlotView, WorkerState
 
 log = logging.getLogger("oddsgate.metrics")
@@ -49,45 +62,20 @@ class WorkerInfo:
     draining: bool
 
 
-@dataclass(frozen=True, slots=True)
-class NodeInfo:
-    breaker_open: bool
-    breaker_trips: int
-    workers_configured: int
+def _families() -> dict[str, list[Stat]]:
+    """The rows of STATS with a metric, by family: rows sharing one differ by labels."""
+    families: dict[str, list[Stat]] = {}
+    for stat in STATS:
+        if stat.metric is not None:
+            families.setdefault(stat.metric, []).append(stat)
+    return families
 
 
-# (kind, metric name, SlotView attribute, help) of the plain per-worker series.
-_SLOT_SERIES: tuple[tuple[str, str, str, str], ...] = (
-    ("gauge", "oddsgate_connections", "connections", "Open player connections."),
-    ("gauge", "oddsgate_connections_backpressure", "connections_backpressure",
-     "Player connections above their output high-water mark."),
-    ("gauge", "oddsgate_subscriptions", "subscriptions", "Player-topic subscriptions."),
-    ("gauge", "oddsgate_topics", "topics", "Redis channels the worker is subscribed to."),
-    ("counter", "oddsgate_connections_accepted_total", "connections_accepted",
-     "Player connections accepted."),
-    ("counter", "oddsgate_events_in_total", "events_in", "Events received from Redis."),
-    ("counter", "oddsgate_deliveries_total", "deliveries", "Events handed to players."),
-    ("counter", "oddsgate_frames_out_total", "frames_out", "WebSocket frames sent to players."),
-    ("counter", "oddsgate_sent_bytes_total", "bytes_out", "Payload bytes sent to players."),
-    ("counter", "oddsgate_coalesced_total", "coalesced",
-     "Events superseded by a newer one of the same market while in back-pressure."),
-    ("counter", "oddsgate_shed_total", "shed", "Subscriptions refused with error shed."),
-    ("counter", "oddsgate_snapshots_total", "snapshots", "Snapshots sent to players."),
-    ("counter", "oddsgate_gaps_filled_total", "gaps_filled",
-     "Channel gaps filled from Redis history."),
-    ("counter", "oddsgate_channel_resets_total", "channel_resets",
-     "Channels reset because history could not fill a gap or the epoch changed."),
-    ("counter", "oddsgate_redis_reconnects_total", "redis_reconnects",
-     "Reconnections of the Redis pub/sub connection."),
-    ("gauge", "oddsgate_redis_connected", "redis_connected",
-     "1 while the worker's Redis pub/sub connection is up."),
-    ("counter", "oddsgate_gc_full_collections_total", "gc_full_collections",
-     "Full garbage collections the worker ran (gateway/gcpolicy.py)."),
-)
+_SLOT_FAMILIES = _families()
 
 
-def _family(kind: str, name: str, doc: str, labels: list[str]) -> Metric:
-    if kind == "counter":
+def _family(kind: Kind, name: str, doc: str, labels: list[str]) -> Metric:
+    if kind is Kind.COUNTER:
         return CounterMetricFamily(name, doc, labels=labels)
     return GaugeMetricFamily(name, doc, labels=labels)
 
@@ -117,13 +105,13 @@ class FleetCollector(Collector):
         self,
         table: FleetTable,
         worker_info: Callable[[], list[WorkerInfo]],
-        node_info: Callable[[], NodeInfo],
+        workers_configured: int,
         *,
         worker_of_slot: Callable[[int], int] = lambda slot: slot,
     ) -> None:
         self.table = table
         self.worker_info = worker_info
-        self.node_info = node_info
+        self.workers_configured = workers_configured
         self.worker_of_slot = worker_of_slot
 
     def collect(self) -> Iterable[Metric]:
@@ -140,12 +128,7 @@ class FleetCollector(Collector):
             log.exception("worker_info failed; its series are left out")
             workers = []
         yield from self._worker_metrics(workers)
-        try:
-            node = self.node_info()
-        except Exception:
-            log.exception("node_info failed; its series are left out")
-            return
-        yield from self._node_metrics(node)
+        yield from self._node_metrics()
 
     def _slot_labels(self, views: list[SlotView]) -> dict[int, list[str]]:
         return {v.index: [str(self.worker_of_slot(v.index)), str(v.index)] for v in views}
@@ -153,28 +136,21 @@ class FleetCollector(Collector):
     def _slot_metrics(self, views: list[SlotView]) -> Iterator[Metric]:
         labels = self._slot_labels(views)
         live = [v for v in views if v.occupied]
-        for kind, name, attribute, doc in _SLOT_SERIES:
-            family = _family(kind, name, doc, ["worker", "slot"])
+        for name, stats in _SLOT_FAMILIES.items():
+            first = stats[0]
+            family = _family(first.kind, name, first.help,
+                             ["worker", "slot", *(key for key, _ in first.labels)])
             for view in live:
-                family.add_metric(labels[view.index], getattr(view, attribute))
+                for stat in stats:
+                    value = getattr(view, stat.name)
+                    family.add_metric([*labels[view.index], *(v for _, v in stat.labels)],
+                                      value * stat.scale if stat.scale != 1 else value)
             yield family
-        resumes = CounterMetricFamily("oddsgate_resumes_total", "Resume requests by outcome.",
-                                      labels=["worker", "slot", "kind"])
-        lag = GaugeMetricFamily("oddsgate_pubsub_lag_seconds",
-                                "Receipt time of the last event minus its ts.",
-                                labels=["worker", "slot"])
         age = GaugeMetricFamily("oddsgate_worker_heartbeat_age_seconds",
                                 "Seconds since the worker last published its counters.",
                                 labels=["worker", "slot"])
-        gc_pause = CounterMetricFamily("oddsgate_gc_full_pause_seconds_total",
-                                       "Time the worker stood still in full garbage collections.",
-                                       labels=["worker", "slot"])
         now_ns = time.time_ns()
         for view in live:
-            gc_pause.add_metric(labels[view.index], view.gc_full_pause_ns / 1e9)
-            resumes.add_metric([*labels[view.index], "replayed"], view.resumes_replayed)
-            resumes.add_metric([*labels[view.index], "reset"], view.resumes_reset)
-            lag.add_metric(labels[view.index], view.pubsub_lag_ns / 1e9)
             age.add_metric(labels[view.index], view.heartbeat_age_s(now_ns))
         state = GaugeMetricFamily("oddsgate_worker_state",
                                   "1 for the state the worker's slot is in.",
@@ -183,7 +159,7 @@ class FleetCollector(Collector):
             for candidate in WorkerState:
                 state.add_metric([*labels[view.index], candidate.name.lower()],
                                  1 if candidate is view.state else 0)
-        yield from (resumes, lag, age, state, gc_pause)
+        yield from (age, state)
 
     def _latency(self, views: list[SlotView]) -> Metric:
         counts = [0] * len(LATENCY_BOUNDS_S)
@@ -231,31 +207,60 @@ class FleetCollector(Collector):
                 fds.add_metric([worker], figures[2])
         yield from (restarts, draining, rss, cpu, fds)
 
-    def _node_metrics(self, node: NodeInfo) -> Iterator[Metric]:
+    def _node_metrics(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("oddsgate_breaker_open",
                                 "1 while the node sheds new subscriptions (back-pressure).",
-                                value=1 if node.breaker_open else 0)
+                                value=1 if self.table.breaker_open() else 0)
         yield CounterMetricFamily("oddsgate_breaker_trips_total",
                                   "Times the back-pressure breaker opened.",
-                                  value=node.breaker_trips)
+                                  value=self.table.breaker_trips())
         yield GaugeMetricFamily("oddsgate_workers_configured", "Worker processes configured.",
-                                value=node.workers_configured)
+                                value=self.workers_configured)
 
 
 def fleet_registry(
     table: FleetTable,
     worker_info: Callable[[], list[WorkerInfo]],
-    node_info: Callable[[], NodeInfo],
+    workers_configured: int,
     *,
     worker_of_slot: Callable[[int], int] = lambda slot: slot,
 ) -> CollectorRegistry:
     """A registry of its own holding one FleetCollector (not the global one)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(
-        FleetCollector(table, worker_info, node_info, worker_of_slot=worker_of_slot))
+        FleetCollector(table, worker_info, workers_configured, worker_of_slot=worker_of_slot))
     return registry
 
 
-def render(registry: CollectorRegistry) -> bytes:
-    """The text exposition format, for GET /metrics."""
-    return generate_latest(registry)
+class MetricsServer:
+    """GET /metrics, served by prometheus-client's own HTTP server on its thread.
+
+    A supervisor service: `start` binds (an OSError if the port is taken, before
+    any worker starts), `stop` shuts the server down and frees the port.
+    """
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry) -> None:
+        self.host = host
+        self.port = port
+        self.registry = registry
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    async def start(self) -> None:
+        self._server, self._thread = start_http_server(self.port, self.host, self.registry)
+        log.info("metrics on http://%s:%d/metrics", self.host, self.bound_port)
+
+    @property
+    def bound_port(self) -> int:
+        """The port listened on (the one the OS chose when `port` was 0)."""
+        assert self._server is not None
+        return self._server.server_address[1]
+
+    async def stop(self) -> None:
+        server, thread = self._server, self._thread
+        if server is None or thread is None:
+            return
+        self._server = self._thread = None
+        await asyncio.to_thread(server.shutdown)  # waits for serve_forever to return
+        server.server_close()
+        await asyncio.to_thread(thread.join)

@@ -7,6 +7,12 @@ heartbeat stops is killed and replaced. It answers HAProxy's agent checks,
 serves the control socket (status, drain, undrain, reload) and /metrics, and
 on SIGTERM drains its players within a deadline before exiting 0.
 
+It alone decides the node's back-pressure breaker: each tick it feeds the
+table's node-wide counts to one Breaker and writes the decision into the
+table's header, which every worker reads when it admits a subscription. One
+decision, not one per worker: the copies could disagree for a tick, and status
+and /metrics had to guess which to show.
+
 Each worker index owns two slots of the fleet table, so a replacement can
 report while its predecessor drains: a reload starts the successor on the
 same port (SO_REUSEPORT), waits until it is ready, then retires the old one,
@@ -29,6 +35,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
+from gateway.breaker import Breaker
 from gateway.fleet import FleetTable, WorkerState
 from supervisor.agent import AgentServer
 from supervisor.control import ControlServer
@@ -90,12 +97,13 @@ class WorkerHandle:
 
 class Supervisor:
     def __init__(self, settings: NodeSettings, worker_env: dict[str, str],
-                 runtime_dir: Path) -> None:
+                 runtime_dir: Path, breaker: Breaker | None = None) -> None:
         self.settings = settings
         self.worker_env = worker_env  # OG_* for every worker (Redis URL, secret, ...)
         self.runtime_dir = runtime_dir
         self.n = settings.worker_count
         self.table = FleetTable.create(2 * self.n)
+        self.breaker = breaker or Breaker()  # the node's; see decide_breaker
         self.workers = [WorkerHandle(i, settings.base_port + i) for i in range(self.n)]
         self.agent = AgentServer("127.0.0.1", settings.agent_port, self.agent_reply)
         self.control = ControlServer(runtime_dir / "control.sock", self.handle_command)
@@ -232,6 +240,7 @@ class Supervisor:
     async def _monitor(self) -> None:
         while True:
             try:
+                self.decide_breaker()
                 await self._check_workers()
                 self._update_auto_drain()
             except Exception:
@@ -342,13 +351,18 @@ class Supervisor:
                     total += view.connections
         return total
 
-    def breaker_open(self) -> bool:
-        """Whether the node sheds new subscriptions: its workers say so in the table."""
-        return any(v.breaker_open for v in self.table.read_all() if v.occupied)
+    def decide_breaker(self) -> None:
+        """Feed the node's players in back-pressure to the breaker; publish its decision.
 
-    def breaker_trips_seen(self) -> int:
-        """Trips of the node's breaker: every worker trips on the same node-wide share."""
-        return max((v.breaker_trips for v in self.table.read_all() if v.occupied), default=0)
+        Written every tick, changed or not, so the table always holds the current
+        decision whatever happened to an earlier write.
+        """
+        breaker = self.breaker
+        if breaker.update(*self.table.backpressure_counts()):
+            log.warning("breaker %s: %.1f%% of the node's players in back-pressure",
+                        "open, shedding new subscriptions" if breaker.open else "closed",
+                        100 * breaker.share)
+        self.table.publish_breaker(breaker.open, breaker.trips)
 
     def _serving(self, incarnation: Incarnation | None) -> bool:
         view = self._view(incarnation)
@@ -389,8 +403,8 @@ class Supervisor:
             "workers": workers,
             "connections": self.connections(),
             "backpressure_share": self.table.backpressure_share(),
-            "breaker_open": self.breaker_open(),
-            "breaker_trips": self.breaker_trips_seen(),
+            "breaker_open": self.table.breaker_open(),
+            "breaker_trips": self.table.breaker_trips(),
             "totals": totals,
             "fleet": self.table.name,
             "stopping": self.stopping,

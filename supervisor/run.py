@@ -7,14 +7,15 @@ import logging
 
 import uvloop
 
+from gateway.breaker import Breaker
 from gateway.config import ConfigError, Settings
 from gateway.topics import PartitionMap
 from supervisor.haproxy import HAProxySettings
-from supervisor.metrics import NodeInfo, WorkerInfo, fleet_registry
+from supervisor.metrics import MetricsServer, WorkerInfo, fleet_registry
 from supervisor.node import Phase, Supervisor
 from supervisor.private import private_dir
 from supervisor.runtime import redis_for, runtime_dir
-from supervisor.services import HAProxyService, MetricsServer
+from supervisor.services import HAProxyService
 from supervisor.settings import NodeSettings
 
 log = logging.getLogger("oddsgate.run")
@@ -35,7 +36,9 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Su
     env = {"OG_REDIS_URL": redis_url}
     if worker.allow_anonymous:
         env["OG_ALLOW_ANONYMOUS"] = "1"
-    supervisor = Supervisor(node, env, runtime)
+    breaker = Breaker(worker.breaker_trip_share, worker.breaker_recover_share,
+                      worker.breaker_min_players)
+    supervisor = Supervisor(node, env, runtime, breaker)
     if node.haproxy:
         supervisor.extra_services.append(
             HAProxyService(haproxy_settings(node, runtime), runtime / "haproxy"))
@@ -45,8 +48,7 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Su
             lambda: [WorkerInfo(w.index, w.current.pid if w.current else None,
                                 len(w.restart_times), w.operator_drain or w.auto_drain)
                      for w in supervisor.workers],
-            lambda: NodeInfo(supervisor.breaker_open(), supervisor.breaker_trips_seen(),
-                             supervisor.n),
+            supervisor.n,
             worker_of_slot=lambda slot: slot % supervisor.n,
         )
         supervisor.extra_services.insert(

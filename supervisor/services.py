@@ -1,17 +1,12 @@
-"""What the supervisor runs beside its workers: HAProxy and the /metrics endpoint."""
+"""What the supervisor runs beside its workers: HAProxy (/metrics: supervisor/metrics.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client.registry import CollectorRegistry
-
 from supervisor.haproxy import HAProxyProcess, HAProxySettings
-from supervisor.metrics import render
 
 log = logging.getLogger("oddsgate.services")
 
@@ -54,49 +49,3 @@ class HAProxyService:
             self._watch.cancel()
         await asyncio.to_thread(self.process.stop)
 
-
-class MetricsServer:
-    """GET /metrics in Prometheus text format; a tiny HTTP/1.0 server on asyncio."""
-
-    def __init__(self, host: str, port: int, registry: CollectorRegistry,
-                 before_scrape: Callable[[], None] = lambda: None) -> None:
-        self.host = host
-        self.port = port
-        self.registry = registry
-        self._before = before_scrape
-        self._server: asyncio.AbstractServer | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port,
-                                                  reuse_address=True)
-        log.info("metrics on http://%s:%d/metrics", self.host, self.port)
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            method, path, *_ = request.split(b"\r\n", 1)[0].decode("latin-1").split(" ")
-            if method != "GET":
-                status, body, kind = "405 Method Not Allowed", b"GET only\n", "text/plain"
-            elif path.split("?")[0] == "/metrics":
-                self._before()
-                body = await asyncio.to_thread(render, self.registry)
-                status, kind = "200 OK", "text/plain; version=0.0.4; charset=utf-8"
-            else:
-                status, body, kind = "404 Not Found", b"try /metrics\n", "text/plain"
-            writer.write(
-                f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n".encode() + body
-            )
-            await writer.drain()
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError,
-                asyncio.LimitOverrunError, ValueError):
-            pass
-        finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()

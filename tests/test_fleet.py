@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from gateway.counters import STATS, WorkerCounters
 from gateway.fleet import (
     HEADER_BYTES,
     HEADER_WORDS,
@@ -125,6 +126,24 @@ def test_layout():
 def test_slot_view_names_every_field():
     names = {f.name for f in dataclasses.fields(SlotView)}
     assert {f.name.lower() for f in (*WorkerField, *SupervisorField)} <= names
+
+
+def test_the_worker_part_is_derived_from_the_declaration():
+    """gateway/counters.py's STATS: one word each, in row order, after the writer's own."""
+    words = [int(WorkerField[stat.name.upper()]) for stat in STATS]
+    first = WorkerField.LATENCY_COUNT + 1
+    assert words == list(range(first, first + len(STATS)))
+    assert {f.name for f in dataclasses.fields(WorkerCounters)} == {
+        stat.name for stat in STATS if stat.counted}
+    counters = WorkerCounters()
+    counters.deliveries += 3  # the hot path: plain attributes, zero to start
+    assert counters.deliveries == 3 and counters.events_in == 0
+    with pytest.raises(AttributeError):
+        counters.delivries = 1  # slots: a misspelt counter fails loudly
+    summed = {f.name.lower() for f in SUMMED_FIELDS}
+    assert summed == {"latency_sum_ns", "latency_count"} | {
+        stat.name for stat in STATS if stat.summed}
+    assert {"port", "pubsub_lag_ns"}.isdisjoint(summed)
 
 
 def _raw_segment(words: dict[int, int], slots: int = 1) -> SharedMemory:
@@ -316,6 +335,20 @@ def test_totals_and_backpressure_share(table):
     assert totals["latency_count"] == 2 and totals["latency_sum_ns"] == 3000
     assert "port" not in totals and "pid" not in totals
     assert table.backpressure_share() == pytest.approx(0.05)
+
+
+def test_the_breaker_decision_is_in_the_header_for_every_reader(table):
+    other = FleetTable.attach(table.name)
+    try:
+        assert not other.breaker_open() and other.breaker_trips() == 0
+        table.publish_breaker(True, 2)
+        assert other.breaker_open() and other.breaker_trips() == 2
+        table.publish_breaker(False, 2)
+        assert not other.breaker_open() and other.breaker_trips() == 2
+        assert all(v.state is WorkerState.EMPTY and v.connections == 0
+                   for v in other.read_all())  # no slot word touched
+    finally:
+        other.close()
 
 
 # -- processes ----------------------------------------------------------------------

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
+import socket
 import subprocess
+import urllib.request
 
 import pytest
+from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.counters import STATS
 from gateway.fleet import LATENCY_BOUNDS_S, FleetTable, WorkerField, WorkerState
-from supervisor.metrics import FleetCollector, NodeInfo, WorkerInfo, fleet_registry, render
+from supervisor.metrics import FleetCollector, MetricsServer, WorkerInfo, fleet_registry
 
 
 @pytest.fixture
@@ -49,10 +54,11 @@ def _fill(table: FleetTable) -> None:
     table.worker_writer(0).set_state(WorkerState.READY)
     table.worker_writer(1).set_state(WorkerState.EMPTY)
     table.worker_writer(2).set_state(WorkerState.DRAINING)
+    table.publish_breaker(True, 4)  # the supervisor's decision for the node
 
 
 def _scrape(registry) -> dict:
-    text = render(registry).decode()
+    text = generate_latest(registry).decode()
     return {family.name: family for family in text_string_to_metric_families(text)}
 
 
@@ -77,7 +83,7 @@ def registry(table):
         WorkerInfo(1, None, restarts=3, draining=False),
         WorkerInfo(2, _vanished_pid(), restarts=1, draining=True),
     ]
-    return fleet_registry(table, lambda: workers, lambda: NodeInfo(True, 4, 3))
+    return fleet_registry(table, lambda: workers, 3)
 
 
 def test_names_types_and_labels(registry):
@@ -196,35 +202,72 @@ def test_counters_move_when_the_table_changes(table, registry):
     assert _samples(after["oddsgate_fanout_latency_seconds"], count)[()] == 11
 
 
-def test_collect_survives_failing_callbacks(table):
+def test_collect_survives_a_failing_callback(table):
     _fill(table)
 
     def broken() -> list[WorkerInfo]:
         raise RuntimeError("supervisor state unavailable")
 
-    def broken_node() -> NodeInfo:
-        raise RuntimeError("no breaker yet")
-
-    collector = FleetCollector(table, broken, broken_node)
+    collector = FleetCollector(table, broken, 3)
     names = {family.name for family in collector.collect()}
     assert "oddsgate_connections" in names and "oddsgate_fanout_latency_seconds" in names
-    assert "oddsgate_breaker_open" not in names
+    assert "oddsgate_breaker_open" in names
+    assert "oddsgate_worker_restarts" in names  # declared, with no series
+
+
+def test_every_declared_stat_is_a_series_of_its_slot_word(table):
+    """A row of gateway/counters.py with a metric needs nothing else to be scraped."""
+    writer = table.worker_writer(0)
+    writer.claim()
+    writer.publish({WorkerField[s.name.upper()]: 1000 + i for i, s in enumerate(STATS)})
+    writer.set_state(WorkerState.READY)
+    families = _scrape(fleet_registry(table, list, 1))
+    for i, stat in enumerate(STATS):
+        if stat.metric is None:
+            continue
+        family = families[stat.metric.removesuffix("_total")]
+        assert family.type == stat.kind.value, stat.name
+        assert family.documentation == stat.help
+        labels = tuple(sorted((*_slot(0), *stat.labels)))
+        assert _samples(family)[labels] == pytest.approx((1000 + i) * stat.scale), stat.name
 
 
 def test_an_empty_table_renders(table):
-    registry = fleet_registry(table, list, lambda: NodeInfo(False, 0, 3))
+    registry = fleet_registry(table, list, 3)
     families = _scrape(registry)
     family = families["oddsgate_fanout_latency_seconds"]
     assert _samples(family, "oddsgate_fanout_latency_seconds_count")[()] == 0
     assert _samples(families["oddsgate_connections"]) == {}
+    assert _samples(families["oddsgate_breaker_open"]) == {(): 0}
+    assert _samples(families["oddsgate_breaker_trips"]) == {(): 0}
 
 
 def test_slots_map_to_workers(table):
     """Two slots of one worker index (a successor beside its predecessor)."""
     _fill(table)
     table.worker_writer(1).set_state(WorkerState.READY)
-    registry = fleet_registry(table, list, lambda: NodeInfo(False, 0, 1),
-                              worker_of_slot=lambda slot: slot % 2)
+    registry = fleet_registry(table, list, 1, worker_of_slot=lambda slot: slot % 2)
     families = _scrape(registry)
     assert _samples(families["oddsgate_connections"]) == {
         _slot(0, 0): 100, _slot(1, 1): 200, _slot(2, 0): 300}
+
+
+async def test_the_server_serves_the_registry_and_frees_its_port(registry):
+    server = MetricsServer("127.0.0.1", 0, registry)
+    await server.start()
+    port = server.bound_port
+    url = f"http://127.0.0.1:{port}/metrics"
+
+    def get() -> tuple[int, str, str]:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.headers["Content-Type"], response.read().decode()
+
+    status, content_type, body = await asyncio.to_thread(get)
+    assert status == 200 and content_type.startswith("text/plain")
+    families = {f.name for f in text_string_to_metric_families(body)}
+    assert {"oddsgate_connections", "oddsgate_breaker_open"} <= families
+    await server.stop()
+    await server.stop()  # idempotent
+    with socket.socket() as again:  # the port is free once stopped
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
