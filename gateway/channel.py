@@ -6,12 +6,19 @@ race the live stream: it is built in the same loop turn that attaches the
 player) and a ring of the most recent events (so a player who reconnects a
 few seconds behind is replayed from memory, which is what a drained worker's
 crowd does all at once).
+
+It also owns who follows it, in two groups: players in line with its stream
+(`aligned`, who share the turn's frames) and players catching up through
+their own cursors (`tracking`). Every move between them, in or out, first
+hands the turn's events to the aligned players (`flush`): a player never
+gets an event from before its snapshot, nor misses one from before it left.
+That rule lives here, in `align`, `track` and `remove`, and nowhere else.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections import deque
+from collections.abc import Callable
 from itertools import islice
 from typing import TYPE_CHECKING
 
@@ -27,6 +34,7 @@ Item = tuple[str, bytes]
 
 class TopicChannel:
     __slots__ = (
+        "_flush",
         "aligned",
         "cursor",
         "joining",
@@ -39,7 +47,8 @@ class TopicChannel:
         "turn",
     )
 
-    def __init__(self, topic: str, recent_capacity: int) -> None:
+    def __init__(self, topic: str, recent_capacity: int,
+                 flush: Callable[[TopicChannel], None] = lambda channel: None) -> None:
         self.topic = topic
         self.cursor: SeqCursor[Item] = SeqCursor(syncing=True)  # live once loaded
         self.latest_by_market: dict[str, bytes] = {}
@@ -49,9 +58,10 @@ class TopicChannel:
         # Followers catching up through their own cursors (slow path).
         self.tracking: set[Session] = set()
         self.turn: list[bytes] = []  # delivered this loop turn, not yet fanned out
-        self.joining = 0  # joins waiting for `ready`; the channel stays while > 0
-        self.ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.repairing = False
+        self._flush = flush  # hands `turn` to the aligned players (Fanout.flush_channel)
+        self.joining = 0  # joins waiting for the load; the channel stays while > 0
+        self.ready = False  # loaded: it has a position and a state
+        self.repairing = False  # a gap fill or resync is in flight
 
     @property
     def subscribers(self) -> set[Session]:
@@ -69,6 +79,32 @@ class TopicChannel:
     @property
     def seq(self) -> int:
         return self.cursor.seq
+
+    # -- followers: every move flushes the turn first -----------------------
+
+    def flush(self) -> None:
+        """Hand this turn's events to the players aligned now."""
+        self._flush(self)
+
+    def align(self, session: Session) -> None:
+        """`session` holds exactly the channel's position: the shared frames from now."""
+        self._flush(self)
+        self.tracking.discard(session)
+        self.aligned.add(session)
+
+    def track(self, session: Session) -> None:
+        """`session` catches up through its own cursor: off the shared frames."""
+        self._flush(self)
+        self.aligned.discard(session)
+        self.tracking.add(session)
+
+    def remove(self, session: Session) -> None:
+        """`session` no longer follows; what was queued before it left goes out."""
+        self._flush(self)
+        self.aligned.discard(session)
+        self.tracking.discard(session)
+
+    # -- state ----------------------------------------------------------------
 
     def load(self, markets: list[tuple[str, bytes]]) -> None:
         """Replace the state with a snapshot read; the ring restarts empty."""

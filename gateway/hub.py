@@ -11,11 +11,16 @@ When the channel's cursor sees a gap (pub/sub lost messages, or Redis came
 back) the channel fills it from history before anything newer is delivered;
 when history cannot fill it, or the epoch changed, every follower is told
 `reset` and gets a fresh snapshot. A player never sees a silent gap.
+
+The hub is a plain object: it never awaits, sleeps or schedules. Each input
+(a live event, a read's result, a reconnect, a join, a leave, a timer)
+returns the effects it needs (gateway/effects.py: open or close a topic,
+read history, reload a state, retry later, act at the end of the turn), and
+`gateway/hub_runner.py` performs them and feeds the results back.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -23,16 +28,30 @@ from collections.abc import Callable
 import orjson
 
 from gateway import protocol
-from gateway.broker import RedisBroker
+from gateway.broker import History, TopicState
 from gateway.channel import Item, TopicChannel
 from gateway.coalesce import CoalescingOutbox
 from gateway.counters import WorkerCounters
+from gateway.effects import (
+    NO_EFFECTS,
+    AtTurnEnd,
+    CloseTopic,
+    Effect,
+    Effects,
+    LoadState,
+    OpenTopic,
+    ReadHistory,
+    Replay,
+    RetryRepair,
+)
 from gateway.fanout import Fanout
 from gateway.protocol import ResumePoint
 from gateway.sequencer import SeqCursor, Verdict
 from gateway.session import Session
 
 log = logging.getLogger("oddsgate.hub")
+
+RETRY_S = 0.5  # after a failed read: Redis is away, and its reconnect is on the same delay
 
 
 def _parse(event: bytes) -> tuple[str, int, str, int]:
@@ -51,7 +70,6 @@ class Hub:
         counters: WorkerCounters | None = None,
     ) -> None:
         self.channels: dict[str, TopicChannel] = {}
-        self.broker: RedisBroker | None = None
         self.recent_capacity = recent_capacity
         self.replay_max = replay_max
         self.replay_chunk = replay_chunk
@@ -63,14 +81,10 @@ class Hub:
         self.latency_sink: Callable[[int], None] | None = None
         self._turn_ts: list[int] = []
         self.pubsub_lag_ns = 0  # publish -> receipt of the last event from Redis
-        self._tasks: set[asyncio.Task] = set()
         # Players over their high-water mark, taken off the fast path: their
         # events go to their CoalescingOutbox until they drain.
         self.pressured: set[Session] = set()
         self._pressure_pending: set[Session] = set()
-
-    def attach_broker(self, broker: RedisBroker) -> None:
-        self.broker = broker
 
     def _observe_turn(self) -> None:
         if not self._turn_ts:
@@ -82,23 +96,18 @@ class Hub:
             for ts in stamps:
                 sink(now - ts)
 
-    def _spawn(self, coro) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    # -- the live path (the broker's reader calls it per message) -----------
 
-    # -- the live path (called by the broker, never awaits) ---------------
-
-    def on_message(self, topic: str, event: bytes) -> None:
+    def on_message(self, topic: str, event: bytes) -> Effects:
         channel = self.channels.get(topic)
         if channel is None:
-            return  # a message still in flight after the last player left
+            return NO_EFFECTS  # a message still in flight after the last player left
         self.counters.events_in += 1
         try:
             epoch, seq, market, ts = _parse(event)
         except (orjson.JSONDecodeError, KeyError, TypeError):
             log.error("dropping a malformed event on %s: %.200r", topic, event)
-            return
+            return NO_EFFECTS
         self.pubsub_lag_ns = time.time_ns() - ts
         verdict = channel.cursor.offer(epoch, seq, (market, event))
         if verdict is Verdict.DELIVER:
@@ -108,7 +117,8 @@ class Hub:
         elif verdict is Verdict.GAP or verdict is Verdict.EPOCH:
             channel.cursor.begin_sync()
             channel.cursor.kept.append((epoch, seq, (market, event)))
-            self._start_repair(channel)
+            return self._start_repair(channel)
+        return NO_EFFECTS
 
     def _fan_out(self, channel: TopicChannel, epoch: str, seq: int, market: str,
                  event: bytes) -> None:
@@ -142,85 +152,75 @@ class Hub:
         """Move a player whose cursor stands at the channel's onto the fast path."""
         if session in self.pressured:
             return  # it stays on its cursor, coalescing, until it drains
-        self.fanout.flush_channel(channel)
-        channel.tracking.discard(session)
-        channel.aligned.add(session)
+        channel.align(session)
 
-    def _track(self, session: Session, channel: TopicChannel, cursor: SeqCursor[bytes]) -> None:
-        """Put a player on the slow path with `cursor` (set at or ahead of the channel)."""
-        self.fanout.flush_channel(channel)
-        channel.aligned.discard(session)
-        channel.tracking.add(session)
-        session.cursors[channel.topic] = cursor
+    # -- opening and joining --------------------------------------------------
 
-    # -- joining and leaving ----------------------------------------------
+    def hold(self, topic: str) -> tuple[TopicChannel, Effects]:
+        """The channel of `topic`, held open for a joiner until `join` or `release`.
 
-    async def open_channel(self, topic: str) -> TopicChannel:
-        """The ready channel of `topic`, subscribing and loading it if new.
-
-        The channel is held open for the caller until it calls `join` or
-        `abandon`, so it cannot be dropped in between. Raises ConnectionError
-        when Redis cannot be reached.
+        A new channel is opened (subscribed, then loaded); the joiner waits
+        for `loaded` or `load_failed` before it may join.
         """
         channel = self.channels.get(topic)
+        effects = NO_EFFECTS
         if channel is None:
-            channel = TopicChannel(topic, self.recent_capacity)
+            channel = TopicChannel(topic, self.recent_capacity, self.fanout.flush_channel)
             self.channels[topic] = channel
-            self._spawn(self._load(channel))
+            effects = [OpenTopic(channel)]
         channel.joining += 1
-        try:
-            await asyncio.shield(channel.ready)
-        except BaseException:
-            self.abandon(channel)
-            raise
-        return channel
+        return channel, effects
 
-    def take_open_channel(self, topic: str) -> TopicChannel | None:
-        """`open_channel` without awaiting, for a channel already open and loaded."""
+    def hold_ready(self, topic: str) -> TopicChannel | None:
+        """`hold` for a channel already open and loaded; None otherwise."""
         channel = self.channels.get(topic)
-        if channel is None or not channel.ready.done() or channel.ready.exception():
+        if channel is None or not channel.ready:
             return None
         channel.joining += 1
         return channel
 
-    def abandon(self, channel: TopicChannel) -> None:
-        """Give back a channel `open_channel` returned, without joining it."""
+    def release(self, channel: TopicChannel) -> Effects:
+        """Give back a channel `hold` returned, without joining it."""
         channel.joining -= 1
-        self._drop_if_unused(channel)
+        return self._drop_if_unused(channel)
 
-    async def _load(self, channel: TopicChannel) -> None:
-        assert self.broker is not None
-        try:
-            await self.broker.subscribe(channel.topic)
-            state = await self.broker.load_state(channel.topic)
-        except Exception as exc:
-            log.warning("cannot open %s: %s", channel.topic, exc)
-            if self.channels.get(channel.topic) is channel:
-                del self.channels[channel.topic]
-                self.broker.unsubscribe(channel.topic)
-            channel.ready.set_exception(ConnectionError(f"upstream unavailable: {exc}"))
-            channel.ready.exception()  # retrieved: joiners see it through the shield
-            return
-        self._install(channel, state.epoch, state.seq, state.markets)
-        channel.ready.set_result(None)
-        self._drop_if_unused(channel)  # every joiner may have timed out meanwhile
+    def loaded(self, channel: TopicChannel, state: TopicState) -> Effects:
+        """The subscribed channel's first state: it is ready for its joiners."""
+        if channel.ready or self.channels.get(channel.topic) is not channel:
+            return NO_EFFECTS
+        self._install(channel, state)
+        channel.ready = True
+        effects: list[Effect] = []
+        if channel.cursor.syncing:
+            effects += self._start_repair(channel)
+        effects += self._drop_if_unused(channel)  # every joiner may have timed out meanwhile
+        return effects
 
-    def _install(self, channel: TopicChannel, epoch: str, seq: int, markets: list[bytes],
+    def load_failed(self, channel: TopicChannel, exc: BaseException) -> Effects:
+        """The channel could not be opened: it goes, and its joiners are refused."""
+        log.warning("cannot open %s: %s", channel.topic, exc)
+        if self.channels.get(channel.topic) is channel and not channel.ready:
+            del self.channels[channel.topic]
+            return [CloseTopic(channel.topic)]
+        return NO_EFFECTS
+
+    def _install(self, channel: TopicChannel, state: TopicState,
                  reset_reason: str | None = None) -> None:
         """A fresh snapshot, plus the live events kept while it was read, becomes
         the channel's state.
 
         With `reset_reason` (a resync), every follower is told `reset` and gets
-        a snapshot of that state.
+        a snapshot of that state. Leaves the cursor syncing when kept events
+        show a gap or another epoch still to be read.
         """
         parsed: list[tuple[str, bytes]] = []
-        for event in markets:
+        for event in state.markets:
             try:
                 parsed.append((_parse(event)[2], event))
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 log.error("skipping a malformed latest state of %s", channel.topic)
         channel.cursor.begin_sync()
-        result = channel.cursor.complete_sync(epoch, seq, [])
+        result = channel.cursor.complete_sync(state.epoch, state.seq, [])
         channel.load(parsed)
         # The cursor now stands past the live events kept during the read: they
         # join the state before any snapshot is built from it, or a snapshot
@@ -229,57 +229,55 @@ class Hub:
         for market, event in result.deliver:
             channel.apply(market, event)
         if reset_reason is not None:
-            self.fanout.flush_channel(channel)
+            channel.flush()
             for session in list(channel.subscribers):
                 self._reset_session(session, channel, reset_reason)
         if result.gap or result.epoch_changed:
             channel.cursor.begin_sync()
-            self._start_repair(channel)  # inside a repair already: its loop goes on
 
-    def join(self, session: Session, channel: TopicChannel, resume: ResumePoint | None) -> None:
+    def join(self, session: Session, channel: TopicChannel, resume: ResumePoint | None
+             ) -> Effects:
         """Attach a player to a ready channel and send its snapshot or replay."""
         channel.joining -= 1
         if resume is None:
             self._send_snapshot(session, channel)
-            return
+            return NO_EFFECTS
         if resume.epoch != channel.epoch:
             self._reset_session(session, channel, "epoch")
             self.counters.resumes_reset += 1
-            return
+            return NO_EFFECTS
         if resume.seq <= channel.seq:
             events = channel.recent_after(resume.seq)
             if events is not None:
-                self.fanout.flush_channel(channel)
+                channel.flush()
                 self._send_replay(session, events)
                 self._attach_aligned(session, channel)
                 self.counters.resumes_replayed += 1
-                return
+                return NO_EFFECTS
         # Behind the ring, or ahead of this worker: ask Redis, keeping live
         # events aside meanwhile.
         cursor: SeqCursor[bytes] = SeqCursor(channel.epoch, resume.seq, syncing=True)
-        self._track(session, channel, cursor)
-        self._spawn(self._replay_from_history(session, channel, cursor, resume))
+        channel.track(session)
+        session.cursors[channel.topic] = cursor
+        return [ReadHistory(channel, resume.seq, self.replay_max,
+                            Replay(session, cursor, resume))]
 
     def _attach_aligned(self, session: Session, channel: TopicChannel) -> None:
         """The player holds exactly the channel's position: fast path from now on."""
-        self.fanout.flush_channel(channel)
+        channel.flush()
         session.cursors[channel.topic] = SeqCursor(channel.epoch, channel.seq)
         if session in self.pressured:
             session.outbox.start(channel.topic, channel.seq)
-            channel.aligned.discard(session)
-            channel.tracking.add(session)
+            channel.track(session)
             return
-        channel.tracking.discard(session)
-        channel.aligned.add(session)
+        channel.align(session)
 
-    async def _replay_from_history(self, session: Session, channel: TopicChannel,
-                                   cursor: SeqCursor[bytes], resume: ResumePoint) -> None:
-        assert self.broker is not None
-        try:
-            history = await self.broker.read_since(channel.topic, resume.seq, self.replay_max)
-        except Exception as exc:
-            log.warning("replay read of %s failed: %s", channel.topic, exc)
-            history = None
+    def _replayed(self, read: ReadHistory, history: History | None) -> None:
+        """A resuming player's history read came back (None: it failed)."""
+        replay = read.replay
+        assert replay is not None
+        session, channel, cursor, resume = replay.session, read.channel, replay.cursor, \
+            replay.resume
         if session.cursors.get(channel.topic) is not cursor:
             return  # the player left, or the channel reset it meanwhile
         if history is None or history.epoch != resume.epoch or history.events is None \
@@ -288,8 +286,8 @@ class Hub:
             self._reset_session(session, channel, reason)
             self.counters.resumes_reset += 1
             return
-        read = [(resume.seq + 1 + i, e) for i, e in enumerate(history.events)]
-        result = cursor.complete_sync(resume.epoch, resume.seq, read)
+        events = [(resume.seq + 1 + i, e) for i, e in enumerate(history.events)]
+        result = cursor.complete_sync(resume.epoch, resume.seq, events)
         if result.gap or result.epoch_changed:
             self._reset_session(session, channel, "resync")
             self.counters.resumes_reset += 1
@@ -301,48 +299,61 @@ class Hub:
         if cursor.seq == channel.seq:
             self._align(session, channel)
 
-    def leave(self, session: Session, topic: str) -> None:
+    # -- leaving ----------------------------------------------------------------
+
+    def leave(self, session: Session, topic: str) -> Effects:
         session.cursors.pop(topic, None)
         if session.acked is not None:
             session.acked.pop(topic, None)
         if session.outbox is not None:
             session.outbox.forget(topic)
         channel = self.channels.get(topic)
-        if channel is not None:
-            self.fanout.flush_channel(channel)  # what was queued before leaving goes out
-            channel.aligned.discard(session)
-            channel.tracking.discard(session)
-            self._drop_if_unused(channel)
+        if channel is None:
+            return NO_EFFECTS
+        channel.remove(session)
+        return self._drop_if_unused(channel)
 
-    def leave_all(self, session: Session) -> None:
+    def leave_all(self, session: Session) -> Effects:
+        effects: list[Effect] = []
         for topic in list(session.cursors):
-            self.leave(session, topic)
+            effects += self.leave(session, topic)
         self.pressured.discard(session)
         self._pressure_pending.discard(session)
         session.coalescing = False
+        return effects
+
+    def _drop_if_unused(self, channel: TopicChannel) -> Effects:
+        if channel.followed or channel.joining > 0 or not channel.ready:
+            return NO_EFFECTS
+        if self.channels.get(channel.topic) is not channel:
+            return NO_EFFECTS
+        del self.channels[channel.topic]
+        return [CloseTopic(channel.topic)]
 
     # -- back-pressure ------------------------------------------------------
 
-    def pressure_changed(self, session: Session) -> None:
+    def pressure_changed(self, session: Session) -> Effects:
         """A player's transport crossed a watermark; act at the end of this turn.
 
         Called from inside a transport write, so nothing is rearranged now.
         """
-        if session not in self._pressure_pending:
-            self._pressure_pending.add(session)
-            asyncio.get_running_loop().call_soon(self._apply_pressure, session)
+        if session in self._pressure_pending:
+            return NO_EFFECTS
+        self._pressure_pending.add(session)
+        return [AtTurnEnd(session)]
 
-    def _apply_pressure(self, session: Session) -> None:
+    def apply_pressure(self, session: Session) -> Effects:
         self._pressure_pending.discard(session)
         if not session.open:
             self.pressured.discard(session)
-            return
+            return NO_EFFECTS
         if session.pressured:
             if session not in self.pressured:
                 self._start_coalescing(session)
-            return
+            return NO_EFFECTS
         if session in self.pressured:
             self._catch_up(session)
+        return NO_EFFECTS
 
     def _start_coalescing(self, session: Session) -> None:
         """Off the fast path: from the channel's position, newest per market only."""
@@ -355,9 +366,7 @@ class Hub:
             if channel is None:
                 continue
             if session in channel.aligned:
-                self.fanout.flush_channel(channel)  # this turn's events still go as frames
-                channel.aligned.discard(session)
-                channel.tracking.add(session)
+                channel.track(session)  # this turn's events still go as frames
                 cursor = SeqCursor(channel.epoch, channel.seq)
                 session.cursors[topic] = cursor
             session.outbox.start(topic, cursor.seq)
@@ -381,18 +390,10 @@ class Hub:
                     and cursor.seq == channel.seq):
                 self._align(session, channel)
 
-    def _drop_if_unused(self, channel: TopicChannel) -> None:
-        if channel.followed or channel.joining > 0 or not channel.ready.done():
-            return
-        if self.channels.get(channel.topic) is channel:
-            del self.channels[channel.topic]
-            if self.broker is not None:
-                self.broker.unsubscribe(channel.topic)
-
     # -- frames to one player ---------------------------------------------
 
     def _send_snapshot(self, session: Session, channel: TopicChannel) -> None:
-        self.fanout.flush_channel(channel)  # the snapshot already holds this turn's events
+        channel.flush()  # the snapshot already holds this turn's events
         session.send(channel.snapshot())
         self._attach_aligned(session, channel)
         self.counters.snapshots += 1
@@ -411,59 +412,77 @@ class Hub:
 
     # -- repair: gaps, epochs, Redis reconnects ---------------------------
 
-    def on_resubscribed(self) -> None:
+    def on_resubscribed(self) -> Effects:
         """Redis is back: every channel checks history for what pub/sub lost."""
+        effects: list[Effect] = []
         for channel in list(self.channels.values()):
-            if channel.ready.done() and not channel.ready.exception():
+            if channel.ready:
                 channel.cursor.begin_sync()
-                self._start_repair(channel)
+                effects += self._start_repair(channel)
+        return effects
 
-    def _start_repair(self, channel: TopicChannel) -> None:
-        if not channel.repairing:
-            channel.repairing = True
-            self._spawn(self._repair(channel))
+    def _start_repair(self, channel: TopicChannel) -> Effects:
+        if channel.repairing:
+            return NO_EFFECTS  # the repair in flight goes on while the cursor syncs
+        channel.repairing = True
+        return self._continue_repair(channel)
 
-    async def _repair(self, channel: TopicChannel) -> None:
-        assert self.broker is not None
-        try:
-            while channel.cursor.syncing and self.channels.get(channel.topic) is channel:
-                try:
-                    history = await self.broker.read_since(
-                        channel.topic, channel.seq, self.replay_max
-                    )
-                except Exception as exc:
-                    log.warning("gap fill of %s failed (%s); retrying", channel.topic, exc)
-                    await asyncio.sleep(0.5)
-                    continue
-                if history.epoch != channel.epoch or history.events is None:
-                    await self._resync(channel, "epoch" if history.epoch != channel.epoch
-                                       else "gap")
-                    continue
-                read: list[tuple[int, Item]] = []
-                for event in history.events:
-                    _, seq, market, _ = _parse(event)
-                    read.append((seq, (market, event)))
-                result = channel.cursor.complete_sync(channel.epoch, channel.seq, read)
-                if read:
-                    self.counters.gaps_filled += 1
-                self._deliver_merged(channel, result.deliver)
-                if result.epoch_changed:
-                    channel.cursor.begin_sync()
-        finally:
+    def _continue_repair(self, channel: TopicChannel) -> Effects:
+        """The repair's next step: another read while the cursor syncs, else done."""
+        if channel.cursor.syncing and self.channels.get(channel.topic) is channel:
+            return [ReadHistory(channel, channel.seq, self.replay_max)]
+        channel.repairing = False
+        return NO_EFFECTS
+
+    def history_read(self, read: ReadHistory, history: History) -> Effects:
+        """A history read came back: a player's replay, or the channel's gap fill."""
+        if read.replay is not None:
+            self._replayed(read, history)
+            return NO_EFFECTS
+        channel = read.channel
+        if self.channels.get(channel.topic) is not channel or not channel.cursor.syncing:
             channel.repairing = False
+            return NO_EFFECTS
+        if history.epoch != channel.epoch or history.events is None:
+            return [LoadState(channel, "epoch" if history.epoch != channel.epoch else "gap")]
+        events: list[tuple[int, Item]] = []
+        for event in history.events:
+            _, seq, market, _ = _parse(event)
+            events.append((seq, (market, event)))
+        result = channel.cursor.complete_sync(channel.epoch, channel.seq, events)
+        if events:
+            self.counters.gaps_filled += 1
+        self._deliver_merged(channel, result.deliver)
+        if result.epoch_changed:
+            channel.cursor.begin_sync()
+        return self._continue_repair(channel)
 
-    async def _resync(self, channel: TopicChannel, reason: str) -> None:
-        """History cannot bridge the gap: a new snapshot, and every follower resets."""
-        assert self.broker is not None
-        log.warning("resetting %s (%s)", channel.topic, reason)
-        try:
-            state = await self.broker.load_state(channel.topic)
-        except Exception as exc:
-            log.warning("reload of %s failed (%s); retrying", channel.topic, exc)
-            await asyncio.sleep(0.5)
-            return
+    def history_failed(self, read: ReadHistory, exc: BaseException) -> Effects:
+        if read.replay is not None:
+            log.warning("replay read of %s failed: %s", read.channel.topic, exc)
+            self._replayed(read, None)
+            return NO_EFFECTS
+        log.warning("gap fill of %s failed (%s); retrying", read.channel.topic, exc)
+        return [RetryRepair(read.channel, RETRY_S)]
+
+    def repair_timer(self, channel: TopicChannel) -> Effects:
+        """The delay after a failed read is over: read again, if still needed."""
+        return self._continue_repair(channel)
+
+    def resync_loaded(self, read: LoadState, state: TopicState) -> Effects:
+        """History could not bridge the gap: a new snapshot, and every follower resets."""
+        channel = read.channel
+        if self.channels.get(channel.topic) is not channel:
+            channel.repairing = False
+            return NO_EFFECTS
+        log.warning("resetting %s (%s)", channel.topic, read.reason)
         self.counters.channel_resets += 1
-        self._install(channel, state.epoch, state.seq, state.markets, reset_reason=reason)
+        self._install(channel, state, reset_reason=read.reason)
+        return self._continue_repair(channel)
+
+    def resync_failed(self, read: LoadState, exc: BaseException) -> Effects:
+        log.warning("reload of %s failed (%s); retrying", read.channel.topic, exc)
+        return [RetryRepair(read.channel, RETRY_S)]
 
     def _deliver_merged(self, channel: TopicChannel, items: list[Item]) -> None:
         """Fan out merged items; the cursor already stands at the last of them."""

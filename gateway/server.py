@@ -51,6 +51,7 @@ from gateway.http import (
     without_body,
 )
 from gateway.hub import Hub
+from gateway.hub_runner import HubRunner
 from gateway.ratelimit import ClientBuckets, client_key, retry_after_s
 from gateway.session import RateLimiter, Session
 from gateway.static import StaticSite
@@ -225,13 +226,14 @@ class Worker:
         self.hub = Hub(self.fanout, recent_capacity=settings.recent_events,
                        replay_max=settings.replay_max, replay_chunk=settings.max_batch,
                        counters=self.counters)
+        self.hub_runner = HubRunner(self.hub)  # performs what the hub decides
         self.broker = RedisBroker(
             settings.redis_url,
-            self.hub.on_message,
-            on_resubscribed=self.hub.on_resubscribed,
+            self.hub_runner.on_message,
+            on_resubscribed=self.hub_runner.on_resubscribed,
             reconnect_delay=settings.redis_reconnect_s,
         )
-        self.hub.attach_broker(self.broker)
+        self.hub_runner.attach_broker(self.broker)
         self.static_site = StaticSite.load()  # the player shell: `/` and `/static/`
         self.connections: dict[Session, ServerConnection] = {}
         # A lone worker's breaker, on its own players. Under a supervisor the reporter
@@ -565,7 +567,7 @@ class Worker:
         if not claims.allows(topic):
             return error_response(403, ErrorCode.FORBIDDEN, "topic not allowed for this token")
         channel = self.hub.channels.get(topic)
-        if channel is not None and channel.ready.done() and not channel.ready.exception():
+        if channel is not None and channel.ready:
             return json_response(200, channel.snapshot())
         if not self.snapshot_reads.allow(time.monotonic()):  # Redis is every worker's
             return rate_limited("this worker reads too many snapshots now; retry later",
@@ -617,7 +619,7 @@ class Worker:
         )
         self.connections[session] = conn
         conn.session = session
-        session.on_pressure = self.hub.pressure_changed
+        session.on_pressure = self.hub_runner.pressure_changed
         self.counters.connections_accepted += 1
         if claims.expires_at is not None:  # the heartbeat closes it 4401 when it passes
             session.expires_at = claims.expires_at + s.jwt_leeway_s
@@ -643,7 +645,7 @@ class Worker:
                 await conn.close(code, reason)
         finally:
             session.open = False
-            self.hub.leave_all(session)
+            self.hub_runner.leave_all(session)
             self.connections.pop(session, None)
             self.gc.connection_closed()
 
@@ -661,7 +663,7 @@ class Worker:
             await self._subscribe(session, request)
         elif isinstance(request, protocol.Unsubscribe):
             for topic in request.topics:
-                self.hub.leave(session, topic)
+                self.hub_runner.leave(session, topic)
             session.send(protocol.unsubscribed(request.id, request.topics))
         elif isinstance(request, protocol.Ack):
             session.ack(request.topics)
@@ -703,12 +705,12 @@ class Worker:
         for topic in joined:
             channel = opened[topic]
             assert channel is not None
-            self.hub.join(session, channel, wanted[topic])
+            self.hub_runner.join(session, channel, wanted[topic])
 
     async def _open_channels(self, topics: list[str]) -> dict[str, TopicChannel | None]:
         async def open_one(topic: str) -> TopicChannel | None:
             try:
-                return await asyncio.wait_for(self.hub.open_channel(topic),
+                return await asyncio.wait_for(self.hub_runner.open_channel(topic),
                                               OPEN_CHANNEL_TIMEOUT_S)
             except (ConnectionError, TimeoutError):
                 return None
@@ -716,7 +718,7 @@ class Worker:
         opened: dict[str, TopicChannel | None] = {}
         cold = []
         for topic in topics:  # open channels need no task, no timeout, no await
-            channel = self.hub.take_open_channel(topic)
+            channel = self.hub_runner.take_open_channel(topic)
             if channel is None:
                 cold.append(topic)
             else:
@@ -729,7 +731,7 @@ class Worker:
     def _abandon(self, opened: dict[str, TopicChannel | None]) -> None:
         for channel in opened.values():
             if channel is not None:
-                self.hub.abandon(channel)
+                self.hub_runner.abandon(channel)
 
     def _refusal(self, code: ErrorCode, topics: list[str], request_id: object,
                  session: Session) -> ProtocolError:

@@ -11,9 +11,12 @@ import asyncio
 
 import orjson
 
+from gateway.broker import TopicState
 from gateway.counters import WorkerCounters
+from gateway.effects import OpenTopic
 from gateway.fanout import Fanout
 from gateway.hub import Hub
+from gateway.hub_runner import HubRunner
 from gateway.rules import RuleChecker
 from gateway.session import Session
 
@@ -33,7 +36,7 @@ class Player:
         self.checker.feed({"type": "subscribed", "topics": [TOPIC]})
         self.session = Session(name, player=name, write=self._write, scheduler=hub.fanout,
                                write_frame=self._write_frame)
-        self.session.on_pressure = hub.pressure_changed
+        self.session.on_pressure = HubRunner(hub).pressure_changed  # needs no broker
 
     def _write(self, payload: bytes) -> None:
         self.checker.feed(orjson.loads(payload))
@@ -44,20 +47,17 @@ class Player:
 
 
 async def _hub_with_channel() -> Hub:
+    """A hub with TOPIC open and loaded at seq 0, as its runner leaves it."""
     hub = Hub(Fanout(WorkerCounters()))
-    from gateway.channel import TopicChannel
-
-    channel = TopicChannel(TOPIC, 64)
-    hub.channels[TOPIC] = channel
-    hub._install(channel, "e", 0, [])
-    channel.ready.set_result(None)
-    return hub
+    channel, effects = hub.hold(TOPIC)
+    assert effects == [OpenTopic(channel)]
+    assert hub.loaded(channel, TopicState("e", 0, [])) == []
+    return hub  # still held once: the channel stays while players come and go
 
 
 async def _join(hub: Hub, player: Player) -> None:
-    channel = hub.channels[TOPIC]
-    channel.joining += 1
-    hub.join(player.session, channel, None)
+    channel, _ = hub.hold(TOPIC)
+    assert hub.join(player.session, channel, None) == ()
 
 
 async def turn() -> None:

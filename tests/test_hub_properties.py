@@ -1,12 +1,14 @@
 """The real hub, driven through arbitrary interleavings, keeps PROTOCOL.md §5 for everyone.
 
-A model Redis (seq space, history, latest state) stands behind a fake broker
-whose reads wait until the test answers them, so every race the worker meets
-is reachable: live events published before a read but delivered after it,
-pub/sub losing messages, history trimmed under a reader, Redis losing its data
-(a new epoch) while the pub/sub connection is down, players joining with a
-snapshot or resuming from what they hold, leaving, and going in and out of
-back-pressure. Each player's frames go through the client-side RuleChecker;
+The hub is a plain object that returns effects (gateway/effects.py); this test
+is its runner, with a model Redis (seq space, history, latest state) behind
+it. Reads are executed against the model and answered when the test chooses,
+and may fail, so every race the worker meets is reachable: live events
+published before a read but delivered after it, pub/sub losing messages,
+reads failing and retried on a timer, history trimmed under a reader, Redis
+losing its data (a new epoch) while the pub/sub connection is down, players
+joining with a snapshot or resuming from what they hold, leaving, and going
+in and out of back-pressure. Each player's frames go through the client-side RuleChecker;
 once everything settles, every player holds exactly Redis's newest state.
 """
 
@@ -29,7 +31,17 @@ from hypothesis.stateful import (
 from feed.contract import UNPUBLISHED_EPOCH
 from gateway import protocol
 from gateway.broker import History, TopicState
+from gateway.channel import TopicChannel
 from gateway.counters import WorkerCounters
+from gateway.effects import (
+    AtTurnEnd,
+    CloseTopic,
+    Effect,
+    LoadState,
+    OpenTopic,
+    ReadHistory,
+    RetryRepair,
+)
 from gateway.fanout import Fanout
 from gateway.hub import Hub
 from gateway.protocol import ResumePoint
@@ -86,56 +98,77 @@ class ModelRedis:
         return History(self.epoch, self.seq, [e for _, e in list(self.history)[-want:]])
 
 
-class FakeBroker:
-    """The broker's interface; every read waits for the test to answer it."""
+class ModelRunner:
+    """Performs the hub's effects the way gateway/hub_runner.py does, at the test's pace.
 
-    def __init__(self, redis: ModelRedis) -> None:
+    A read is executed against the model (Redis runs it) and replied to later
+    (the reply reaches the worker), or fails; retries wait for `fire_timer`.
+    """
+
+    def __init__(self, hub: Hub, redis: ModelRedis) -> None:
+        self.hub = hub
         self.redis = redis
-        self.reads: deque[tuple[asyncio.Future, tuple]] = deque()
-        self.replies: deque[tuple[asyncio.Future, object]] = deque()
+        self.reads: deque[Effect] = deque()  # asked, not yet run by Redis
+        self.replies: deque[tuple[Effect, object]] = deque()  # run, reply on its way
+        self.timers: deque[TopicChannel] = deque()
         self.subscribed: set[str] = set()
+        self.waiting: dict[TopicChannel, list] = {}  # joiners waiting for a load
 
-    async def subscribe(self, topic: str) -> None:
-        self.subscribed.add(topic)
-
-    def unsubscribe(self, topic: str) -> None:
-        self.subscribed.discard(topic)
-
-    async def load_state(self, topic: str) -> TopicState:
-        return await self._wait(("load",))
-
-    async def read_since(self, topic: str, seq: int, most: int) -> History:
-        return await self._wait(("since", seq, most))
-
-    async def _wait(self, what: tuple):
-        fut = asyncio.get_running_loop().create_future()
-        self.reads.append((fut, what))
-        return await fut
-
-    def execute_one(self) -> bool:
-        """Redis runs the oldest read now; its reply reaches the worker later."""
-        while self.reads:
-            fut, what = self.reads.popleft()
-            if fut.done():  # its waiter was cancelled
-                continue
-            if what[0] == "load":
-                self.replies.append((fut, self.redis.load_state()))
+    def perform(self, effects) -> None:
+        for effect in effects:
+            if isinstance(effect, OpenTopic):
+                self.subscribed.add(effect.channel.topic)
+                self.reads.append(effect)
+            elif isinstance(effect, CloseTopic):
+                self.subscribed.discard(effect.topic)
+            elif isinstance(effect, ReadHistory | LoadState):
+                self.reads.append(effect)
+            elif isinstance(effect, RetryRepair):
+                self.timers.append(effect.channel)
+            elif isinstance(effect, AtTurnEnd):
+                asyncio.get_running_loop().call_soon(self._apply_pressure, effect.session)
             else:
-                self.replies.append((fut, self.redis.read_since(what[1], what[2])))
-            return True
-        return False
+                raise AssertionError(f"unknown effect {effect!r}")
 
-    def reply_one(self) -> bool:
+    def _apply_pressure(self, session: Session) -> None:
+        self.perform(self.hub.apply_pressure(session))
+
+    def execute_one(self) -> None:
+        if not self.reads:
+            return
+        effect = self.reads.popleft()
+        if isinstance(effect, ReadHistory):
+            self.replies.append((effect, self.redis.read_since(effect.after, effect.most)))
+        else:
+            self.replies.append((effect, self.redis.load_state()))
+
+    def reply_one(self, fail: bool) -> None:
         if not self.replies:
-            return False
-        fut, reply = self.replies.popleft()
-        if not fut.done():
-            fut.set_result(reply)
-        return True
+            return
+        effect, reply = self.replies.popleft()
+        error = ConnectionError("redis went away") if fail else None
+        if isinstance(effect, OpenTopic):
+            channel = effect.channel
+            if error is None:
+                self.perform(self.hub.loaded(channel, reply))
+            else:
+                self.perform(self.hub.load_failed(channel, error))
+            for join in self.waiting.pop(channel, []):
+                join(error is None and channel.ready)
+        elif isinstance(effect, ReadHistory):
+            self.perform(self.hub.history_failed(effect, error) if error
+                         else self.hub.history_read(effect, reply))
+        else:
+            self.perform(self.hub.resync_failed(effect, error) if error
+                         else self.hub.resync_loaded(effect, reply))
+
+    def fire_timer(self) -> None:
+        if self.timers:
+            self.perform(self.hub.repair_timer(self.timers.popleft()))
 
     @property
     def busy(self) -> bool:
-        return bool(self.reads or self.replies)
+        return bool(self.reads or self.replies or self.timers)
 
 
 class Player:
@@ -148,12 +181,12 @@ class Player:
         self.joining = False
         self.connections = 0
 
-    def connect(self, hub: Hub) -> Session:
+    def connect(self, runner: ModelRunner) -> Session:
         self.connections += 1
         self.session = Session(f"{self.name}-{self.connections}", player=self.name,
-                               write=self._write, scheduler=hub.fanout,
+                               write=self._write, scheduler=runner.hub.fanout,
                                write_frame=self._write_frame)
-        self.session.on_pressure = hub.pressure_changed
+        self.session.on_pressure = lambda s: runner.perform(runner.hub.pressure_changed(s))
         self._write(protocol.welcome(self.session.conn_id, "n", 0, 1000))
         return self.session
 
@@ -170,14 +203,12 @@ class HubMachine(RuleBasedStateMachine):
         super().__init__()
         self.loop = asyncio.new_event_loop()
         self.redis = ModelRedis()
-        self.broker = FakeBroker(self.redis)
         self.hub = Hub(Fanout(WorkerCounters(), max_batch=4), recent_capacity=6,
                        replay_max=12, replay_chunk=4)
-        self.hub.attach_broker(self.broker)  # type: ignore[arg-type]
+        self.runner = ModelRunner(self.hub, self.redis)
         self.inflight: deque[bytes] = deque()  # published, not yet delivered by pub/sub
         self.connected = True
         self.players = [Player(f"p{i}") for i in range(PLAYERS)]
-        self.tasks: set[asyncio.Task] = set()
 
     def run(self, step) -> None:
         async def go() -> None:
@@ -188,9 +219,6 @@ class HubMachine(RuleBasedStateMachine):
         self.loop.run_until_complete(go())
 
     def teardown(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        self.loop.run_until_complete(asyncio.sleep(0))
         self.loop.close()
 
     @initialize(published=st.integers(0, 4))
@@ -201,7 +229,7 @@ class HubMachine(RuleBasedStateMachine):
         self.join(0, False)
         self.join(1, False)
         self.execute_read()
-        self.read_reply()
+        self.read_reply(False)
 
     # -- Redis and pub/sub ------------------------------------------------
 
@@ -217,17 +245,21 @@ class HubMachine(RuleBasedStateMachine):
     def deliver(self, count: int) -> None:
         def step() -> None:
             for _ in range(min(count, len(self.inflight))):
-                self.hub.on_message(TOPIC, self.inflight.popleft())
+                self.runner.perform(self.hub.on_message(TOPIC, self.inflight.popleft()))
 
         self.run(step)
 
     @rule()
     def execute_read(self) -> None:
-        self.broker.execute_one()
+        self.runner.execute_one()
+
+    @rule(fail=st.booleans())
+    def read_reply(self, fail: bool) -> None:
+        self.run(lambda: self.runner.reply_one(fail))
 
     @rule()
-    def read_reply(self) -> None:
-        self.run(self.broker.reply_one)
+    def retry_timer(self) -> None:
+        self.run(self.runner.fire_timer)
 
     @rule(keep=st.integers(0, 8))
     def trim_history(self, keep: int) -> None:
@@ -245,7 +277,7 @@ class HubMachine(RuleBasedStateMachine):
     @rule()
     def redis_back(self) -> None:
         self.connected = True
-        self.run(self.hub.on_resubscribed)
+        self.run(lambda: self.runner.perform(self.hub.on_resubscribed()))
 
     # -- players ----------------------------------------------------------
 
@@ -254,27 +286,38 @@ class HubMachine(RuleBasedStateMachine):
         player = self.players[i]
         if player.session is not None:
             return
-        session = player.connect(self.hub)
+        session = player.connect(self.runner)
         point = player.checker.state(TOPIC).resume_point() if resume else None
         if point is None:
             player.checker.expect_snapshot(TOPIC)
         else:
             player.checker.expect_resume(TOPIC, point["epoch"], point["seq"])
         player.joining = True
+        hub, runner = self.hub, self.runner
 
-        async def subscribe() -> None:
-            channel = await self.hub.open_channel(TOPIC)
+        def subscribed(channel: TopicChannel, ok: bool) -> None:
+            """What the worker does once the channel is open (gateway/server.py)."""
             player.joining = False
+            if not ok:
+                runner.perform(hub.release(channel))
+                if session.open:  # refused as `shed`: the player holds what it held
+                    player.session = None
+                return
             if not session.open:
-                self.hub.abandon(channel)
+                runner.perform(hub.release(channel))
                 return
             session.send(protocol.subscribed(None, [TOPIC]))
-            self.hub.join(session, channel,
-                          ResumePoint(point["epoch"], point["seq"]) if point else None)
+            runner.perform(hub.join(session, channel,
+                                    ResumePoint(point["epoch"], point["seq"]) if point else None))
 
         def step() -> None:
-            task = self.loop.create_task(subscribe())
-            self.tasks.add(task)
+            channel, effects = hub.hold(TOPIC)
+            runner.perform(effects)
+            if channel.ready:
+                subscribed(channel, True)
+            else:
+                runner.waiting.setdefault(channel, []).append(
+                    lambda ok: subscribed(channel, ok))
 
         self.run(step)
 
@@ -316,11 +359,12 @@ class HubMachine(RuleBasedStateMachine):
             if player.session is not None:
                 self.run(player.session.on_resume)
         for _ in range(1000):
-            if not self.inflight and not self.broker.busy:
+            if not self.inflight and not self.runner.busy:
                 break
             self.deliver(len(self.inflight) or 1)
             self.execute_read()
-            self.read_reply()
+            self.read_reply(False)
+            self.retry_timer()
         else:
             raise AssertionError("the hub never settled")
 
