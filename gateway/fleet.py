@@ -2,11 +2,12 @@
 
 The supervisor creates the segment before it starts the workers. A forked
 worker uses the `FleetTable` object (and mapping) it inherited; a worker
-started with exec attaches by name (`FleetTable.attach`, which never touches
-the resource tracker). Each worker writes its counters into its own slot; the
-supervisor writes its commands into a separate part of each slot, and the
-node's breaker decision into the header. Agent checks, `oddsgate status`,
-every worker's admission of subscriptions and /metrics read it. Nobody locks.
+started with exec attaches by name (`FleetTable.attach` maps the segment's
+file under /dev/shm and never touches the resource tracker). Each worker
+writes its counters into its own slot; the supervisor writes its commands
+into a separate part of each slot, and the node's breaker decision into the
+header. Agent checks, `oddsgate status`, every worker's admission of
+subscriptions and /metrics read it. Nobody locks.
 
 Layout (version 2). Every word is an 8-byte signed integer at an 8-byte
 aligned offset, read and written through `memoryview.cast("q")`:
@@ -41,15 +42,13 @@ that as a counter reset).
 
 from __future__ import annotations
 
+import mmap
 import os
-import sys
-import threading
 import time
 from bisect import bisect_left
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, make_dataclass
 from enum import IntEnum
-from multiprocessing import resource_tracker
 from multiprocessing.shared_memory import SharedMemory
 from types import TracebackType
 
@@ -212,40 +211,51 @@ SlotView = make_dataclass(
 SlotView.__module__ = __name__
 
 
-_untracked_lock = threading.Lock()
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory: shm_open(name) is this file
 
 
-def _attach_untracked(name: str) -> SharedMemory:
-    """Open an existing segment without registering it with the resource tracker.
+class _MappedSegment:
+    """A segment another process created, mapped from its file under /dev/shm.
 
-    On Python < 3.13 `SharedMemory(name)` registers the segment with this
-    process's resource tracker, which then unlinks it when this process exits
-    (with a "leaked shared_memory" warning) and so destroys the supervisor's
-    live table. Registering and then unregistering is not enough: a process
-    that shares the creator's tracker (the creator itself, or anything forked
-    from it) would strip the creator's own registration. So no registration is
-    sent at all: 3.13 has `track=False`; before that, the tracker's `register`
-    is stood in for while the constructor runs (a SharedMemory that another
-    thread creates in that instant would go untracked too; no oddsgate process
-    creates segments from a second thread).
+    Why not `SharedMemory(name)`: on Python < 3.13 it registers the segment with
+    this process's resource tracker, which unlinks it when this process exits
+    and so destroys the supervisor's live table; avoiding that took swapping
+    the tracker's `register` out under a lock. Mapping the file is what
+    shm_open does on Linux, minus the tracker, on every Python version. The
+    creator keeps `SharedMemory`: its tracker unlinking the segment should the
+    supervisor die without `unlink()` is wanted.
     """
-    if sys.version_info >= (3, 13):
-        return SharedMemory(name, track=False)  # type: ignore[call-arg]
-    with _untracked_lock:
-        register = resource_tracker.register
-        resource_tracker.register = lambda *_: None  # type: ignore[assignment]
+
+    def __init__(self, name: str) -> None:
+        name = name.removeprefix("/")
+        if not name or "/" in name:
+            raise FleetError(f"{name!r} is not a shared memory segment name")
+        self.name = name
+        fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR)
         try:
-            return SharedMemory(name)
+            self.size = os.fstat(fd).st_size
+            if self.size < HEADER_BYTES:
+                raise FleetError(f"segment {name} is too small for a fleet table")
+            self._mapping = mmap.mmap(fd, self.size)
         finally:
-            resource_tracker.register = register
+            os.close(fd)
+        self.buf = memoryview(self._mapping)
+
+    def close(self) -> None:
+        self.buf.release()
+        self._mapping.close()
 
 
 class FleetTable:
     """The node's fleet table; see the module docstring for layout and rules."""
 
-    def __init__(self, shm: SharedMemory, *, created_here: bool) -> None:
+    def __init__(self, shm: SharedMemory | _MappedSegment, *, created_here: bool) -> None:
         self._shm = shm
-        self._words = shm.buf.cast("q")
+        try:
+            self._words = shm.buf.cast("q")
+        except TypeError:  # not a whole number of words
+            shm.close()
+            raise FleetError(f"segment {shm.name} is not a fleet table (size)") from None
         self._creator_pid = os.getpid() if created_here else None
         self._closed = False
         words = self._words
@@ -300,14 +310,13 @@ class FleetTable:
         """Open the table another process created, for tools and tests.
 
         Raises FileNotFoundError when there is no such segment and FleetError
-        when it is not a table this code can read. The segment is not
-        registered with the resource tracker (see `_attach_untracked`), so
+        when it is not a table this code can read. The segment's file is mapped
+        (`_MappedSegment`), never registered with a resource tracker, so
         closing or exiting leaves the supervisor's table in place, whatever
         process attaches: a tool, a test, or a worker the supervisor started
         with exec. A forked worker needs no attach: it uses the inherited table.
         """
-        shm = _attach_untracked(name)
-        return cls(shm, created_here=False)
+        return cls(_MappedSegment(name), created_here=False)
 
     @property
     def name(self) -> str:

@@ -182,6 +182,31 @@ def test_unknown_segment_is_refused(words, message):
         shm.unlink()
 
 
+@pytest.mark.parametrize("name", ["", "/", "a/b", "../oddsgate"])
+def test_attach_only_opens_a_segment_name(name):
+    with pytest.raises(FleetError, match="segment name"):
+        FleetTable.attach(name)
+
+
+@pytest.mark.parametrize(("size", "message"), [(0, "too small"), (HEADER_BYTES - 8, "too small"),
+                                               (HEADER_BYTES + SLOT_BYTES + 3, "size")])
+def test_a_segment_of_the_wrong_size_is_refused(size, message):
+    shm = SharedMemory(create=True, size=max(size, 1))
+    os.truncate(SHM / shm.name, size)
+    try:
+        with pytest.raises(FleetError, match=message):
+            FleetTable.attach(shm.name)
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def test_attach_takes_the_name_with_or_without_its_slash(table):
+    table.worker_writer(1).publish({WorkerField.CONNECTIONS: 3})
+    with FleetTable.attach("/" + table.name) as other:
+        assert other.name == table.name and other.read(1).connections == 3
+
+
 def test_a_well_formed_raw_segment_is_accepted():
     shm = _raw_segment({})
     try:
