@@ -3,7 +3,7 @@
 `feed.synthetic.SyntheticFeed` paces the updates and hands each tick's batch
 to one of these (duck-typed for `feed.publisher.Publisher`):
 
-- `LuaEmitter`: oddsgate's own contract (PROTOCOL.md §7, `feed/publish.lua`):
+- `LuaEmitter`: oddsgate's own contract (PROTOCOL.md §7, `redis_contract/publish.lua`):
   history, latest state and PUBLISH on the topic's channel in one step. The
   plain websockets peer subscribes the same channels.
 - `SocketIOPyEmitter`: what `socketio.AsyncRedisManager(write_only=True).emit`

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from feed.contract import DEFAULT_TOPIC_TTL_MS, PUBLISH_LUA, topic_keys
 from feed.events import PriceUpdate
 from gateway.topics import PartitionMap
+from redis_contract import DEFAULT_TOPIC_TTL_MS, PUBLISH_LUA, topic_keys
 
 DEFAULT_HISTORY_MS = 60_000
 MIN_HISTORY_MS = 30_000  # PROTOCOL.md §3: at least 30 s of replay window

@@ -26,7 +26,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.connection import BlockingConnectionPool, parse_url
 from redis.exceptions import NoScriptError
 
-from feed.contract import (
+from redis_contract import (
     LOAD_STATE_LUA,
     READ_SINCE_LUA,
     UNPUBLISHED_EPOCH,

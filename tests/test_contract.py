@@ -17,7 +17,10 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
-from feed.contract import (
+from feed.events import PriceUpdate
+from feed.publisher import Publisher
+from gateway.client import OddsClient
+from redis_contract import (
     DEFAULT_TOPIC_TTL_MS,
     UNPUBLISHED_EPOCH,
     history_key,
@@ -25,9 +28,6 @@ from feed.contract import (
     meta_key,
     topic_keys,
 )
-from feed.events import PriceUpdate
-from feed.publisher import Publisher
-from gateway.client import OddsClient
 from tests.conftest import eventually, http_get, token
 
 DAY_MS = 86_400_000

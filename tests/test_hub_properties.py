@@ -28,7 +28,6 @@ from hypothesis.stateful import (
     rule,
 )
 
-from feed.contract import UNPUBLISHED_EPOCH
 from gateway import protocol
 from gateway.broker import History, TopicState
 from gateway.channel import TopicChannel
@@ -47,6 +46,7 @@ from gateway.hub import Hub
 from gateway.protocol import ResumePoint
 from gateway.rules import RuleChecker
 from gateway.session import Session
+from redis_contract import UNPUBLISHED_EPOCH
 
 TOPIC = "odds:5:8"
 MARKETS = 3

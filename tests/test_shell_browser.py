@@ -29,13 +29,13 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.datastructures import Headers
 
-from feed.contract import history_key, latest_key, meta_key
 from feed.events import PriceUpdate
 from feed.publisher import Publisher
 from gateway.client import BACKOFF_BASE_S, BACKOFF_CAP_S
 from gateway.rules import RuleChecker
 from gateway.static import StaticSite
 from gateway.topics import PartitionMap
+from redis_contract import history_key, latest_key, meta_key
 from supervisor.embedded_redis import free_port
 from tests.conftest import ROOT, token
 

@@ -18,11 +18,11 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
-from feed.contract import history_key, meta_key
 from feed.events import PriceUpdate
 from feed.publisher import Publisher
 from feed.synthetic import Spike, SyntheticFeed, main
 from gateway.topics import PartitionMap, parse_topic
+from redis_contract import history_key, meta_key
 from supervisor.embedded_redis import EmbeddedRedis, free_port
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,10 +16,10 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
-from feed.contract import history_key, latest_key, meta_key, topic_keys
 from feed.events import PriceUpdate
 from feed.publisher import PUBLISH_LUA, Publisher, new_epoch
 from gateway.client import OddsClient
+from redis_contract import history_key, latest_key, meta_key, topic_keys
 from tests.conftest import eventually, token
 
 LEAGUE_TOPIC = "odds:5:8"  # league-level: many markets on one topic

@@ -1,7 +1,8 @@
 """The Redis contract of a topic (PROTOCOL.md §7): its keys, scripts and lifetime.
 
-The one owner of what a topic looks like in Redis; the publisher (feed/) and
-the workers' reads (gateway/broker.py) both take it from here.
+The one owner of what a topic looks like in Redis, a package of its own so
+that publishers (feed/, any aggregator) and workers (gateway/broker.py) take
+it from the same place without either importing the other.
 
 Keys. Every key of a topic carries the topic in a hash tag, so the three keys
 one publish touches live in one slot (Redis Cluster) and one Lua script may
