@@ -153,8 +153,8 @@ SUMMED_FIELDS: tuple[WorkerField, ...] = (
     WorkerField.LATENCY_SUM_NS, WorkerField.LATENCY_COUNT,
     *(WorkerField[stat.name.upper()] for stat in STATS if stat.summed),
 )
-# What a worker may write through `publish`, `set` and `add`: its own words but the
-# histogram's buckets (`observe_latency_ns` keeps those).
+# What a worker may write through `publish`: its own words but the histogram's
+# buckets (`observe_latency_ns` keeps those).
 _PUBLISHABLE = frozenset(WorkerField) - {WorkerField.LATENCY_BUCKETS}
 _VIEW_WORDS = tuple((f.name.lower(), int(f)) for f in (*WorkerField, *SupervisorField))
 _VIEW_TYPES = {"state": WorkerState, "latency_buckets": tuple[int, ...], "drain": bool,
@@ -326,14 +326,6 @@ class FleetTable:
     def slots(self) -> int:
         return self._slots
 
-    @property
-    def created_ns(self) -> int:
-        return self._words[HeaderField.CREATED_NS]
-
-    @property
-    def supervisor_pid(self) -> int:
-        return self._words[HeaderField.SUPERVISOR_PID]
-
     def _release(self) -> None:
         self._words.release()  # before closing: the mapping refuses while views exist
         self._shm.close()
@@ -494,21 +486,8 @@ class WorkerSlotWriter:
             words[base + field] = value
         words[base + WorkerField.HEARTBEAT_NS] = time.time_ns()
 
-    def set(self, field: WorkerField, value: int) -> None:
-        if field not in _PUBLISHABLE:
-            raise ValueError(f"{field!r} is not a publishable worker field")
-        self._words[self._base + field] = value
-
-    def add(self, field: WorkerField, amount: int = 1) -> None:
-        if field not in _PUBLISHABLE:
-            raise ValueError(f"{field!r} is not a publishable worker field")
-        self._words[self._base + field] += amount
-
     def set_state(self, state: WorkerState) -> None:
         self._words[self._base + WorkerField.STATE] = WorkerState(state)
-
-    def heartbeat(self) -> None:
-        self._words[self._base + WorkerField.HEARTBEAT_NS] = time.time_ns()
 
     def observe_latency_ns(self, ns: int) -> None:
         """Count one fan-out latency: its bucket (le, inclusive), then sum, then count."""
@@ -584,20 +563,3 @@ class SupervisorSlotWriter:
         restarts = self._get(SupervisorField.RESTARTS) + 1
         self._put(SupervisorField.RESTARTS, restarts)
         return restarts
-
-    @property
-    def drain(self) -> bool:
-        return bool(self._get(SupervisorField.DRAIN))
-
-    @property
-    def drain_window_ms(self) -> int:
-        return self._get(SupervisorField.DRAIN_WINDOW_MS)
-
-    @property
-    def drain_seq(self) -> int:
-        return self._get(SupervisorField.DRAIN_SEQ)
-
-    @property
-    def restarts(self) -> int:
-        return self._get(SupervisorField.RESTARTS)
-
