@@ -80,6 +80,20 @@ class TopicChannel:
     def seq(self) -> int:
         return self.cursor.seq
 
+    # -- the turn: events delivered this loop turn, not yet fanned out ----------
+
+    def add_to_turn(self, event: bytes) -> bool:
+        """True for the turn's first event (the fan-out then lists the channel)."""
+        first = not self.turn
+        self.turn.append(event)
+        return first
+
+    def take_turn(self) -> list[bytes]:
+        events = self.turn
+        if events:
+            self.turn = []
+        return events
+
     # -- followers: every move flushes the turn first -----------------------
 
     def flush(self) -> None:

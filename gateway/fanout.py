@@ -54,10 +54,9 @@ class Fanout:
 
     def channel_event(self, channel: TopicChannel, event: bytes) -> None:
         """An event the channel just delivered, for its aligned players."""
-        if not channel.turn:
+        if channel.add_to_turn(event):
             self._channels.append(channel)
             self._schedule_run()
-        channel.turn.append(event)
 
     def schedule(self, session: Session) -> None:
         """A session with slow-path events to write this turn."""
@@ -79,10 +78,9 @@ class Fanout:
         Called before anyone joins or leaves `aligned`, so a player never gets
         an event from before its snapshot, nor misses one from before it left.
         """
-        events = channel.turn
+        events = channel.take_turn()
         if not events:
             return
-        channel.turn = []
         aligned = channel.aligned
         if not aligned:
             return
@@ -90,17 +88,7 @@ class Fanout:
         self.counters.deliveries += len(events) * len(aligned)
         sessions = self._sessions
         for session in aligned:
-            if session.turn is None and session.turn_events is None:
-                session.turn = chunks
-                session.turn_source = events
-            else:  # a second topic this turn: one batch of both at flush
-                if session.turn is not None:
-                    session.turn_events = session.turn_source + events
-                    session.turn = session.turn_source = None
-                else:
-                    session.turn_events.extend(events)  # type: ignore[union-attr]
-            if not session.scheduled:
-                session.scheduled = True
+            if session.add_turn(chunks, events):
                 sessions.append(session)
 
     def run(self) -> None:

@@ -30,7 +30,6 @@ import orjson
 from gateway import protocol
 from gateway.broker import History, TopicState
 from gateway.channel import Item, TopicChannel
-from gateway.coalesce import CoalescingOutbox
 from gateway.counters import WorkerCounters
 from gateway.effects import (
     NO_EFFECTS,
@@ -319,7 +318,8 @@ class Hub:
             effects += self.leave(session, topic)
         self.pressured.discard(session)
         self._pressure_pending.discard(session)
-        session.coalescing = False
+        if session.coalescing:
+            session.stop_coalescing()  # what it held goes with it
         return effects
 
     def _drop_if_unused(self, channel: TopicChannel) -> Effects:
@@ -358,9 +358,7 @@ class Hub:
     def _start_coalescing(self, session: Session) -> None:
         """Off the fast path: from the channel's position, newest per market only."""
         self.pressured.add(session)
-        session.coalescing = True
-        if session.outbox is None:
-            session.outbox = CoalescingOutbox()
+        outbox = session.start_coalescing()
         for topic, cursor in list(session.cursors.items()):
             channel = self.channels.get(topic)
             if channel is None:
@@ -369,15 +367,12 @@ class Hub:
                 channel.track(session)  # this turn's events still go as frames
                 cursor = SeqCursor(channel.epoch, channel.seq)
                 session.cursors[topic] = cursor
-            session.outbox.start(topic, cursor.seq)
+            outbox.start(topic, cursor.seq)
 
     def _catch_up(self, session: Session) -> None:
         """Drained: send what was kept, in seq order per topic, then the fast path."""
         self.pressured.discard(session)
-        session.coalescing = False
-        outbox = session.outbox
-        assert outbox is not None
-        session.outbox = None  # kept only while coalescing: memory goes back
+        outbox = session.stop_coalescing()
         events = outbox.drain()
         self.counters.coalesced += outbox.superseded
         self._send_replay(session, events)

@@ -53,7 +53,7 @@ from gateway.http import (
 from gateway.hub import Hub
 from gateway.hub_runner import HubRunner
 from gateway.ratelimit import ClientBuckets, client_key, retry_after_s
-from gateway.session import RateLimiter, Session
+from gateway.session import Beat, RateLimiter, Session
 from gateway.static import StaticSite
 from gateway.topics import PartitionMap
 from gateway.wire import text_frame
@@ -125,7 +125,7 @@ class PlayerConnection(ServerConnection):
                 and data == heartbeat_payload(session):
             # Only the pong of our own ping proves the peer reads: an unsolicited
             # pong costs nothing to send without reading a byte.
-            session.ping_sent_at = None
+            session.pong()
         super().acknowledge_pings(data)
 
     def process_event(self, event: Any) -> None:
@@ -156,7 +156,7 @@ class PlayerConnection(ServerConnection):
 
     def _close_flooding(self, session: Session) -> None:
         log.info("closing %s: too many ping/pong frames", session.conn_id)
-        session.open = False
+        session.close()
         self.protocol.fail(CloseCode.RATE_LIMITED, "too many control frames")
         self.send_data()
         self.transport.abort()
@@ -363,8 +363,7 @@ class Worker:
                 if not session.open:
                     continue
                 try:
-                    if session.expires_at is not None and wall >= session.expires_at:
-                        session.expires_at = None
+                    if session.token_expired(wall):
                         self._spawn(conn.close(CloseCode.UNAUTHORIZED, "token expired"))
                         continue
                     self._beat(session, conn, now, interval)
@@ -375,21 +374,14 @@ class Worker:
     def _beat(session: Session, conn: PlayerConnection, now: float, interval: float) -> None:
         if conn.protocol.state is not State.OPEN:
             return
-        sent = session.ping_sent_at
-        if sent is not None:
-            if now - sent > interval:  # a whole interval without a pong: a dead peer
-                conn.protocol.fail(CloseCode.INTERNAL, "keepalive ping timeout")
-                conn.send_data()
-                conn.transport.abort()
-            return
-        last = session.last_ping_at
-        if last is None:
-            session.last_ping_at = now
-        elif now - last >= interval:
-            session.last_ping_at = now
-            session.ping_sent_at = now
+        beat = session.heartbeat(now, interval)
+        if beat is Beat.PING:
             conn.protocol.send_ping(heartbeat_payload(session))
             conn.send_data()
+        elif beat is Beat.DEAD:  # a whole interval without a pong: a dead peer
+            conn.protocol.fail(CloseCode.INTERNAL, "keepalive ping timeout")
+            conn.send_data()
+            conn.transport.abort()
 
     def _close_stalled(self, now: float) -> None:
         limit = self.settings.stall_timeout_s
@@ -399,7 +391,7 @@ class Worker:
             if since is None or conn is None or now - since < limit or not session.open:
                 continue
             log.info("closing %s: over its high-water mark for %.0fs", session.conn_id, now - since)
-            session.open = False
+            session.close()
             # The peer reads nothing, so no close handshake would finish: say it, then cut.
             conn.protocol.send_close(CloseCode.TRY_LATER, "too slow: output buffer full")
             conn.send_data()
@@ -449,7 +441,7 @@ class Worker:
                 if not session.open:
                     continue
                 session.send(protocol.reconnect(int(rng.uniform(0, window_ms)), reason))
-                session.open = False  # nothing after the hint but the close
+                session.close()  # nothing after the hint but the close
                 closing.add(asyncio.create_task(conn.close(CloseCode.RESTART, reason)))
             await asyncio.sleep(0)  # let the loop breathe between chunks
         if closing:
@@ -616,13 +608,13 @@ class Worker:
             max_bad_requests=s.max_bad_requests,
             max_batch=s.max_batch,
             counters=self.counters,
+            on_pressure=self.hub_runner.pressure_changed,
+            # the heartbeat closes it 4401 when this passes
+            expires_at=None if claims.expires_at is None else claims.expires_at + s.jwt_leeway_s,
         )
         self.connections[session] = conn
         conn.session = session
-        session.on_pressure = self.hub_runner.pressure_changed
         self.counters.connections_accepted += 1
-        if claims.expires_at is not None:  # the heartbeat closes it 4401 when it passes
-            session.expires_at = claims.expires_at + s.jwt_leeway_s
         loop = asyncio.get_running_loop()
         try:
             session.send(protocol.welcome(conn_id, s.node_name, s.worker_index, s.heartbeat_ms))
@@ -644,7 +636,7 @@ class Worker:
             with contextlib.suppress(Exception):
                 await conn.close(code, reason)
         finally:
-            session.open = False
+            session.close()
             self.hub_runner.leave_all(session)
             self.connections.pop(session, None)
             self.gc.connection_closed()

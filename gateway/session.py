@@ -1,5 +1,11 @@
 """One player connection's state: its topics, its outbox, its limits.
 
+The session owns all of it. Its delivery state is one `Delivery` value,
+changed only by the methods that guard each move (`start_coalescing`,
+`stop_coalescing`, `close`); its heartbeat and token expiry are decided by
+`heartbeat` and `token_expired`; the fan-out hands it a turn's frames with
+`add_turn`. Other modules call these methods and read; they never assign.
+
 Plain objects that never await. Events reach a session two ways (see
 gateway/fanout.py): on the fast path, a topic's events of one loop turn
 arrive as frames built once for every player in line with the topic's
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from enum import IntEnum
 from typing import Protocol
 
 from gateway import protocol
@@ -54,34 +61,53 @@ class RateLimiter:
         return False
 
 
+class Delivery(IntEnum):
+    """How a session's events leave it (PROTOCOL.md §5)."""
+
+    LIVE = 0  # as they come: the shared frames, or its own cursors' events
+    COALESCING = 1  # over its high-water mark: the newest event per market waits
+    CLOSED = 2  # nothing more is written
+
+
+class Beat(IntEnum):
+    """What the heartbeat does for a session on its turn."""
+
+    NOTHING = 0
+    PING = 1  # send a ping now (its data: gateway/server.py heartbeat_payload)
+    DEAD = 2  # a whole interval without the pong of our ping: close it
+
+
+class SessionStateError(RuntimeError):
+    """A move its state does not allow: a bug in the caller, never the player's doing."""
+
+
 class Session:
     __slots__ = (
         "__weakref__",
         "_bad_requests",
+        "_expires_at",
+        "_last_ping_at",
         "_limiter",
         "_max_bad",
         "_max_refused",
+        "_on_pressure",
+        "_outbox",
+        "_ping_sent_at",
         "_refused_in_a_row",
         "_scheduler",
         "_write",
         "_write_frame",
         "acked",
         "bytes_out",
-        "coalescing",
         "conn_id",
         "counters",
         "cursors",
+        "delivery",
         "events_out",
-        "expires_at",
         "frames_out",
-        "last_ping_at",
         "max_batch",
         "max_topics",
-        "on_pressure",
-        "open",
-        "outbox",
         "pending",
-        "ping_sent_at",
         "player",
         "pressured_since",
         "scheduled",
@@ -107,6 +133,8 @@ class Session:
         max_bad_requests: int = 10,
         max_batch: int = 256,
         counters: WorkerCounters | None = None,
+        on_pressure: Callable[[Session], None] | None = None,
+        expires_at: float | None = None,
     ) -> None:
         self.conn_id = conn_id
         self.player = player
@@ -123,20 +151,19 @@ class Session:
         self.turn: list[Chunk] | None = None  # fast path: one topic's shared frames this turn
         self.turn_source: list[bytes] | None = None  # the events inside `turn`
         self.turn_events: list[bytes] | None = None  # fast path, several topics this turn
-        self.open = True
+        # COALESCING from the moment the hub moves the session to its outbox
+        # until the outbox is drained: not the transport's flag, which may flip
+        # back before the hub acts, and events must not overtake the outbox.
+        self.delivery = Delivery.LIVE
         # Back-pressure (PROTOCOL.md §5): set while the transport is over its
-        # high-water mark; events then go to `outbox`, newest per market only.
+        # high-water mark (the transport's flag, reported by on_pause/on_resume).
         self.pressured_since: float | None = None
-        # Set by the hub from the moment it moves the session to its outbox until
-        # the outbox is drained: not the transport's flag, which may flip back
-        # before the hub acts, and events must not overtake what the outbox holds.
-        self.coalescing = False
-        # Heartbeat and token expiry, kept by the worker (gateway/server.py).
-        self.ping_sent_at: float | None = None  # a ping awaiting its pong
-        self.last_ping_at: float | None = None
-        self.expires_at: float | None = None  # the token's exp plus leeway, Unix seconds
-        self.outbox: CoalescingOutbox | None = None  # made when needed (gateway/hub.py)
-        self.on_pressure: Callable[[Session], None] | None = None  # the hub's hook
+        self._outbox: CoalescingOutbox | None = None  # only while COALESCING
+        self._on_pressure = on_pressure  # the hub runner's hook
+        # Heartbeat and token expiry (decided here, acted on by gateway/server.py).
+        self._ping_sent_at: float | None = None  # a ping awaiting its pong
+        self._last_ping_at: float | None = None
+        self._expires_at = expires_at  # the token's exp plus leeway, Unix seconds
         self._limiter = RateLimiter(rate, burst)
         self._refused_in_a_row = 0
         self._max_refused = max_refused_in_a_row
@@ -182,6 +209,74 @@ class Session:
                     self.acked = {}
                 self.acked[topic] = seq
 
+    # -- state ----------------------------------------------------------------
+
+    @property
+    def open(self) -> bool:
+        return self.delivery is not Delivery.CLOSED
+
+    @property
+    def coalescing(self) -> bool:
+        return self.delivery is Delivery.COALESCING
+
+    @property
+    def outbox(self) -> CoalescingOutbox | None:
+        """The newest pending event per market, while coalescing (else None)."""
+        return self._outbox
+
+    def close(self) -> None:
+        """Nothing more is written to this player (closing, drained, cut off)."""
+        self.delivery = Delivery.CLOSED
+        self._outbox = None
+
+    def start_coalescing(self) -> CoalescingOutbox:
+        """LIVE -> COALESCING: events wait in the outbox, newest per market."""
+        if self.delivery is not Delivery.LIVE:
+            raise SessionStateError(f"{self.conn_id}: start coalescing from {self.delivery.name}")
+        self.delivery = Delivery.COALESCING
+        self._outbox = CoalescingOutbox()
+        return self._outbox
+
+    def stop_coalescing(self) -> CoalescingOutbox:
+        """COALESCING -> LIVE: the outbox is handed back to be sent (its memory goes)."""
+        if self.delivery is not Delivery.COALESCING or self._outbox is None:
+            raise SessionStateError(f"{self.conn_id}: stop coalescing from {self.delivery.name}")
+        outbox, self._outbox = self._outbox, None
+        self.delivery = Delivery.LIVE
+        return outbox
+
+    # -- liveness ---------------------------------------------------------------
+
+    @property
+    def ping_sent_at(self) -> float | None:
+        """When the ping now awaiting its pong left (None: none awaits)."""
+        return self._ping_sent_at
+
+    def heartbeat(self, now: float, interval: float) -> Beat:
+        """This session's turn of the heartbeat: a ping every `interval`, and a
+        peer whose pong does not come within the next one is dead."""
+        sent = self._ping_sent_at
+        if sent is not None:
+            return Beat.DEAD if now - sent > interval else Beat.NOTHING
+        last = self._last_ping_at
+        if last is None:
+            self._last_ping_at = now
+        elif now - last >= interval:
+            self._last_ping_at = self._ping_sent_at = now
+            return Beat.PING
+        return Beat.NOTHING
+
+    def pong(self) -> None:
+        """The pong of our ping came: the peer reads."""
+        self._ping_sent_at = None
+
+    def token_expired(self, wall: float) -> bool:
+        """True once, when the token's expiry (plus leeway) has passed."""
+        if self._expires_at is not None and wall >= self._expires_at:
+            self._expires_at = None
+            return True
+        return False
+
     # -- delivery ---------------------------------------------------------
 
     def deliver(self, topic: str, epoch: str, seq: int, event: bytes,
@@ -192,8 +287,8 @@ class Session:
             return Verdict.STALE
         verdict = cursor.offer(epoch, seq, event)
         if verdict is Verdict.DELIVER:
-            if self.coalescing and market is not None and self.outbox is not None:
-                self.outbox.push(topic, market, seq, event)
+            if self._outbox is not None and market is not None:  # COALESCING
+                self._outbox.push(topic, market, seq, event)
                 return verdict
             if not self.scheduled:
                 self.scheduled = True
@@ -207,19 +302,35 @@ class Session:
         """The transport passed its high-water mark."""
         if self.pressured_since is None:
             self.pressured_since = now
-            if self.on_pressure is not None:
-                self.on_pressure(self)
+            if self._on_pressure is not None:
+                self._on_pressure(self)
 
     def on_resume(self) -> None:
         """The transport drained under its low-water mark."""
         if self.pressured_since is not None:
             self.pressured_since = None
-            if self.on_pressure is not None:
-                self.on_pressure(self)
+            if self._on_pressure is not None:
+                self._on_pressure(self)
 
     @property
     def pressured(self) -> bool:
         return self.pressured_since is not None
+
+    def add_turn(self, chunks: list[Chunk], events: list[bytes]) -> bool:
+        """The fast path: a topic's frames of this turn, shared with every player in
+        line. True when the session must be put in the turn's list to flush."""
+        if self.turn is None and self.turn_events is None:
+            self.turn = chunks
+            self.turn_source = events
+        elif self.turn is not None:  # a second topic this turn: one batch of both at flush
+            self.turn_events = self.turn_source + events  # type: ignore[operator]
+            self.turn = self.turn_source = None
+        else:
+            self.turn_events.extend(events)  # type: ignore[union-attr]
+        if self.scheduled:
+            return False
+        self.scheduled = True
+        return True
 
     @property
     def has_output(self) -> bool:

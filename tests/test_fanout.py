@@ -96,7 +96,7 @@ async def test_a_closed_player_gets_nothing() -> None:
     fanout = Fanout(WorkerCounters())
     channel = TopicChannel("odds:1:39:1", 8)
     gone, _, frames = _player(fanout, "gone")
-    gone.open = False
+    gone.close()
     channel.aligned.add(gone)
     fanout.channel_event(channel, _event(channel.topic, 1))
     await asyncio.sleep(0)

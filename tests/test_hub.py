@@ -35,8 +35,8 @@ class Player:
         self.checker = RuleChecker()
         self.checker.feed({"type": "subscribed", "topics": [TOPIC]})
         self.session = Session(name, player=name, write=self._write, scheduler=hub.fanout,
-                               write_frame=self._write_frame)
-        self.session.on_pressure = HubRunner(hub).pressure_changed  # needs no broker
+                               write_frame=self._write_frame,
+                               on_pressure=HubRunner(hub).pressure_changed)  # needs no broker
 
     def _write(self, payload: bytes) -> None:
         self.checker.feed(orjson.loads(payload))

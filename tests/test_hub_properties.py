@@ -183,10 +183,10 @@ class Player:
 
     def connect(self, runner: ModelRunner) -> Session:
         self.connections += 1
-        self.session = Session(f"{self.name}-{self.connections}", player=self.name,
-                               write=self._write, scheduler=runner.hub.fanout,
-                               write_frame=self._write_frame)
-        self.session.on_pressure = lambda s: runner.perform(runner.hub.pressure_changed(s))
+        self.session = Session(
+            f"{self.name}-{self.connections}", player=self.name, write=self._write,
+            scheduler=runner.hub.fanout, write_frame=self._write_frame,
+            on_pressure=lambda s: runner.perform(runner.hub.pressure_changed(s)))
         self._write(protocol.welcome(self.session.conn_id, "n", 0, 1000))
         return self.session
 
@@ -330,7 +330,7 @@ class HubMachine(RuleBasedStateMachine):
         player.session = None
 
         def step() -> None:
-            session.open = False
+            session.close()
             self.hub.leave_all(session)
 
         self.run(step)

@@ -12,7 +12,7 @@ from gateway.errors import CloseCode, ErrorCode, ProtocolError
 from gateway.fanout import Fanout
 from gateway.protocol import batch
 from gateway.sequencer import SeqCursor, Verdict
-from gateway.session import RateLimiter, Session
+from gateway.session import Beat, Delivery, RateLimiter, Session, SessionStateError
 
 TOPIC = "odds:1:39:1"
 EPOCH = "r1"
@@ -289,7 +289,7 @@ def test_send_with_nothing_pending_writes_just_the_frame() -> None:
 def test_closed_session_writes_nothing() -> None:
     session, written, _ = following()
     session.deliver(TOPIC, EPOCH, 1, event(1))
-    session.open = False
+    session.close()
     session.flush()
     session.send(b'{"type":"pong","ts":1}')
     session.deliver(TOPIC, EPOCH, 2, event(2))
@@ -328,3 +328,62 @@ async def test_flush_scheduler_flushes_each_dirty_session_once_at_the_end_of_the
     sessions[1].deliver(TOPIC, EPOCH, 2, event(2))  # a later turn is scheduled again
     await asyncio.sleep(0)
     assert outs[1] == [event(1), event(2)]
+
+
+# -- the session's own state: delivery, heartbeat, token expiry -----------------
+
+
+def test_delivery_moves_live_coalescing_live_closed() -> None:
+    session, written, _ = following()
+    assert session.delivery is Delivery.LIVE and session.open and not session.coalescing
+    outbox = session.start_coalescing()
+    assert session.coalescing and session.outbox is outbox
+    outbox.start(TOPIC, 0)
+    session.deliver(TOPIC, EPOCH, 1, b'{"seq":1}', "1:1:1")
+    assert written == [] and session.pending == []  # kept in the outbox, not sent
+    assert session.stop_coalescing() is outbox
+    assert session.delivery is Delivery.LIVE and session.outbox is None
+    session.close()
+    assert session.delivery is Delivery.CLOSED and not session.open
+    session.send(b"{}")
+    assert written == []
+
+
+def test_moves_the_state_does_not_allow_are_refused() -> None:
+    session, _, _ = make_session()
+    with pytest.raises(SessionStateError):
+        session.stop_coalescing()
+    session.start_coalescing()
+    with pytest.raises(SessionStateError):
+        session.start_coalescing()
+    session.close()
+    with pytest.raises(SessionStateError):
+        session.start_coalescing()
+
+
+def test_heartbeat_pings_every_interval_and_finds_a_peer_that_never_answers() -> None:
+    session, _, _ = make_session()
+    assert session.heartbeat(0.0, 1.0) is Beat.NOTHING  # the clock starts
+    assert session.heartbeat(0.5, 1.0) is Beat.NOTHING
+    assert session.heartbeat(1.0, 1.0) is Beat.PING and session.ping_sent_at == 1.0
+    assert session.heartbeat(1.9, 1.0) is Beat.NOTHING  # waiting for the pong
+    session.pong()
+    assert session.ping_sent_at is None
+    assert session.heartbeat(2.0, 1.0) is Beat.PING
+    assert session.heartbeat(3.5, 1.0) is Beat.DEAD
+
+
+def test_token_expiry_fires_once() -> None:
+    session, _, _ = make_session(expires_at=100.0)
+    assert not session.token_expired(99.9)
+    assert session.token_expired(100.0)
+    assert not session.token_expired(200.0)
+    assert not make_session()[0].token_expired(1e12)  # anonymous: never
+
+
+def test_a_second_topic_in_a_turn_joins_the_first_in_one_batch() -> None:
+    session, _, _ = make_session()
+    first = [(b"a", b"A", 1)]
+    assert session.add_turn(first, [b"a"])  # to be listed for this turn's flush
+    assert not session.add_turn([(b"b", b"B", 1)], [b"b"])  # listed already
+    assert session.turn is None and session.turn_events == [b"a", b"b"]
