@@ -19,7 +19,6 @@ import secrets
 import socket
 import time
 import weakref
-from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -33,6 +32,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 
 from gateway import protocol
+from gateway.admission import admit, refusals, refuse_unopened
 from gateway.auth import AuthError, Claims, TokenVerifier, token_from_request
 from gateway.breaker import Breaker
 from gateway.broker import RedisBroker
@@ -663,41 +663,26 @@ class Worker:
             session.send(protocol.pong(request.id, time.time_ns()))
 
     async def _subscribe(self, session: Session, request: protocol.Subscribe) -> None:
-        """PROTOCOL.md §3: errors per reason, then `subscribed`, then the data."""
-        refused: dict[ErrorCode, list[str]] = defaultdict(list)
-        accepted: list[str] = []
-        wanted: dict[str, protocol.ResumePoint | None] = {}
-        for topic, resume in request.topics.items():
-            if topic in session.cursors:
-                accepted.append(topic)  # already followed: its stream just goes on
-            elif not self.pmap.is_topic(topic):
-                refused[ErrorCode.UNKNOWN_TOPIC].append(topic)
-            elif not session.allowed(topic):
-                refused[ErrorCode.FORBIDDEN].append(topic)
-            elif len(session.cursors) + len(wanted) >= session.max_topics:
-                refused[ErrorCode.TOO_MANY_TOPICS].append(topic)
-            elif (self.breaker_open() and resume is None
-                  and topic not in self.pmap.high_value):
-                # A resume continues a subscription the player had: never shed.
-                refused[ErrorCode.SHED].append(topic)
-                self.counters.shed += 1
-            else:
-                wanted[topic] = resume
-        opened = await self._open_channels(list(wanted))
-        for topic, channel in opened.items():
-            if channel is None:
-                refused[ErrorCode.SHED].append(topic)
+        """PROTOCOL.md §3: errors per reason, then `subscribed`, then the data
+        (who gets which topic: gateway/admission.py)."""
+        admission = admit(request.topics, following=session.cursors,
+                          max_topics=session.max_topics, is_topic=self.pmap.is_topic,
+                          allowed=session.allowed, shedding=self.breaker_open(),
+                          high_value=self.pmap.high_value)
+        self.counters.shed += admission.shed
+        opened = await self._open_channels(list(admission.wanted))
         if not session.open:
             self._abandon(opened)
             return
-        for code, topics in refused.items():
-            session.send(protocol.error(self._refusal(code, topics, request.id, session)))
-        joined = [t for t, ch in opened.items() if ch is not None]
-        session.send(protocol.subscribed(request.id, accepted + joined))
+        joined = refuse_unopened(admission, opened)
+        for refusal in refusals(admission, request.id, max_topics=session.max_topics,
+                                shed_retry_ms=self.settings.shed_retry_ms):
+            session.send(protocol.error(refusal))
+        session.send(protocol.subscribed(request.id, admission.accepted + joined))
         for topic in joined:
             channel = opened[topic]
             assert channel is not None
-            self.hub_runner.join(session, channel, wanted[topic])
+            self.hub_runner.join(session, channel, admission.wanted[topic])
 
     async def _open_channels(self, topics: list[str]) -> dict[str, TopicChannel | None]:
         async def open_one(topic: str) -> TopicChannel | None:
@@ -724,19 +709,3 @@ class Worker:
         for channel in opened.values():
             if channel is not None:
                 self.hub_runner.abandon(channel)
-
-    def _refusal(self, code: ErrorCode, topics: list[str], request_id: object,
-                 session: Session) -> ProtocolError:
-        messages = {
-            ErrorCode.UNKNOWN_TOPIC: "not a topic of the partition map (GET /v1/topics)",
-            ErrorCode.FORBIDDEN: "your session may not follow these topics",
-            ErrorCode.TOO_MANY_TOPICS: f"a connection follows at most {session.max_topics}",
-            ErrorCode.SHED: "the node is overloaded or its upstream unavailable; retry later",
-        }
-        return ProtocolError(
-            code,
-            messages[code],
-            request_id=request_id,
-            topics=topics,
-            retry_after_ms=self.settings.shed_retry_ms if code is ErrorCode.SHED else None,
-        )
