@@ -34,8 +34,8 @@ import uvloop
 
 from bench.adapters import PROTOCOLS, BenchConn, Move, OddsgateConn, Wake
 from bench.counters import Counters
+from client.odds import backoff_delay
 from gateway.auth import COOKIE_NAME, issue_token
-from gateway.client import backoff_delay
 
 CONNECT_TIMEOUT_S = 15.0
 TOKEN_TTL_S = 4 * 3600.0
@@ -179,7 +179,7 @@ class LoadGen:
         """Reconnect to the same endpoint and resume from what `old` held.
 
         A failed attempt is retried as the client library does (full-jitter
-        backoff, gateway.client.backoff_delay) until it works or the
+        backoff, client.odds.backoff_delay) until it works or the
         orchestrator stops following hints.
         """
         loop = asyncio.get_running_loop()

@@ -26,10 +26,10 @@ from pathlib import Path
 import redis.asyncio as aioredis
 import uvloop
 
+from client.odds import OddsClient
 from feed.publisher import Publisher
 from feed.synthetic import SyntheticFeed
 from gateway.auth import issue_token
-from gateway.client import OddsClient
 from gateway.topics import PartitionMap
 from supervisor.control import ControlUnavailable, request
 from supervisor.private import private_dir

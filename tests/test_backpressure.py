@@ -14,9 +14,9 @@ import socket
 import orjson
 import redis.asyncio as aioredis
 
+from client.odds import OddsClient
+from client.rules import verify_coalescing
 from feed.events import PriceUpdate
-from gateway.client import OddsClient
-from gateway.rules import verify_coalescing
 from redis_contract import history_key
 from tests.conftest import eventually, token
 from tests.node_harness import start_node

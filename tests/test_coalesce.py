@@ -6,8 +6,8 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from client.rules import RuleChecker, verify_coalescing
 from gateway.coalesce import CoalescingOutbox
-from gateway.rules import RuleChecker, verify_coalescing
 
 TOPICS = ("odds:5:8", "odds:5:9")
 MARKETS = ("5:8:1", "5:8:2", "5:8:3")

@@ -17,9 +17,9 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
+from client.odds import OddsClient
 from feed.events import PriceUpdate
 from feed.publisher import Publisher
-from gateway.client import OddsClient
 from redis_contract import (
     DEFAULT_TOPIC_TTL_MS,
     UNPUBLISHED_EPOCH,

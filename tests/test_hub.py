@@ -11,13 +11,13 @@ import asyncio
 
 import orjson
 
+from client.rules import RuleChecker
 from gateway.broker import TopicState
 from gateway.counters import WorkerCounters
 from gateway.effects import OpenTopic
 from gateway.fanout import Fanout
 from gateway.hub import Hub
 from gateway.hub_runner import HubRunner
-from gateway.rules import RuleChecker
 from gateway.session import Session
 
 TOPIC = "odds:5:8"

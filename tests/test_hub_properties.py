@@ -28,6 +28,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from client.rules import RuleChecker
 from gateway import protocol
 from gateway.broker import History, TopicState
 from gateway.channel import TopicChannel
@@ -44,7 +45,6 @@ from gateway.effects import (
 from gateway.fanout import Fanout
 from gateway.hub import Hub
 from gateway.protocol import ResumePoint
-from gateway.rules import RuleChecker
 from gateway.session import Session
 from redis_contract import UNPUBLISHED_EPOCH
 

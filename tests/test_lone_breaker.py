@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
-from gateway.client import OddsClient
+from client.odds import OddsClient
 from tests.conftest import token
 from tests.test_backpressure import LEAGUE, SMALL_BUFFERS, _player, _spike, _stall
 

@@ -17,9 +17,9 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 
+from client.odds import OddsClient
 from feed.events import PriceUpdate
 from feed.publisher import Publisher
-from gateway.client import OddsClient
 from gateway.topics import PartitionMap
 from redis_contract import latest_key, meta_key
 from tests.conftest import ROOT, eventually, token

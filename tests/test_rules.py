@@ -1,4 +1,4 @@
-"""gateway.rules (PROTOCOL.md §5 as a client sees it) and the client's pure helpers.
+"""client.rules (PROTOCOL.md §5 as a client sees it) and the client's pure helpers.
 
 No server: streams are built by hand, or generated from a random publish
 history with a delivery that §5 allows, then broken in the ways §5 forbids.
@@ -13,14 +13,14 @@ import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from gateway.client import (
+from client.odds import (
     BACKOFF_BASE_S,
     BACKOFF_CAP_S,
     CloseInfo,
     backoff_delay,
     connection_target,
 )
-from gateway.rules import (
+from client.rules import (
     ALTERED_EVENT,
     BAD_SNAPSHOT,
     EPOCH,

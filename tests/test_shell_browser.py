@@ -29,10 +29,10 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.datastructures import Headers
 
+from client.odds import BACKOFF_BASE_S, BACKOFF_CAP_S
+from client.rules import RuleChecker
 from feed.events import PriceUpdate
 from feed.publisher import Publisher
-from gateway.client import BACKOFF_BASE_S, BACKOFF_CAP_S
-from gateway.rules import RuleChecker
 from gateway.static import StaticSite
 from gateway.topics import PartitionMap
 from redis_contract import history_key, latest_key, meta_key
@@ -536,7 +536,7 @@ def _batch(*events: dict) -> dict:
 
 RESET = {"type": "reset", "topic": T, "reason": "window"}
 
-# Streams in which each rule of gateway/rules.py fires (or must not).
+# Streams in which each rule of client/rules.py fires (or must not).
 HAND_STREAMS: list[list[dict]] = [
     [*_opening(), _ev(3), _ev(4, "c"), _batch(_ev(5), _ev(6, "b"))],
     [_welcome(), _subscribed(T), _snapshot(0, []), _ev(1)],
@@ -668,7 +668,7 @@ async def test_js_client_checks_the_rules_like_the_python_one(worker, browser) -
     assert fired == {"seq_order", "market_regression", "silent_gap", "unexpected", "epoch",
                      "bad_snapshot", "malformed"}
 
-    # Backoff: full jitter under the same ceilings as gateway.client.backoff_delay.
+    # Backoff: full jitter under the same ceilings as client.odds.backoff_delay.
     ceilings = await page.evaluate("""() => Array.from({length: 12},
         (_, n) => window.oddsgate.lib.backoffDelay(n, () => 1))""")
     assert ceilings == [min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2**n) * 1000 for n in range(12)]

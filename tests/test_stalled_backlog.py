@@ -24,8 +24,8 @@ from pathlib import Path
 import orjson
 import pytest
 
+from client.odds import OddsClient
 from feed.events import PriceUpdate
-from gateway.client import OddsClient
 from gateway.config import Settings
 from tests.conftest import ROOT, eventually, token
 from tests.node_harness import start_node

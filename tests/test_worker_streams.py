@@ -1,6 +1,6 @@
 """Snapshots, live streams, resumes and Redis failures against a real worker.
 
-The players here are `gateway.client.OddsClient`s (which check every rule of
+The players here are `client.OddsClient`s (which check every rule of
 PROTOCOL.md §5 on what they receive) or raw WebSockets where a test needs to
 see the exact frames.
 """
@@ -16,9 +16,9 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
+from client.odds import OddsClient
 from feed.events import PriceUpdate
 from feed.publisher import PUBLISH_LUA, Publisher, new_epoch
-from gateway.client import OddsClient
 from redis_contract import history_key, latest_key, meta_key, topic_keys
 from tests.conftest import eventually, token
 

@@ -1,9 +1,9 @@
 // The oddsgate player shell: one module, no dependencies, no build step.
 //
-// 1. RuleChecker: PROTOCOL.md §5 as a client sees it, a mirror of gateway/rules.py
+// 1. RuleChecker: PROTOCOL.md §5 as a client sees it, a mirror of client/rules.py
 //    (same rules, same names, same held state); it is also what the page shows.
 // 2. OddsClient: one player connection that survives reconnects, a mirror of
-//    gateway/client.py: last seq per topic, resume with {epoch, seq}, honour
+//    client/odds.py: last seq per topic, resume with {epoch, seq}, honour
 //    reconnect.after_ms, full-jitter exponential backoff otherwise.
 // 3. Board: the DOM. Events mark markets dirty; one animation frame renders them,
 //    so a burst costs one DOM write per market, never one per event.
@@ -34,7 +34,7 @@ function topicNames(topics) {
   return isObject(topics) ? Object.keys(topics) : [];
 }
 
-// What the client holds for one topic (gateway.rules.TopicState).
+// What the client holds for one topic (client.rules.TopicState).
 export class TopicState {
   constructor() {
     this.epoch = null;

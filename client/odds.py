@@ -30,7 +30,7 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from gateway.rules import RuleChecker, TopicState, Violation
+from client.rules import RuleChecker, TopicState, Violation
 
 log = logging.getLogger(__name__)
 
