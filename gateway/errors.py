@@ -1,15 +1,17 @@
-"""Every refusal the gateway makes, and the one place that maps it to the wire.
+"""Every refusal the gateway makes and every close it decides: the one map to the wire.
 
 A request the gateway refuses becomes an `error` frame with a PROTOCOL.md §4
 code; some refusals also end the connection with a close code (§4's table).
 Handlers raise `ProtocolError`; the session turns it into frames and, where
 `close_code` is set, a close. Internal failures never reach a player as
-details: they close 1011 and the cause goes to the log.
+details: they close 1011 and the cause goes to the log. A connection the
+worker ends on its own (a dead peer, a stalled one, a flood, an expired
+token, a drain) is closed with its `Ending`'s code and reason.
 """
 
 from __future__ import annotations
 
-from enum import IntEnum, StrEnum
+from enum import Enum, IntEnum, StrEnum
 
 
 class ErrorCode(StrEnum):
@@ -31,6 +33,26 @@ class CloseCode(IntEnum):
     REPEATED_BAD_REQUESTS = 4400
     UNAUTHORIZED = 4401
     RATE_LIMITED = 4429
+
+
+class Ending(Enum):
+    """Why the worker itself ends a connection: its close code and the reason shown."""
+
+    HEARTBEAT_TIMEOUT = (CloseCode.INTERNAL, "keepalive ping timeout")
+    TOO_SLOW = (CloseCode.TRY_LATER, "too slow: output buffer full")
+    CONTROL_FLOOD = (CloseCode.RATE_LIMITED, "too many control frames")
+    TOKEN_EXPIRED = (CloseCode.UNAUTHORIZED, "token expired")
+    DRAIN = (CloseCode.RESTART, "drain")  # after `reconnect`: resume on another worker
+    RETIRE = (CloseCode.RESTART, "restart")  # this process is being replaced
+    SHUTDOWN = (CloseCode.RESTART, "server restarting")
+
+    @property
+    def code(self) -> CloseCode:
+        return self.value[0]
+
+    @property
+    def reason(self) -> str:
+        return self.value[1]
 
 
 class ProtocolError(Exception):

@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
-import math
-import random
 import secrets
 import socket
 import time
@@ -39,7 +36,7 @@ from gateway.broker import RedisBroker
 from gateway.channel import TopicChannel
 from gateway.config import Settings
 from gateway.counters import WorkerCounters
-from gateway.errors import CloseCode, ErrorCode, ProtocolError, close_for_exception
+from gateway.errors import Ending, ErrorCode, ProtocolError, close_for_exception
 from gateway.fanout import Fanout
 from gateway.gcpolicy import GcPolicy
 from gateway.http import (
@@ -52,8 +49,9 @@ from gateway.http import (
 )
 from gateway.hub import Hub
 from gateway.hub_runner import HubRunner
+from gateway.liveness import Liveness, cut, heartbeat_payload
 from gateway.ratelimit import ClientBuckets, client_key, retry_after_s
-from gateway.session import Beat, RateLimiter, Session
+from gateway.session import RateLimiter, Session
 from gateway.static import StaticSite
 from gateway.topics import PartitionMap
 from gateway.wire import text_frame
@@ -67,19 +65,6 @@ OPEN_CHANNEL_TIMEOUT_S = 3.0
 _HANDSHAKE_DONE = Request("/ws", Headers())
 
 CONTROL_BUDGETED = frozenset({Opcode.PING, Opcode.PONG})
-_HEARTBEAT_KEY = secrets.token_bytes(16)
-
-
-def heartbeat_payload(session: Session) -> bytes:
-    """The data of a heartbeat ping, which only its pong echoes.
-
-    Derived from the connection and the moment the ping left (no slot on the
-    session for it), keyed by a per-process secret so a peer that reads
-    nothing cannot guess it.
-    """
-    text = f"{session.conn_id}:{session.ping_sent_at!r}".encode()
-    return hashlib.blake2b(text, key=_HEARTBEAT_KEY, digest_size=8).digest()
-
 
 class _Writer:
     """Writes one connection's frames straight to its transport (gateway/wire.py)."""
@@ -157,9 +142,7 @@ class PlayerConnection(ServerConnection):
     def _close_flooding(self, session: Session) -> None:
         log.info("closing %s: too many ping/pong frames", session.conn_id)
         session.close()
-        self.protocol.fail(CloseCode.RATE_LIMITED, "too many control frames")
-        self.send_data()
-        self.transport.abort()
+        cut(self, Ending.CONTROL_FLOOD)
 
     def forget_handshake(self) -> None:
         """Drop the handshake's request and response once the connection is open.
@@ -236,6 +219,8 @@ class Worker:
         self.hub_runner.attach_broker(self.broker)
         self.static_site = StaticSite.load()  # the player shell: `/` and `/static/`
         self.connections: dict[Session, ServerConnection] = {}
+        # Heartbeat, token expiry, stall cut-off and drain over those connections.
+        self.liveness = Liveness(settings, self.connections, self.hub.pressured)
         # A lone worker's breaker, on its own players. Under a supervisor the reporter
         # (gateway/reporter.py) drops it and points `breaker_open` at the node's decision.
         self.breaker: Breaker | None = Breaker(
@@ -256,10 +241,8 @@ class Worker:
         # Claims of connections between their handshake and their handler.
         self._claims: weakref.WeakKeyDictionary[ServerConnection, Claims] = (
             weakref.WeakKeyDictionary())
-        self.draining = False
         self.started = False  # listening, and Redis answered once
         self.stopping = False
-        self._kick_task: asyncio.Task | None = None
         self.server: Server | None = None
         self._broker_task: asyncio.Task | None = None
         self._conn_seq = 0
@@ -297,7 +280,7 @@ class Worker:
             create_connection=self._create_connection,
         )
         self._watch_task = asyncio.create_task(self._watch_pressure())
-        self._heartbeat_task = asyncio.create_task(self._heartbeat())
+        self._heartbeat_task = asyncio.create_task(self.liveness.heartbeat())
         await self.broker.connected.wait()
         self.started = True
 
@@ -329,7 +312,7 @@ class Worker:
                     log.warning("breaker %s: %.1f%% of the worker's players in back-pressure",
                                 "open, shedding new subscriptions" if breaker.open
                                 else "closed", 100 * breaker.share)
-                self._close_stalled(time.monotonic())
+                self.liveness.close_stalled(time.monotonic())
             except Exception:
                 log.exception("back-pressure watch failed")
 
@@ -338,122 +321,29 @@ class Worker:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _heartbeat(self, tick_s: float = 0.1) -> None:
-        """WebSocket pings every `heartbeat_ms`; no pong within the next interval: close.
-
-        One task for the worker instead of websockets' keepalive task per
-        connection (a task and its coroutine are about 1.5 KB a player). Each
-        tick looks at a slice of the players, so a whole pass takes about a
-        second and no tick holds the loop for long. It also closes
-        connections whose token expired (4401).
-        """
-        interval = self.settings.heartbeat_ms / 1000
-        pass_s = min(1.0, interval)
-        queue: list[tuple[Session, PlayerConnection]] = []
-        per_tick = 1
-        while True:
-            await asyncio.sleep(tick_s)
-            if not queue:
-                queue = list(self.connections.items())
-                queue.reverse()  # pop() from the end walks it in order
-                per_tick = max(1, math.ceil(len(queue) * tick_s / pass_s))
-            now, wall = time.monotonic(), time.time()
-            for _ in range(min(len(queue), per_tick)):
-                session, conn = queue.pop()
-                if not session.open:
-                    continue
-                try:
-                    if session.token_expired(wall):
-                        self._spawn(conn.close(CloseCode.UNAUTHORIZED, "token expired"))
-                        continue
-                    self._beat(session, conn, now, interval)
-                except Exception:  # one broken connection must not stop the others
-                    log.exception("heartbeat failed for a connection")
-
-    @staticmethod
-    def _beat(session: Session, conn: PlayerConnection, now: float, interval: float) -> None:
-        if conn.protocol.state is not State.OPEN:
-            return
-        beat = session.heartbeat(now, interval)
-        if beat is Beat.PING:
-            conn.protocol.send_ping(heartbeat_payload(session))
-            conn.send_data()
-        elif beat is Beat.DEAD:  # a whole interval without a pong: a dead peer
-            conn.protocol.fail(CloseCode.INTERNAL, "keepalive ping timeout")
-            conn.send_data()
-            conn.transport.abort()
-
-    def _close_stalled(self, now: float) -> None:
-        limit = self.settings.stall_timeout_s
-        for session in list(self.hub.pressured):
-            since = session.pressured_since
-            conn = self.connections.get(session)
-            if since is None or conn is None or now - since < limit or not session.open:
-                continue
-            log.info("closing %s: over its high-water mark for %.0fs", session.conn_id, now - since)
-            session.close()
-            # The peer reads nothing, so no close handshake would finish: say it, then cut.
-            conn.protocol.send_close(CloseCode.TRY_LATER, "too slow: output buffer full")
-            conn.send_data()
-            conn.transport.abort()
-
     # -- drain ------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self.liveness.draining
 
     def begin_drain(self, window_ms: int, settle_ms: int, *, stop_listening: bool = False,
                     reason: str = "drain") -> None:
-        """Stop taking players, then send the ones here elsewhere, spread out.
+        """Stop taking players and send the ones here elsewhere (gateway/liveness.py).
 
-        At once: `/healthz` says 503 and new `/ws` upgrades are refused (and,
-        when this process is being replaced, the listening socket closes so
-        the kernel hands new connections to its successor on the same port).
-        After `settle_ms` (HAProxy has seen the drain by then), every player
-        gets `reconnect` with `after_ms` drawn uniformly from [0, window_ms],
-        then close 1012, so the crowd reaches the other workers spread over
-        the window rather than all at once.
+        When this process is being replaced (`stop_listening`), the listening
+        socket closes too, so the kernel hands new connections to its
+        successor on the same port.
         """
-        if self.draining:
-            return
-        self.draining = True
-        log.info("draining: %d players, window %d ms, after %d ms", len(self.connections),
-                 window_ms, settle_ms)
-        if stop_listening and self.server is not None:
+        ending = Ending.RETIRE if reason == "restart" else Ending.DRAIN
+        if self.liveness.begin_drain(window_ms, settle_ms, ending) and stop_listening \
+                and self.server is not None:
             self.server.server.close()  # the asyncio listener only; players stay
-        self._kick_task = asyncio.get_running_loop().create_task(
-            self._send_players_away(window_ms, settle_ms, reason)
-        )
 
     def end_drain(self) -> None:
-        """Take players again (an operator's undrain); players already told stay told."""
-        if self._kick_task is not None:
-            self._kick_task.cancel()
-            self._kick_task = None
-        self.draining = False
-        log.info("drain ended; accepting players")
+        self.liveness.end_drain()
 
-    async def _send_players_away(self, window_ms: int, settle_ms: int, reason: str,
-                                 chunk: int = 256) -> None:
-        await asyncio.sleep(settle_ms / 1000)
-        rng = random.Random()
-        pending = list(self.connections.items())
-        closing: set[asyncio.Task] = set()
-        for i in range(0, len(pending), chunk):
-            for session, conn in pending[i : i + chunk]:
-                if not session.open:
-                    continue
-                session.send(protocol.reconnect(int(rng.uniform(0, window_ms)), reason))
-                session.close()  # nothing after the hint but the close
-                closing.add(asyncio.create_task(conn.close(CloseCode.RESTART, reason)))
-            await asyncio.sleep(0)  # let the loop breathe between chunks
-        if closing:
-            _, stuck = await asyncio.wait(closing, timeout=5)
-            for task in stuck:  # peers that read nothing never finish the handshake
-                task.cancel()
-            for _session, conn in pending:
-                if conn.protocol.state is not State.CLOSED:
-                    conn.transport.abort()
-
-    async def stop(self, close_code: CloseCode = CloseCode.RESTART,
-                   grace_s: float = 1.0) -> None:
+    async def stop(self, ending: Ending = Ending.SHUTDOWN, grace_s: float = 1.0) -> None:
         """Close every player (1012: reconnect and resume elsewhere), then Redis.
 
         Players get `grace_s` to answer the close handshake; a peer that does
@@ -465,7 +355,7 @@ class Worker:
             connections = list(self.server.connections)
             if connections:
                 await asyncio.wait(
-                    [asyncio.create_task(c.close(close_code, "server restarting"))
+                    [asyncio.create_task(c.close(ending.code, ending.reason))
                      for c in connections],
                     timeout=grace_s,
                 )

@@ -73,7 +73,7 @@ class Beat(IntEnum):
     """What the heartbeat does for a session on its turn."""
 
     NOTHING = 0
-    PING = 1  # send a ping now (its data: gateway/server.py heartbeat_payload)
+    PING = 1  # send a ping now (its data: gateway/liveness.py heartbeat_payload)
     DEAD = 2  # a whole interval without the pong of our ping: close it
 
 
