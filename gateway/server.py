@@ -18,7 +18,6 @@ import time
 import weakref
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -30,29 +29,24 @@ from websockets.server import ServerProtocol
 
 from gateway import protocol
 from gateway.admission import admit, refusals, refuse_unopened
-from gateway.auth import AuthError, Claims, TokenVerifier, token_from_request
+from gateway.auth import Claims, TokenVerifier
 from gateway.breaker import Breaker
 from gateway.broker import RedisBroker
 from gateway.channel import TopicChannel
 from gateway.config import Settings
 from gateway.counters import WorkerCounters
-from gateway.errors import Ending, ErrorCode, ProtocolError, close_for_exception
+from gateway.errors import Ending, ProtocolError, close_for_exception
 from gateway.fanout import Fanout
 from gateway.gcpolicy import GcPolicy
 from gateway.http import (
     SERVER_HEADER,
-    error_response,
-    json_response,
-    rate_limited,
-    response,
     without_body,
 )
 from gateway.hub import Hub
 from gateway.hub_runner import HubRunner
 from gateway.liveness import Liveness, cut, heartbeat_payload
-from gateway.ratelimit import ClientBuckets, client_key, retry_after_s
-from gateway.session import RateLimiter, Session
-from gateway.static import StaticSite
+from gateway.routes import HttpRoutes
+from gateway.session import Session
 from gateway.topics import PartitionMap
 from gateway.wire import text_frame
 from gateway.wsprotocol import PlayerProtocol
@@ -217,7 +211,6 @@ class Worker:
             reconnect_delay=settings.redis_reconnect_s,
         )
         self.hub_runner.attach_broker(self.broker)
-        self.static_site = StaticSite.load()  # the player shell: `/` and `/static/`
         self.connections: dict[Session, ServerConnection] = {}
         # Heartbeat, token expiry, stall cut-off and drain over those connections.
         self.liveness = Liveness(settings, self.connections, self.hub.pressured)
@@ -246,12 +239,9 @@ class Worker:
         self.server: Server | None = None
         self._broker_task: asyncio.Task | None = None
         self._conn_seq = 0
-        # GET /v1/snapshot: a bucket per client, and one for this worker's reads from Redis.
-        self.snapshot_clients = ClientBuckets(settings.snapshot_rate_limit_rps,
-                                              settings.snapshot_rate_limit_burst,
-                                              settings.snapshot_rate_limit_clients)
-        self.snapshot_reads = RateLimiter(settings.snapshot_redis_reads_per_s,
-                                          settings.snapshot_redis_reads_per_s)
+        self.routes = HttpRoutes(settings, self.pmap, self.verifier, self.hub, self.broker,
+                                 accepting=lambda: self.accepting,
+                                 draining=lambda: self.draining)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -383,83 +373,13 @@ class Worker:
         HEAD gets GET's status and headers without the body; it never
         reaches /ws (a HEAD cannot upgrade: 405 in the parser).
         """
-        answer = await self._route(conn, request)
-        if request.method == "HEAD" and answer is not None:
+        answer = await self.routes.answer(conn, request)
+        if isinstance(answer, Claims):
+            self._claims[conn] = answer  # a player let in: for its handler, which runs next
+            return None
+        if request.method == "HEAD":
             return without_body(answer)
         return answer
-
-    async def _route(self, conn: ServerConnection, request: Request) -> Response | None:
-        url = urlsplit(request.path)
-        path, query = url.path, parse_qs(url.query)
-        if path == "/ws":
-            if not self.accepting:
-                return response(503, "not accepting players now\n", headers=[("Retry-After", "1")])
-            claims = self._authenticate(request, query)
-            if isinstance(claims, Response):
-                return claims
-            self._claims[conn] = claims  # for the handler, which runs next
-            return None
-        if path == "/healthz":
-            if self.accepting:
-                return response(200, "ok\n")
-            return response(503, "draining\n" if self.draining else "starting\n")
-        if path == "/v1/topics":
-            return json_response(200, self.pmap.to_dict())
-        if path == "/v1/snapshot":
-            claims = self._authenticate(request, query)
-            refused = self._limit_snapshot(conn, request, claims)
-            if refused is not None:
-                return refused
-            return await self._snapshot(request, query, claims)
-        return self.static_site.respond(path, request.headers)
-
-    def _authenticate(self, request: Request, query: dict) -> Claims | Response:
-        token = token_from_request(request.headers.get_all("Cookie"), query)
-        try:
-            return self.verifier.verify(token)
-        except AuthError as exc:
-            return response(401, f"{exc}\n", headers=[("WWW-Authenticate", "Bearer")])
-
-    def _limit_snapshot(self, conn: ServerConnection, request: Request,
-                        claims: Claims | Response) -> Response | None:
-        """429 for a client over its snapshot rate (gateway/ratelimit.py), else None.
-
-        Asked before a bad token's 401 is answered: requests with bad tokens
-        count against their address, so a flood of them is refused too.
-        """
-        peer = conn.remote_address
-        key = client_key(claims if isinstance(claims, Claims) else None,
-                         peer[0] if peer else None,
-                         request.headers.get_all("X-Forwarded-For"))
-        wait_s = self.snapshot_clients.admit(key, time.monotonic())
-        if wait_s is None:
-            return None
-        return rate_limited("too many snapshot requests from this client; retry later", wait_s)
-
-    async def _snapshot(self, request: Request, query: dict,
-                        claims: Claims | Response) -> Response:
-        if isinstance(claims, Response):
-            return claims
-        topics = query.get("topic", [])
-        if len(topics) != 1:
-            return error_response(400, ErrorCode.BAD_REQUEST, "give exactly one topic=")
-        topic = topics[0]
-        if not self.pmap.is_topic(topic):
-            return error_response(404, ErrorCode.UNKNOWN_TOPIC, f"{topic[:80]!r} is not a topic")
-        if not claims.allows(topic):
-            return error_response(403, ErrorCode.FORBIDDEN, "topic not allowed for this token")
-        channel = self.hub.channels.get(topic)
-        if channel is not None and channel.ready:
-            return json_response(200, channel.snapshot())
-        if not self.snapshot_reads.allow(time.monotonic()):  # Redis is every worker's
-            return rate_limited("this worker reads too many snapshots now; retry later",
-                                retry_after_s(self.snapshot_reads))
-        try:
-            state = await self.broker.load_state(topic)
-        except Exception as exc:
-            log.warning("snapshot read of %s failed: %s", topic, exc)
-            return error_response(503, "unavailable", "upstream unavailable, retry")
-        return json_response(200, protocol.snapshot(topic, state.epoch, state.seq, state.markets))
 
     # -- a player connection ----------------------------------------------
 
