@@ -5,6 +5,10 @@ hub): it reads client frames, hands decoded requests to them, and writes the
 frames they produce. Event frames are written straight to the transport
 (`gateway.wire`), bypassing websockets' per-send coroutine; everything the
 handshake, pings and closes need stays with websockets.
+
+What it does not decide: who gets which topic (gateway/admission.py), which
+connections live (gateway/liveness.py), the HTTP answers (gateway/routes.py),
+and anything about a topic's stream (gateway/hub.py, through its runner).
 """
 
 from __future__ import annotations
