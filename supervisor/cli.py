@@ -5,6 +5,9 @@ HAProxy), `status`, `drain`, `undrain`, `reload` (deploy scripts, through
 the node's control socket), `haproxy-config` (render the HAProxy file),
 `worker` (one gateway worker), `feed` (the synthetic feed), `token` (mint a
 session token), `config` (every setting), `demo` (a node with live traffic).
+One argparse tree holds them all (`build_parser()`); the flags of
+`haproxy-config` and `feed` are declared beside their code
+(supervisor/haproxy_config.py, feed/synthetic/cli.py).
 
 Exit codes: 0 done; 1 failed (a drain or reload that did not complete in
 its timeout, a node whose workers all failed); 2 bad usage or
@@ -16,8 +19,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from gateway.config import ConfigError, Settings, describe
+from supervisor import haproxy_config
 from supervisor.embedded_redis import EmbeddedRedisError
 
 
@@ -138,10 +144,46 @@ def _config(_args: argparse.Namespace) -> int:
     return 0
 
 
+def _feed_flags(parser: argparse.ArgumentParser) -> None:
+    from feed.synthetic import cli as feed_cli
+
+    parser.description = feed_cli.DESCRIPTION
+    feed_cli.add_arguments(parser)
+
+
+def _feed(args: argparse.Namespace) -> int:
+    from feed.synthetic.cli import run
+
+    return run(args)
+
+
+class _Subcommand(argparse.ArgumentParser):
+    """A subcommand's parser; `flags`, if given, adds its flags when that subcommand is used.
+
+    The feed's flags are declared beside the feed (feed/synthetic/cli.py),
+    whose imports (redis, uvloop) take longer than all of `oddsgate status`;
+    added lazily, they cost nothing to the commands that do not use them.
+    """
+
+    def __init__(self, *args: Any,
+                 flags: Callable[[argparse.ArgumentParser], None] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._add_flags = flags
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None,
+    ) -> tuple[argparse.Namespace, list[str]]:
+        if self._add_flags is not None:
+            add_flags, self._add_flags = self._add_flags, None
+            add_flags(self)
+        return super().parse_known_args(args, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="oddsgate", description=__doc__.split("\n\n")[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Subcommand)
 
     run = sub.add_parser("run", help="run a node: supervisor and one worker per core")
     run.add_argument("--workers", type=int, help="worker processes (OG_WORKERS; 0: per core)")
@@ -176,9 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
     reload.add_argument("--json", action="store_true")
     reload.set_defaults(func=_reload)
 
-    haproxy = sub.add_parser("haproxy-config", help="render the HAProxy configuration",
-                             add_help=False)
-    haproxy.set_defaults(func=None)
+    haproxy = sub.add_parser(
+        "haproxy-config", help="render the HAProxy configuration",
+        description="Print the HAProxy config for this node's workers (checked with "
+                    "`haproxy -c` when --check is given).")
+    haproxy_config.add_arguments(haproxy)
+    haproxy.set_defaults(func=haproxy_config.run)
 
     worker = sub.add_parser("worker", help="run one gateway worker")
     worker.add_argument("--host", help="listen address (OG_HOST)")
@@ -189,8 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="let players in without a token (OG_ALLOW_ANONYMOUS)")
     worker.set_defaults(func=_worker)
 
-    feed = sub.add_parser("feed", help="run the synthetic feed", add_help=False)
-    feed.set_defaults(func=None)
+    feed = sub.add_parser("feed", help="run the synthetic feed", flags=_feed_flags)
+    feed.set_defaults(func=_feed)
 
     token = sub.add_parser("token", help="mint a session token")
     token.add_argument("--player", default="demo-player")
@@ -219,16 +264,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["feed"]:  # the feed owns its flags
-        from feed.synthetic import main as feed_main
-
-        return feed_main(argv[1:])
-    if argv[:1] == ["haproxy-config"]:
-        from supervisor.haproxy import main_config
-
-        return main_config(argv[1:])
-    args = build_parser().parse_args(argv)
+    """The exit code of `oddsgate ARGV`; argparse's own (2, or 0 for --help) on bad usage."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # argparse has printed the usage and the error, or the help
+        return exc.code if isinstance(exc.code, int) else 2
     setup_logging(args.verbose)
     try:
         return args.func(args)

@@ -1,9 +1,7 @@
-"""HAProxy in front of a node's workers: render the config, check it, run it, reload it.
+"""The HAProxy process in front of a node's workers: start it, reload it, stop it.
 
-The config comes from `haproxy/oddsgate.cfg.tmpl` (string.Template, so the
-template stays a readable HAProxy file an SRE can review) and is always run
-through `haproxy -c` before anyone starts or reloads with it: a typo must fail
-the deploy step, not leave the node without a load balancer.
+What HAProxy runs with is rendered and checked by the `haproxy` package
+(haproxy/render.py, haproxy/check.py); this module owns the process.
 
 `HAProxyProcess` runs HAProxy the way the supervisor needs it: a foreground
 child in master-worker mode (`haproxy -W -db`), so that
@@ -16,9 +14,11 @@ child in master-worker mode (`haproxy -W -db`), so that
 * the master's CLI (`-S`, private to this module) tells whether a reload was
   loaded or failed, instead of guessing from timing.
 
-Before each reload the server states are dumped to the state file the new
-worker loads, so a drained or DOWN worker does not get players for the few
-hundred milliseconds before the first checks.
+Every config it starts or reloads with is rendered, written through
+supervisor/private.py (renamed into place, never through a link) and
+passes `haproxy -c` first. Before each reload the server states are dumped
+to the state file the new worker loads, so a drained or DOWN worker does not
+get players for the few hundred milliseconds before the first checks.
 
 The supervisor's agent owns every server's admin state (`ready`/`drain`
 answers to agent checks). This module never sets drain through the stats
@@ -32,246 +32,56 @@ order in which the node winds down.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
-import ipaddress
 import logging
 import os
 import re
 import resource
-import shutil
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from string import Template
 from types import TracebackType
 
 import psutil
 
+from haproxy.check import check, find_haproxy
+from haproxy.errors import HAProxyConfigError, HAProxyError
+from haproxy.render import BACKEND, render, server_name
+from haproxy.settings import HAProxySettings, address, check_path
 from supervisor.children import ChildRegistry
 from supervisor.private import open_log, private_dir, stage_file, write_private
 
+# HAProxySettings and HAProxyError are also this module's API: the supervisor
+# passes the one and catches the other.
+__all__ = [
+    "FD_RESERVE",
+    "HAProxyConfigError",
+    "HAProxyError",
+    "HAProxyProcess",
+    "HAProxySettings",
+    "fit_maxconn",
+    "read_servers",
+]
+
 log = logging.getLogger(__name__)
 
-TEMPLATE_PATH = Path(__file__).resolve().parent.parent / "haproxy" / "oddsgate.cfg.tmpl"
-DEFAULT_HAPROXY = "/usr/sbin/haproxy"  # Debian's; /usr/sbin is not on every user's PATH
-BACKEND = "gateway"
 CONFIG_NAME = "haproxy.cfg"
 STATE_NAME = "haproxy.state"
 LOG_NAME = "haproxy.log"
 MASTER_SOCKET_NAME = "haproxy-master.sock"
-STATS_SOCKET_NAME = "haproxy.sock"
-DEFAULT_BIND_PORT = 8000
-DEFAULT_BASE_PORT = 8001  # the worker's own default port (OG_PORT)
-DEFAULT_AGENT_PORT = 8999
-LOG_LEVELS = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
 # Descriptors HAProxy needs beyond two per connection: listeners, checks,
 # pollers, pipes, the CLI. It computed 33 for a small farm; keep a wide margin.
 FD_RESERVE = 1000
-_SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the NUL on Linux
-_HOST_CHARS = re.compile(r"^[A-Za-z0-9._:-]+$")
-_AGENT_REQUEST = re.compile(rb"^w(\d{1,6})\r?\n?$")
 # The first line of a server state file: format version 1. HAProxy warns
 # about a missing or empty file, so a fresh start writes just this.
 _STATE_VERSION_LINE = "1\n"
 
 _running: ChildRegistry[HAProxyProcess] = ChildRegistry(lambda child: child.stop(timeout=2.0))
-
-
-class HAProxyError(RuntimeError):
-    """HAProxy could not be found, started, reloaded or reached; the message says why."""
-
-
-class HAProxyConfigError(HAProxyError):
-    """`haproxy -c` refused a configuration; the message holds HAProxy's own output."""
-
-
-# -- settings and rendering ---------------------------------------------------
-
-
-@dataclass(kw_only=True)
-class HAProxySettings:
-    """Everything the template needs; `validate()` says what is wrong before HAProxy does.
-
-    Worker `i` listens on `worker_host:worker_ports[i]`, is named `w<i>` in
-    HAProxy and to the agent, and has the fixed server id `i + 1` (the id
-    places the server on the hash ring, so it must never change).
-    """
-
-    bind_host: str = "127.0.0.1"
-    bind_port: int = DEFAULT_BIND_PORT
-    worker_host: str = "127.0.0.1"
-    worker_ports: list[int]
-    agent_host: str = "127.0.0.1"
-    agent_port: int
-    stats_socket: str
-    maxconn: int = 100_000
-    health_inter_ms: int = 500
-    agent_inter_ms: int = 200
-    tunnel_timeout_s: int = 3600
-    #: per-worker connection cap; above it players queue (`timeout queue`), then 503
-    server_maxconn: int | None = None
-    #: how long an old worker may keep its tunnels after a reload or graceful stop
-    hard_stop_after_s: int = 300
-    #: `info` logs every request and finished WebSocket; `notice` only state changes
-    log_level: str = "info"
-    #: where `reload()` saves server states for the new worker; None: not carried
-    state_file: str | None = None
-
-    @classmethod
-    def for_workers(cls, workers: int, base_port: int = DEFAULT_BASE_PORT,
-                    **kwargs: object) -> HAProxySettings:
-        """Settings for `workers` workers on consecutive ports from `base_port`."""
-        if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers={workers!r}: need at least one worker")
-        return cls(worker_ports=[base_port + i for i in range(workers)], **kwargs)  # type: ignore[arg-type]
-
-    def validate(self) -> None:
-        """Raise ValueError naming the first bad field; render() calls this."""
-        if not isinstance(self.worker_ports, list | tuple) or not self.worker_ports:
-            raise ValueError("worker_ports: need at least one worker")
-        for name in ("bind_port", "agent_port"):
-            _check_port(name, getattr(self, name))
-        for i, port in enumerate(self.worker_ports):
-            _check_port(f"worker_ports[{i}]", port)
-        if len(set(self.worker_ports)) != len(self.worker_ports):
-            raise ValueError(f"worker_ports: duplicates in {list(self.worker_ports)}")
-        taken = set(self.worker_ports)
-        for name in ("bind_port", "agent_port"):
-            port = getattr(self, name)
-            if port in taken:
-                raise ValueError(f"{name}={port}: already used by a worker or the other listener")
-            taken.add(port)
-        for name in ("bind_host", "worker_host", "agent_host"):
-            _check_host(name, getattr(self, name))
-        _check_path("stats_socket", self.stats_socket, unix_socket=True)
-        if self.state_file is not None:
-            _check_path("state_file", self.state_file)
-        for name in ("maxconn", "health_inter_ms", "agent_inter_ms", "tunnel_timeout_s",
-                     "hard_stop_after_s"):
-            _check_positive(name, getattr(self, name))
-        if self.server_maxconn is not None:
-            _check_positive("server_maxconn", self.server_maxconn)
-        if self.log_level not in LOG_LEVELS:
-            raise ValueError(f"log_level={self.log_level!r}: not one of {', '.join(LOG_LEVELS)}")
-
-
-def _check_port(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
-        raise ValueError(f"{name}={value!r}: not a TCP port (1-65535)")
-
-
-def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r}: must be a positive integer")
-
-
-def _check_host(name: str, value: object) -> None:
-    """An IP literal or a host name; anything else could break (or inject into) the config."""
-    if not isinstance(value, str) or not _HOST_CHARS.match(value):
-        raise ValueError(f"{name}={value!r}: not an IP address or host name")
-    if ":" in value:
-        try:
-            ipaddress.IPv6Address(value)
-        except ValueError:
-            raise ValueError(f"{name}={value!r}: not an IPv6 address "
-                             "(give the port separately, without brackets)") from None
-
-
-def _check_path(name: str, value: object, *, unix_socket: bool = False) -> None:
-    if not isinstance(value, str) or not os.path.isabs(value):
-        raise ValueError(f"{name}={value!r}: must be an absolute path")
-    if any(c.isspace() or c in "\"'#\\$" or not c.isprintable() for c in value):
-        raise ValueError(f"{name}={value!r}: spaces, quotes, '#', '$' and backslashes "
-                         "are not allowed in paths HAProxy reads")
-    if unix_socket and len(os.fsencode(value)) > _SUN_PATH_MAX:
-        raise ValueError(f"{name}={value!r}: a unix socket path longer than "
-                         f"{_SUN_PATH_MAX} bytes; use a shorter runtime dir")
-
-
-def _address(host: str, port: int) -> str:
-    """host:port as HAProxy writes it, IPv6 in brackets."""
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def server_name(index: int) -> str:
-    """HAProxy's name for worker `index`, also what agent-send sends (plus a newline)."""
-    return f"w{index}"
-
-
-def agent_request_index(data: bytes) -> int | None:
-    """The worker index in an agent check request (`b"w3\\n"` -> 3); None if it is not one.
-
-    For the supervisor's agent: HAProxy sends the agent-send string as soon as
-    it connects and then waits for one reply line.
-    """
-    match = _AGENT_REQUEST.match(data.strip(b" \t") or b"-")
-    return int(match.group(1)) if match else None
-
-
-def server_lines(settings: HAProxySettings) -> list[str]:
-    """One `server` line per worker; the shared options are on the template's default-server."""
-    return [
-        f"    server {server_name(i)} {_address(settings.worker_host, port)} id {i + 1} "
-        f'agent-send "{server_name(i)}\\n"'
-        for i, port in enumerate(settings.worker_ports)
-    ]
-
-
-def load_template(path: str | os.PathLike[str] | None = None) -> str:
-    """The template's text; the default sits in the source tree next to this package."""
-    template_path = Path(path) if path is not None else TEMPLATE_PATH
-    try:
-        return template_path.read_text()
-    except OSError as exc:
-        raise HAProxyError(f"cannot read the HAProxy template {template_path}: {exc}") from exc
-
-
-def render(settings: HAProxySettings, template: str | None = None) -> str:
-    """The HAProxy config for `settings`; ValueError if a setting is unusable.
-
-    `template` is the template text (default: the shipped one); placeholders
-    it lacks are simply unused, unknown ones are a ValueError.
-    """
-    settings.validate()
-    text = load_template() if template is None else template
-    if settings.state_file is not None:
-        state_global = f"server-state-file {settings.state_file}"
-        state_defaults = "load-server-state-from-file global"
-    else:
-        state_global = "# server-state-file: none, a reload starts every server fresh"
-        state_defaults = "load-server-state-from-file none"
-    values = {
-        "maxconn": str(settings.maxconn),
-        "stats_socket": settings.stats_socket,
-        "log_level": settings.log_level,
-        "hard_stop_after": f"{settings.hard_stop_after_s}s",
-        "server_state_file": state_global,
-        "load_server_state": state_defaults,
-        "tunnel_timeout_s": str(settings.tunnel_timeout_s),
-        "bind": _address(settings.bind_host, settings.bind_port),
-        "health_inter_ms": str(settings.health_inter_ms),
-        "agent_inter_ms": str(settings.agent_inter_ms),
-        "agent_host": settings.agent_host,
-        "agent_port": str(settings.agent_port),
-        "server_maxconn": (f" maxconn {settings.server_maxconn}"
-                           if settings.server_maxconn is not None else ""),
-        "servers": "\n".join(server_lines(settings)),
-        "worker_count": str(len(settings.worker_ports)),
-    }
-    try:
-        return Template(text).substitute(values)
-    except KeyError as exc:
-        raise ValueError(f"HAProxy template has an unknown placeholder ${exc.args[0]}") from None
-    except ValueError as exc:  # a lone "$" not followed by a name
-        raise ValueError(f"HAProxy template: {exc} (write a literal dollar as $$)") from None
 
 
 def fit_maxconn(settings: HAProxySettings, fd_limit: int | None = None) -> HAProxySettings:
@@ -294,59 +104,6 @@ def fit_maxconn(settings: HAProxySettings, fd_limit: int | None = None) -> HAPro
                 "running with maxconn %d (raise `ulimit -Hn` / LimitNOFILE for more)",
                 settings.maxconn, 2 * settings.maxconn + FD_RESERVE, fd_limit, fits)
     return dataclasses.replace(settings, maxconn=fits)
-
-
-# -- checking -----------------------------------------------------------------
-
-
-def find_haproxy(haproxy: str | None = None) -> str:
-    """The haproxy binary: the one given, else on PATH, else Debian's /usr/sbin/haproxy."""
-    path = haproxy or shutil.which("haproxy") or DEFAULT_HAPROXY
-    if not os.access(path, os.X_OK):
-        raise HAProxyError(f"haproxy not found or not executable: {path}")
-    return path
-
-
-def check(config: str | os.PathLike[str], *, haproxy: str | None = None,
-          strict: bool = False, timeout: float = 30.0) -> None:
-    """Run `haproxy -c` on a config; HAProxyConfigError with HAProxy's output if refused.
-
-    `config` is a path (an os.PathLike, or a str without a newline) or the
-    config text itself (a str with newlines, checked from a temporary file).
-    `strict` adds `-dW`: warnings fail too, which is what the tests want of
-    the shipped template. Otherwise warnings are logged and accepted.
-    """
-    binary = find_haproxy(haproxy)
-    if isinstance(config, str) and "\n" in config:
-        with tempfile.TemporaryDirectory(prefix="oddsgate-haproxy-check-") as tmp:
-            path = Path(tmp) / CONFIG_NAME
-            path.write_text(config)
-            _run_check(binary, path, strict, timeout, label="the config text")
-    else:
-        path = Path(config)
-        if not path.is_file():
-            raise HAProxyConfigError(f"no HAProxy config at {path}")
-        _run_check(binary, path, strict, timeout, label=str(path))
-
-
-def _run_check(binary: str, path: Path, strict: bool, timeout: float, label: str) -> None:
-    argv = [binary, "-c", *(["-dW"] if strict else []), "-f", str(path)]
-    try:
-        done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
-                              text=True, errors="replace", timeout=timeout, check=False)
-    except subprocess.TimeoutExpired:
-        raise HAProxyError(f"`{' '.join(argv)}` did not finish within {timeout:.0f}s") from None
-    output = (done.stdout + done.stderr).strip()
-    if done.returncode != 0:
-        raise HAProxyConfigError(
-            f"haproxy refused {label} (exit {done.returncode}):\n{output or '(no output)'}"
-        )
-    warnings = [line for line in output.splitlines() if "[WARNING]" in line]
-    for line in warnings:
-        log.warning("haproxy -c %s: %s", label, line)
-
-
-# -- the running process ------------------------------------------------------
 
 
 def _unix_command(path: str | os.PathLike[str], command: str, timeout: float) -> str:
@@ -447,7 +204,7 @@ class HAProxyProcess:
         self.state_path = self.runtime_dir / STATE_NAME
         self.log_path = self.runtime_dir / LOG_NAME
         self.master_socket = self.runtime_dir / MASTER_SOCKET_NAME
-        _check_path("master socket", str(self.master_socket), unix_socket=True)
+        check_path("master socket", str(self.master_socket), unix_socket=True)
         self.inherit_output = inherit_output
         self._haproxy = haproxy
         self.settings = self._prepare(settings)
@@ -467,7 +224,7 @@ class HAProxyProcess:
         return self._proc is not None and self._proc.poll() is None
 
     def __repr__(self) -> str:
-        return (f"HAProxyProcess({_address(self.settings.bind_host, self.settings.bind_port)}, "
+        return (f"HAProxyProcess({address(self.settings.bind_host, self.settings.bind_port)}, "
                 f"pid={self.pid})")
 
     def stats(self, command: str, timeout: float = 5.0) -> str:
@@ -743,98 +500,3 @@ class HAProxyProcess:
         tail = text.strip().splitlines()[-lines:]
         return f"log {self.log_path}:\n" + ("\n".join(tail) if tail else "(empty)")
 
-
-def stop_all() -> None:
-    """Stop every HAProxyProcess this process started (atexit runs it too)."""
-    _running.stop_all()
-
-
-# -- `oddsgate haproxy-config` ------------------------------------------------
-
-
-def _host_port(text: str) -> tuple[str, int]:
-    """`HOST:PORT` or `[IPv6]:PORT` for argparse."""
-    host, sep, port = text.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
-
-
-def _default_stats_socket() -> str:
-    """The node's runtime dir (OG_RUNTIME_DIR and friends), as the supervisor uses it."""
-    from gateway.config import Settings
-    from supervisor.runtime import runtime_dir
-
-    return str(runtime_dir(Settings.from_env(allow_anonymous=True)) / STATS_SOCKET_NAME)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="oddsgate haproxy-config",
-        description="Print the HAProxy config for this node's workers (checked with "
-                    "`haproxy -c` when --check is given).",
-    )
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                        help="number of gateway workers (default: CPU count)")
-    parser.add_argument("--base-port", type=int, default=DEFAULT_BASE_PORT,
-                        help="port of worker 0; worker i listens on base + i")
-    parser.add_argument("--worker-host", default="127.0.0.1", help="address workers listen on")
-    parser.add_argument("--bind", type=_host_port, default=("127.0.0.1", DEFAULT_BIND_PORT),
-                        metavar="HOST:PORT", help="where players connect")
-    parser.add_argument("--agent-host", default="127.0.0.1",
-                        help="address of the supervisor's agent-check port")
-    parser.add_argument("--agent-port", type=int, default=DEFAULT_AGENT_PORT,
-                        help="the supervisor's agent-check port")
-    parser.add_argument("--stats-socket", help="HAProxy's admin socket "
-                        "(default: haproxy.sock in the node's runtime dir)")
-    parser.add_argument("--state-file", help="server state file for reloads (default: none)")
-    parser.add_argument("--maxconn", type=int, default=100_000, help="players, node-wide")
-    parser.add_argument("--server-maxconn", type=int, help="players per worker (default: none)")
-    parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
-    parser.add_argument("--output", "-o", help="write to FILE instead of stdout")
-    parser.add_argument("--check", action="store_true", help="run `haproxy -c` on the result")
-    parser.add_argument("--haproxy", help="haproxy binary for --check")
-    return parser
-
-
-def main_config(argv: list[str] | None = None) -> int:
-    """`oddsgate haproxy-config`: 0 done, 2 bad arguments or a config HAProxy refuses."""
-    try:
-        args = build_parser().parse_args(argv)
-    except SystemExit as exc:  # argparse has printed usage and the error (or --help)
-        return exc.code if isinstance(exc.code, int) else 2
-    try:
-        bind_host, bind_port = args.bind
-        settings = HAProxySettings.for_workers(
-            args.workers, args.base_port, worker_host=args.worker_host,
-            bind_host=bind_host, bind_port=bind_port,
-            agent_host=args.agent_host, agent_port=args.agent_port,
-            stats_socket=args.stats_socket or _default_stats_socket(),
-            state_file=args.state_file, maxconn=args.maxconn,
-            server_maxconn=args.server_maxconn, log_level=args.log_level,
-        )
-        text = render(settings)
-        if args.check:
-            check(text, haproxy=args.haproxy)
-    except (ValueError, HAProxyConfigError) as exc:  # ConfigError is a ValueError
-        print(f"oddsgate haproxy-config: {exc}", file=sys.stderr)
-        return 2
-    except HAProxyError as exc:
-        print(f"oddsgate haproxy-config: {exc}", file=sys.stderr)
-        return 1
-    if args.output:
-        try:
-            # an SRE's file, read by an HAProxy that may run as another user
-            write_private(Path(args.output).resolve(), text, mode=0o644)
-        except OSError as exc:
-            print(f"oddsgate haproxy-config: cannot write {args.output}: {exc}", file=sys.stderr)
-            return 1
-    else:
-        sys.stdout.write(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main_config())

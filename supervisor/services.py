@@ -6,7 +6,8 @@ import asyncio
 import logging
 from pathlib import Path
 
-from supervisor.haproxy import HAProxyProcess, HAProxySettings
+from haproxy.settings import HAProxySettings
+from supervisor.haproxy import HAProxyProcess
 
 log = logging.getLogger("oddsgate.services")
 

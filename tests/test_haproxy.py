@@ -27,20 +27,15 @@ from pathlib import Path
 import psutil
 import pytest
 
+from haproxy.check import check
+from haproxy.errors import HAProxyConfigError, HAProxyError
+from haproxy.render import load_template, render
+from haproxy.settings import HAProxySettings
+from supervisor.agent import agent_request_index
+from supervisor.cli import main as oddsgate
 from supervisor.embedded_redis import free_port
-from supervisor.haproxy import (
-    HAProxyConfigError,
-    HAProxyError,
-    HAProxyProcess,
-    HAProxySettings,
-    agent_request_index,
-    check,
-    fit_maxconn,
-    load_template,
-    main_config,
-    read_servers,
-    render,
-)
+from supervisor.haproxy import HAProxyProcess, fit_maxconn, read_servers
+from supervisor.settings import NodeSettings
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 pytestmark = [
@@ -266,6 +261,7 @@ def node(tmp_path: Path) -> Iterator[Node]:
 
 def settings(tmp_path: Path, **overrides: object) -> HAProxySettings:
     values: dict[str, object] = {
+        "bind_port": 18000,
         "worker_ports": [18001, 18002, 18003],
         "agent_port": 18999,
         "stats_socket": str(tmp_path / "stats.sock"),
@@ -338,8 +334,8 @@ def test_bad_settings_raise_value_error(tmp_path: Path, overrides: dict, message
 
 def test_for_workers_needs_a_worker() -> None:
     with pytest.raises(ValueError, match="at least one worker"):
-        HAProxySettings.for_workers(0, agent_port=1, stats_socket="/tmp/s")
-    made = HAProxySettings.for_workers(3, 9001, agent_port=1, stats_socket="/tmp/s")
+        HAProxySettings.for_workers(0, 9001, bind_port=2, agent_port=1, stats_socket="/tmp/s")
+    made = HAProxySettings.for_workers(3, 9001, bind_port=2, agent_port=1, stats_socket="/tmp/s")
     assert made.worker_ports == [9001, 9002, 9003]
 
 
@@ -566,10 +562,11 @@ def test_start_fails_clearly_when_the_port_is_taken(tmp_path: Path) -> None:
 # -- `oddsgate haproxy-config` ---------------------------------------------------
 
 
-def test_main_config_prints_the_config(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    code = main_config(["--workers", "2", "--base-port", "9101", "--bind", "127.0.0.1:9100",
-                        "--agent-port", "9199", "--stats-socket", str(tmp_path / "s.sock"),
-                        "--check", "--haproxy", HAPROXY])
+def test_haproxy_config_prints_the_config(tmp_path: Path,
+                                         capsys: pytest.CaptureFixture) -> None:
+    code = oddsgate(["haproxy-config", "--workers", "2", "--base-port", "9101",
+                     "--bind", "127.0.0.1:9100", "--agent-port", "9199",
+                     "--stats-socket", str(tmp_path / "s.sock"), "--check", "--haproxy", HAPROXY])
     out = capsys.readouterr().out
     assert code == 0
     assert 'server w0 127.0.0.1:9101 id 1 agent-send "w0\\n"' in out
@@ -577,10 +574,23 @@ def test_main_config_prints_the_config(tmp_path: Path, capsys: pytest.CaptureFix
     assert "bind 127.0.0.1:9100" in out
 
     target = tmp_path / "haproxy.cfg"
-    assert main_config(["--workers", "1", "--stats-socket", str(tmp_path / "s.sock"),
-                        "--output", str(target)]) == 0
+    assert oddsgate(["haproxy-config", "--workers", "1", "--stats-socket",
+                     str(tmp_path / "s.sock"), "--output", str(target)]) == 0
     assert "server w0 127.0.0.1:8001 id 1" in target.read_text()
     assert capsys.readouterr().out == ""
+
+
+def test_haproxy_config_defaults_are_the_nodes(tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """With no flags, HAProxy is pointed at the ports a default `oddsgate run` listens on."""
+    node = NodeSettings()
+    assert oddsgate(["haproxy-config", "--workers", "2",
+                     "--stats-socket", str(tmp_path / "s.sock")]) == 0
+    lines = code_lines(capsys.readouterr().out)
+    default_server = next(line for line in lines if line.startswith("default-server"))
+    assert f"agent-port {node.agent_port} " in default_server
+    assert f"bind {node.haproxy_bind}" in lines
+    assert any(line.startswith(f"server w1 127.0.0.1:{node.base_port + 1} ") for line in lines)
 
 
 @pytest.mark.parametrize("argv", [
@@ -592,11 +602,11 @@ def test_main_config_prints_the_config(tmp_path: Path, capsys: pytest.CaptureFix
     ["--stats-socket", "relative.sock"],
     ["--no-such-flag"],
 ])
-def test_main_config_bad_arguments_exit_2(argv: list[str], tmp_path: Path,
-                                          capsys: pytest.CaptureFixture) -> None:
+def test_haproxy_config_bad_arguments_exit_2(argv: list[str], tmp_path: Path,
+                                             capsys: pytest.CaptureFixture) -> None:
     if "--stats-socket" not in argv:
         argv = [*argv, "--stats-socket", str(tmp_path / "s.sock")]
-    assert main_config(argv) == 2
+    assert oddsgate(["haproxy-config", *argv]) == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err

@@ -23,8 +23,10 @@ from pathlib import Path
 import pytest
 
 from gateway.config import ConfigError
+from haproxy.settings import HAProxySettings
+from supervisor.cli import main as oddsgate_main
 from supervisor.embedded_redis import EmbeddedRedis, free_port
-from supervisor.haproxy import HAProxyProcess, HAProxySettings, main_config
+from supervisor.haproxy import HAProxyProcess
 from supervisor.private import open_log, private_dir, write_private
 from tests.conftest import ROOT, http_get
 
@@ -196,8 +198,9 @@ def test_haproxy_config_output_uses_no_predictable_temp_name(short_dir: Path,
     """The old `.NAME.PID.tmp` could be planted beforehand; the output must not follow it."""
     target = short_dir / "haproxy.cfg"
     plant(short_dir, f".haproxy.cfg.{os.getpid()}.tmp", victim)
-    assert main_config(["--workers", "1", "--stats-socket", str(short_dir / "s.sock"),
-                        "--output", str(target)]) == 0
+    assert oddsgate_main(["haproxy-config", "--workers", "1",
+                          "--stats-socket", str(short_dir / "s.sock"),
+                          "--output", str(target)]) == 0
     assert victim.read_text() == VICTIM_TEXT
     assert not target.is_symlink() and "server w0 " in target.read_text()
     assert target.stat().st_mode & 0o777 == 0o644  # read by an SRE's HAProxy user

@@ -1,0 +1,84 @@
+"""The template filled in for one node's settings.
+
+The template is `oddsgate.cfg.tmpl` beside this module, a string.Template so
+that it stays a readable HAProxy file an SRE can review; its `log-format`
+redacts session tokens from every request line HAProxy logs. What renders
+here is always run through `haproxy -c` (check.py) before anyone starts or
+reloads HAProxy with it: a typo must fail the deploy step, not leave the
+node without a load balancer.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from string import Template
+
+from haproxy.errors import HAProxyError
+from haproxy.settings import HAProxySettings, address
+
+TEMPLATE_PATH = Path(__file__).resolve().parent / "oddsgate.cfg.tmpl"
+BACKEND = "gateway"  # the template's backend: the one whose servers are the workers
+
+
+def server_name(index: int) -> str:
+    """HAProxy's name for worker `index`, also what agent-send sends (plus a newline)."""
+    return f"w{index}"
+
+
+def server_lines(settings: HAProxySettings) -> list[str]:
+    """One `server` line per worker; the shared options are on the template's default-server."""
+    return [
+        f"    server {server_name(i)} {address(settings.worker_host, port)} id {i + 1} "
+        f'agent-send "{server_name(i)}\\n"'
+        for i, port in enumerate(settings.worker_ports)
+    ]
+
+
+def load_template(path: str | os.PathLike[str] | None = None) -> str:
+    """The template's text; the default is the one shipped in this package."""
+    template_path = Path(path) if path is not None else TEMPLATE_PATH
+    try:
+        return template_path.read_text()
+    except OSError as exc:
+        raise HAProxyError(f"cannot read the HAProxy template {template_path}: {exc}") from exc
+
+
+def render(settings: HAProxySettings, template: str | None = None) -> str:
+    """The HAProxy config for `settings`; ValueError if a setting is unusable.
+
+    `template` is the template text (default: the shipped one); placeholders
+    it lacks are simply unused, unknown ones are a ValueError.
+    """
+    settings.validate()
+    text = load_template() if template is None else template
+    if settings.state_file is not None:
+        state_global = f"server-state-file {settings.state_file}"
+        state_defaults = "load-server-state-from-file global"
+    else:
+        state_global = "# server-state-file: none, a reload starts every server fresh"
+        state_defaults = "load-server-state-from-file none"
+    values = {
+        "maxconn": str(settings.maxconn),
+        "stats_socket": settings.stats_socket,
+        "log_level": settings.log_level,
+        "hard_stop_after": f"{settings.hard_stop_after_s}s",
+        "server_state_file": state_global,
+        "load_server_state": state_defaults,
+        "tunnel_timeout_s": str(settings.tunnel_timeout_s),
+        "bind": address(settings.bind_host, settings.bind_port),
+        "health_inter_ms": str(settings.health_inter_ms),
+        "agent_inter_ms": str(settings.agent_inter_ms),
+        "agent_host": settings.agent_host,
+        "agent_port": str(settings.agent_port),
+        "server_maxconn": (f" maxconn {settings.server_maxconn}"
+                           if settings.server_maxconn is not None else ""),
+        "servers": "\n".join(server_lines(settings)),
+        "worker_count": str(len(settings.worker_ports)),
+    }
+    try:
+        return Template(text).substitute(values)
+    except KeyError as exc:
+        raise ValueError(f"HAProxy template has an unknown placeholder ${exc.args[0]}") from None
+    except ValueError as exc:  # a lone "$" not followed by a name
+        raise ValueError(f"HAProxy template: {exc} (write a literal dollar as $$)") from None
