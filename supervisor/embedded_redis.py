@@ -4,8 +4,8 @@ A node that runs its own Redis must never leave one behind, because an orphan
 keeps the unix socket, the port and possibly stale history that a later start
 would mistake for its own. So every instance is stopped by `stop()`, by the
 context manager, or at interpreter exit (atexit). A parent that wants the same
-on SIGTERM turns the signal into `SystemExit` (or calls `stop()`/`stop_all()`
-from its handler): a bare SIGTERM kills Python without running atexit, and
+on SIGTERM turns the signal into `SystemExit` (or calls `stop()` from its
+handler): a bare SIGTERM kills Python without running atexit, and
 PR_SET_PDEATHSIG is not reachable from the stdlib without ctypes tricks that
 also fire when the *thread* that forked exits.
 
@@ -307,8 +307,3 @@ class EmbeddedRedis:
             return f"(log unreadable: {exc})"
         tail = text.strip().splitlines()[-lines:]
         return "\n".join(tail) if tail else "(log empty)"
-
-
-def stop_all() -> None:
-    """Stop every EmbeddedRedis this process started (atexit runs it too)."""
-    _running.stop_all()

@@ -18,13 +18,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from supervisor.embedded_redis import (
-    EmbeddedRedis,
-    EmbeddedRedisError,
-    free_port,
-    free_port_range,
-    stop_all,
-)
+from supervisor import embedded_redis
+from supervisor.embedded_redis import EmbeddedRedis, EmbeddedRedisError, free_port, free_port_range
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -153,7 +148,7 @@ def test_forked_child_exit_leaves_parent_server_alone(tmp_path: Path) -> None:
         child = os.fork()
         if child == 0:  # pragma: no cover - runs in the child
             try:
-                stop_all()  # what the child's atexit would run
+                embedded_redis._running.stop_all()  # what the child's atexit runs
             finally:
                 os._exit(0)
         os.waitpid(child, 0)
