@@ -361,13 +361,6 @@ def test_fit_maxconn_lowers_to_the_descriptor_limit(tmp_path: Path) -> None:
     assert fit_maxconn(wanted, fd_limit=1_000_000).maxconn == 100_000
 
 
-def test_agent_request_index() -> None:
-    assert agent_request_index(b"w0\n") == 0
-    assert agent_request_index(b"w12\r\n") == 12
-    assert agent_request_index(b"x1\n") is None
-    assert agent_request_index(b"") is None
-
-
 # -- routing -------------------------------------------------------------------
 
 
