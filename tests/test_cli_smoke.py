@@ -104,6 +104,34 @@ def one_line(done: subprocess.CompletedProcess, code: int) -> str:
 # -- Running pieces by hand ----------------------------------------------------------
 
 
+COMMANDS = ["run", "status", "drain", "undrain", "reload", "haproxy-config", "worker", "feed",
+            "token", "config", "demo"]
+
+
+def test_help_lists_every_command_and_each_has_its_own(home: Path) -> None:
+    done = oddsgate(home, "--help")
+    assert done.returncode == 0, done.stderr
+    listed = [line.split()[0] for line in done.stdout.splitlines()
+              if line.startswith("    ") and line.split()[0] in COMMANDS]
+    assert listed == COMMANDS
+    for command, flag in [("feed", "--spike-after"), ("haproxy-config", "--agent-port"),
+                          ("drain", "--wait"), ("demo", "--clients")]:
+        done = oddsgate(home, command, "--help")
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith(f"usage: oddsgate {command} ") and flag in done.stdout
+
+
+def test_bad_usage_exits_2_with_the_commands_name(home: Path) -> None:
+    for args, prefix in [(["feed", "--rate", "0"], "oddsgate feed: error: argument --rate"),
+                         (["-v", "feed", "--count", "x"], "oddsgate feed: error: argument --count"),
+                         (["haproxy-config", "--bind", "nowhere"],
+                          "oddsgate haproxy-config: error: argument --bind"),
+                         (["nonsense"], "oddsgate: error: argument command")]:
+        done = oddsgate(home, *args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert done.stderr.strip().splitlines()[-1].startswith(prefix), done.stderr
+
+
 def test_config_lists_every_setting(home: Path) -> None:
     done = oddsgate(home, "config")
     assert done.returncode == 0, done.stderr
