@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 
 from feed.events import PriceUpdate
 from feed.publisher import Publisher
-from feed.synthetic import Spike, SyntheticFeed, main
+from feed.synthetic import MarketModel, Spike, SyntheticFeed, main
 from gateway.topics import PartitionMap, parse_topic
 from redis_contract import history_key, meta_key
 from supervisor.embedded_redis import EmbeddedRedis, free_port
@@ -165,6 +165,15 @@ def test_suspended_reopens_and_closed_stops() -> None:
     assert feed.open_markets == sum(1 for s in last_status.values() if s != "closed") + (
         len(feed.universe()) - len(last_status)
     )
+
+
+def test_the_model_alone_is_the_feeds_stream() -> None:
+    """Pacing decides when updates are taken, never which: the bare model yields the same."""
+    model = MarketModel(PMAP, seed=7)
+    assert model.take(500) == SyntheticFeed(None, PMAP, seed=7, rate=5).take(500)
+    spiked = model.take_spike(50)
+    assert {u.market for u in spiked} == {model.spike_market.market_key}
+    assert "closed" not in {u.status for u in spiked}
 
 
 def test_bad_options_are_refused() -> None:
