@@ -37,9 +37,10 @@ from pathlib import Path
 
 from gateway.breaker import Breaker
 from gateway.fleet import FleetTable, WorkerState
+from haproxy.errors import HAProxyError
 from supervisor.agent import AgentServer
 from supervisor.control import ControlServer
-from supervisor.haproxy import HAProxyError, read_servers
+from supervisor.haproxy import read_servers
 from supervisor.settings import NodeSettings
 
 log = logging.getLogger("oddsgate.supervisor")

@@ -10,7 +10,8 @@ import uvloop
 from gateway.breaker import Breaker
 from gateway.config import ConfigError, Settings
 from gateway.topics import PartitionMap
-from supervisor.haproxy import HAProxySettings
+from haproxy.settings import HAProxySettings
+from supervisor.haproxy_config import STATS_SOCKET_NAME
 from supervisor.metrics import MetricsServer, WorkerInfo, fleet_registry
 from supervisor.node import Phase, Supervisor
 from supervisor.private import private_dir
@@ -25,7 +26,7 @@ def haproxy_settings(node: NodeSettings, runtime) -> HAProxySettings:
     host, port = node.bind
     return HAProxySettings.for_workers(
         node.worker_count, node.base_port, bind_host=host, bind_port=port,
-        agent_port=node.agent_port, stats_socket=str(runtime / "haproxy.sock"),
+        agent_port=node.agent_port, stats_socket=str(runtime / STATS_SOCKET_NAME),
     )
 
 
