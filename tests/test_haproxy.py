@@ -409,8 +409,7 @@ def test_agent_drain_moves_only_the_drained_servers_keys(node: Node) -> None:
     assert tunnel.echo("hello") == f"{drained}:hello"
 
     node.agent.replies[index] = "drain"
-    took = until(lambda: node.status(f"w{index}").startswith("DRAIN"), timeout=2.0)
-    assert took < 2.0
+    until(lambda: node.status(f"w{index}").startswith("DRAIN"), timeout=2.0)
     after = node.mapping()
     assert all(after[c] != drained for c in moved)
     assert all(after[c] == before[c] for c in COOKIES if c not in moved)
@@ -446,9 +445,9 @@ def test_failing_health_check_takes_a_server_out_but_keeps_its_tunnels(node: Nod
     assert tunnel.echo("hi") == f"{sick.name}:hi"
 
     sick.healthy = False
-    # fall 3 x inter 500 ms: DOWN after the third failed check, 1 to 1.5 s
-    took = until(lambda: node.status("w2") == "DOWN", timeout=4.0)
-    assert 0.8 < took < 2.5
+    # fall 3: DOWN only after the third failed check in a row (HAProxy counts them)
+    until(lambda: node.status("w2") == "DOWN", timeout=4.0)
+    assert int(node.haproxy.servers()["w2"]["chkfail"]) >= 3
     after = node.mapping()
     assert all(after[c] != sick.name for c in cookies)
     assert all(after[c] == before[c] for c in COOKIES if c not in cookies)
