@@ -42,6 +42,11 @@ async def feed(redis_server):
     client = aioredis.Redis.from_url(redis_server.url)
     publisher = Publisher(client, PartitionMap.load(None))
     stop = asyncio.Event()
+    # Every market is listed before players follow it, as an aggregator does: a
+    # topic's first publish would otherwise reset its early followers.
+    await publisher.publish_many([
+        PriceUpdate(t, t.split(":", 1)[1], f"m-{t.split(':', 1)[1]}", {"home": "2.00"})
+        for t in TOPICS])
 
     async def run() -> None:
         rng = random.Random(3)
@@ -139,7 +144,8 @@ async def test_drain_sends_players_to_other_workers_with_no_gap(node, feed,
     assert on_zero, "no player hashed to worker 0"
     reply = await asyncio.to_thread(node.command, cmd="drain", worker=0)
     assert reply["ok"] and reply["workers"][0]["agent"] == "up drain"
-    await asyncio.sleep(0.5)  # HAProxy's agent check (every 200 ms) has seen it
+    await asyncio.to_thread(node.wait, lambda: node.haproxy_status()["w0"].startswith("DRAIN"),
+                            5, "HAProxy's agent check sees the drain")
     for i in range(10):  # no new player lands on the draining worker
         cookie = {"Cookie": f"og_session={token(f'new{i}', f'n{i}')}"}
         async with connect(node.url, additional_headers=cookie) as ws:
