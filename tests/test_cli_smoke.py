@@ -246,3 +246,5 @@ def test_demo(home: Path) -> None:
     assert "demo: node up" in done.stdout
     reports = [line for line in done.stdout.splitlines() if line.startswith("t=")]
     assert reports and all("violations=0" in line for line in reports), done.stdout
+    # every market is published before the demo's players follow it: no reset
+    assert all(" resets=0 " in line for line in reports), done.stdout
