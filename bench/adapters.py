@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import orjson
 
 from bench.counters import BAD_SNAPSHOT, EPOCH, SEQ_ORDER, SILENT_GAP, UNEXPECTED, Counters
-from bench.wsclient import OP_BINARY, WsClient
+from bench.wsclient import WsClient
 
 _loads = orjson.loads
 _time_ns = time.time_ns
@@ -197,7 +197,7 @@ class BenchConn(WsClient):
             if not fut.done():
                 fut.set_exception(ConnectionError(why))
                 fut.exception()
-        if self.wanted_open and not self._handshaking:  # an attempt that failed is no loss
+        if self.wanted_open and self.upgraded:  # an attempt that failed is no loss
             self.c.lost += 1
 
     def subscribe(self) -> None:
@@ -462,7 +462,7 @@ class NatsConn(BenchConn):
         self._pongs = 0
 
     def _send(self, data: bytes) -> None:
-        self._write_frame(OP_BINARY, data)
+        self.send_binary(data)
 
     def subscribe(self) -> None:
         self.sub_sent_ns = _time_ns()

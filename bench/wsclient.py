@@ -1,11 +1,29 @@
-"""A minimal WebSocket client as a plain asyncio protocol (RFC 6455), for load.
+"""The load generator's WebSocket client: websockets' sans-I/O `ClientProtocol`
+inside a plain asyncio protocol.
 
 The load generator holds tens of thousands of these, so a connection is one
-protocol object: no task, no queue, no coroutine per frame. It writes the
-opening handshake itself, parses the server's frames straight out of the
-bytes `data_received` is given, answers pings, and hands each complete text
-or binary message to `on_message` (a subclass hook). No extensions are
-offered, so no compression.
+protocol object: no task, no queue, no coroutine per frame. RFC 6455 is
+websockets' `ClientProtocol`, the state machine the client library and the
+workers run: it writes and checks the opening handshake
+(`Sec-WebSocket-Accept` included), masks what we send, answers pings,
+assembles fragments, checks every frame it is given and runs the closing
+handshake. This class moves bytes between it and the transport, with one
+exception, for cost: it cuts the stream at frame boundaries itself, and a
+plain frame (the server's everyday one: FIN, text or binary, no RSV bit,
+unmasked, outside a fragmented message) goes straight to `on_message`, a
+subclass hook. Every other frame goes to the protocol, whole.
+
+Why: websockets parses each frame in generator coroutines (a `read_exact`
+per header field, a `Frame` and its checks): ~2.2 us a frame more than these
+lines on this machine, +55% on what the load generator spends per event at
+one event a frame, and the load generator is the bench's ceiling
+(bench/README.md, "The load generator", has the figures;
+`python -m bench.wsclient_cost` measures them). Handing the protocol whole
+frames only also keeps its buffer empty, so a read cut mid-frame (a
+backlog, a big snapshot) never sends the frames after it down the slow path.
+
+No extension is offered, so no compression; no size limit, as the bench
+reads only what its own servers send (a league snapshot can be megabytes).
 
 `pause_reading()` stops reading from the socket (a stalled player: the
 kernel buffers fill and the server's output backs up); `resume_reading()`
@@ -16,98 +34,114 @@ protocol's, subscribing again from where it was.)
 from __future__ import annotations
 
 import asyncio
-import base64
-import os
-import struct
 
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.uri import parse_uri
+
 MAX_HEADER_BYTES = 16384
-
-
-def client_frame(opcode: int, payload: bytes) -> bytes:
-    """One masked, final frame (client frames must be masked, §5.3)."""
-    n = len(payload)
-    head = bytes((0x80 | opcode,))
-    if n < 126:
-        head += bytes((0x80 | n,))
-    elif n < 65536:
-        head += struct.pack("!BH", 0x80 | 126, n)
-    else:
-        head += struct.pack("!BQ", 0x80 | 127, n)
-    key = os.urandom(4)
-    if n:
-        repeated = (key * (n // 4 + 1))[:n]
-        payload = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
-            n, "big"
-        )
-    return head + key + payload
+_TEXT, _BINARY, _CONT, _CLOSE = Opcode.TEXT, Opcode.BINARY, Opcode.CONT, Opcode.CLOSE
+_PLAIN_FIRST_BYTES = (0x80 | _TEXT, 0x80 | _BINARY)  # FIN, no RSV, text or binary
 
 
 class WsClient(asyncio.Protocol):
-    """Subclasses implement `on_open`, `on_message` and may override `on_lost`."""
+    """Subclasses implement `on_open`, `on_message` and may override `on_lost`.
+
+    Private names are mangled (`__name`): the adapters' classes have their own
+    `_event`, `_need` and the like, and must not replace ours by accident.
+    """
 
     def __init__(self, host: str, port: int, path: str, headers: dict[str, str] | None = None):
         self.host = host
         self.port = port
         self.path = path
-        self.extra_headers = headers or {}
+        self.extra_headers = headers or {}  # read when the connection is made
         self.transport: asyncio.Transport | None = None
+        self.protocol: ClientProtocol | None = None
+        self.upgraded = False  # the server answered 101: a later loss is a lost connection
         self.open = False
         self.closed = False
         self.close_code: int | None = None
-        self._handshaking = True
-        self._buf = b""
-        self._fragments: list[bytes] = []
-        self._fragment_op = 0
         self.handshake_error: str | None = None
+        self.__head = b""  # the handshake response, until its blank line
+        self.__carry: list[bytes] = []  # a frame cut by the end of a read
+        self.__carried = 0
+        self.__need = 0  # bytes that complete the carried frame; 0: its header is cut
+        self.__fragments: list[bytes] = []  # a fragmented message under way
 
     # -- asyncio callbacks ------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        key = base64.b64encode(os.urandom(16)).decode()
-        lines = [
-            f"GET {self.path} HTTP/1.1",
-            f"Host: {self.host}:{self.port}",
-            "Upgrade: websocket",
-            "Connection: Upgrade",
-            f"Sec-WebSocket-Key: {key}",
-            "Sec-WebSocket-Version: 13",
-        ]
-        lines += [f"{k}: {v}" for k, v in self.extra_headers.items()]
-        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        proto = self.protocol = ClientProtocol(
+            parse_uri(f"ws://{self.host}:{self.port}{self.path}"), max_size=None)
+        request = proto.connect()
+        for name, value in self.extra_headers.items():
+            request.headers[name] = value
+        proto.send_request(request)
+        self.__flush()
 
     def data_received(self, data: bytes) -> None:
-        if self._buf:
-            data = self._buf + data
-            self._buf = b""
-        if self._handshaking:
-            end = data.find(b"\r\n\r\n")
-            if end < 0:
-                if len(data) > MAX_HEADER_BYTES:
-                    self._fail("handshake response too large")
-                else:
-                    self._buf = data
-                return
-            status = data[: data.find(b"\r\n")]
-            if b" 101 " not in status + b" ":
-                self._fail(f"handshake refused: {status.decode(errors='replace')}")
-                return
-            self._handshaking = False
-            self.open = True
-            data = data[end + 4 :]
-            self.on_open()
-            if not data:
-                return
-        self._frames(data)
+        if self.__carry:
+            self.__carry.append(data)
+            self.__carried += len(data)
+            if self.__carried < self.__need:
+                return  # a big frame still arriving: join its parts once, at the end
+            data = b"".join(self.__carry)
+            self.__carry = []
+        if not self.upgraded:
+            data = self.__handshake(data)
+        if data:
+            self.__frames(data)
 
-    def _frames(self, data: bytes) -> None:
+    def eof_received(self) -> bool | None:
+        if self.protocol is not None:
+            self.protocol.receive_eof()
+        return None  # the transport closes itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.open = False
+        self.closed = True
+        self.on_lost(exc)
+
+    # -- the incoming stream ----------------------------------------------
+
+    def __handshake(self, data: bytes) -> bytes:
+        """Give the protocol the response, and nothing after it; return what follows."""
+        head = self.__head + data
+        end = head.find(b"\r\n\r\n")
+        if end < 0:
+            if len(head) > MAX_HEADER_BYTES:
+                self.__fail("handshake response too large")
+            else:
+                self.__head = head
+            return b""
+        self.__head = b""
+        proto = self.protocol
+        assert proto is not None
+        proto.receive_data(head[: end + 4])
+        proto.events_received()
+        if proto.state is State.OPEN:
+            self.upgraded = True
+            self.open = True
+            self.on_open()
+            return head[end + 4 :]
+        proto.receive_data(head[end + 4 :])  # a refusal's body, if it came
+        why = proto.handshake_exc or head[: head.find(b"\r\n")].decode(errors="replace")
+        self.__fail(f"handshake refused: {why}")
+        return b""
+
+    def __frames(self, data: bytes) -> None:
+        """Cut `data` into frames (RFC 6455 §5.2 lengths): plain ones to
+        `on_message`, the others whole to the protocol; a cut one is carried."""
         pos = 0
         n = len(data)
         on_message = self.on_message
         while n - pos >= 2:
             b0 = data[pos]
-            length = data[pos + 1] & 0x7F
+            b1 = data[pos + 1]
+            length = b1 & 0x7F
             head = 2
             if length == 126:
                 if n - pos < 4:
@@ -119,66 +153,93 @@ class WsClient(asyncio.Protocol):
                     break
                 length = int.from_bytes(data[pos + 2 : pos + 10], "big")
                 head = 10
+            if b1 & 0x80:  # masked: the protocol refuses it (§5.1)
+                head += 4
             end = pos + head + length
             if end > n:
-                break
-            opcode = b0 & 0x0F
-            payload = data[pos + head : end]
-            pos = end
-            if b0 & 0x80 and opcode in (OP_TEXT, OP_BINARY):
-                on_message(payload)
-            elif opcode in (OP_TEXT, OP_BINARY, OP_CONT):
-                self._fragment(b0, opcode, payload)
-            elif opcode == OP_PING:
-                self._write_frame(OP_PONG, payload)
-            elif opcode == OP_CLOSE:
-                self._on_close_frame(payload)
+                self.__carry = [data[pos:]]
+                self.__carried = n - pos
+                self.__need = end - pos
                 return
+            if b0 in _PLAIN_FIRST_BYTES and b1 < 0x80 and not self.__fragments:
+                on_message(data[pos + head : end])
+            elif not self.__to_protocol(data[pos:end]):
+                return
+            pos = end
         if pos < n:
-            self._buf = data[pos:]
+            self.__carry = [data[pos:]]
+            self.__carried = n - pos
+            self.__need = 0
 
-    def _fragment(self, b0: int, opcode: int, payload: bytes) -> None:
-        if opcode != OP_CONT:
-            self._fragments = [payload]
-            self._fragment_op = opcode
-        else:
-            self._fragments.append(payload)
-        if b0 & 0x80:
-            message = b"".join(self._fragments)
-            self._fragments = []
-            self.on_message(message)
-
-    def _on_close_frame(self, payload: bytes) -> None:
-        self.close_code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 1005
-        if self.open:
-            self.open = False
-            self._write_frame(OP_CLOSE, payload[:2])
-        if self.transport is not None:
-            self.transport.close()
-
-    def connection_lost(self, exc: Exception | None) -> None:
+    def __to_protocol(self, frame_bytes: bytes) -> bool:
+        """One whole frame through the protocol; False once the connection is closing."""
+        proto = self.protocol
+        assert proto is not None
+        proto.receive_data(frame_bytes)
+        for frame in proto.events_received():
+            self.__event(frame)
+        for out in proto.data_to_send():  # a pong; the close echo
+            self.__write(out)
+        if proto.state is State.OPEN:
+            return True
         self.open = False
-        self.closed = True
-        self.on_lost(exc)
+        if self.transport is not None:  # closed or failed: done, without waiting for the server
+            self.transport.close()
+        return False
+
+    def __event(self, frame: Frame) -> None:
+        """A data frame (a fragment, or any data frame during one), or a close;
+        pings are answered and pongs ignored by the protocol itself."""
+        opcode = frame.opcode
+        if opcode is _TEXT or opcode is _BINARY or opcode is _CONT:
+            if frame.fin and not self.__fragments:
+                self.on_message(frame.data)
+                return
+            self.__fragments.append(frame.data)
+            if frame.fin:
+                message = b"".join(self.__fragments)
+                self.__fragments = []
+                self.on_message(message)
+        elif opcode is _CLOSE:
+            rcvd = self.protocol.close_rcvd if self.protocol is not None else None
+            self.close_code = rcvd.code if rcvd is not None else 1005
 
     # -- helpers for subclasses and the load generator --------------------
 
-    def _fail(self, why: str) -> None:
+    def __write(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        if data:
+            self.transport.write(data)
+        else:  # the protocol's end of stream
+            self.transport.close()
+
+    def __flush(self) -> None:
+        if self.protocol is not None:
+            for out in self.protocol.data_to_send():
+                self.__write(out)
+
+    def __fail(self, why: str) -> None:
         self.handshake_error = why
         if self.transport is not None:
             self.transport.abort()
 
-    def _write_frame(self, opcode: int, payload: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(client_frame(opcode, payload))
-
     def send_text(self, payload: bytes) -> None:
-        self._write_frame(OP_TEXT, payload)
+        """One text frame, if the connection is open (else nothing, as a closed socket would)."""
+        if self.open and self.protocol is not None:
+            self.protocol.send_text(payload)
+            self.__flush()
+
+    def send_binary(self, payload: bytes) -> None:
+        if self.open and self.protocol is not None:
+            self.protocol.send_binary(payload)
+            self.__flush()
 
     def close(self, code: int = 1000) -> None:
-        if self.open:
+        if self.open and self.protocol is not None:
             self.open = False
-            self._write_frame(OP_CLOSE, code.to_bytes(2, "big"))
+            self.protocol.send_close(code)
+            self.__flush()
         if self.transport is not None:
             self.transport.close()
 

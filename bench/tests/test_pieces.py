@@ -9,14 +9,12 @@ import asyncio
 import struct
 
 import orjson
-import pytest
 
 from bench.adapters import NatsConn, OddsgateConn, SocketIOConn
 from bench.counters import Counters, merge
 from bench.emitters import msgpack
 from bench.hist import Histogram, bucket_of, bucket_upper
 from bench.profile import summarise
-from bench.wsclient import WsClient, client_frame
 
 
 def test_histogram_buckets_are_contiguous_and_close():
@@ -46,50 +44,6 @@ def test_msgpack_matches_the_format():
     assert msgpack(1_763_800_000_123_456_789) == b"\xcf" + struct.pack(
         ">Q", 1_763_800_000_123_456_789)
     assert msgpack("x" * 40)[:2] == b"\xd9\x28"
-
-
-def _unmask(frame: bytes) -> tuple[int, bytes]:
-    length = frame[1] & 0x7F
-    offset = 2 if length < 126 else 4
-    if length == 126:
-        length = struct.unpack("!H", frame[2:4])[0]
-    key = frame[offset : offset + 4]
-    body = frame[offset + 4 :]
-    return frame[0] & 0x0F, bytes(c ^ key[i % 4] for i, c in enumerate(body))
-
-
-@pytest.mark.parametrize("size", [0, 5, 125, 126, 300, 70_000])
-def test_client_frames_are_masked_and_decode(size):
-    payload = bytes(range(256)) * (size // 256) + bytes(size % 256)
-    frame = client_frame(0x1, payload)
-    assert frame[1] & 0x80
-    if size < 65536:
-        assert _unmask(frame) == (0x1, payload)
-
-
-def _server_frame(payload: bytes, opcode: int = 0x1) -> bytes:
-    n = len(payload)
-    head = bytes((0x80 | opcode, n)) if n < 126 else struct.pack("!BBH", 0x80 | opcode, 126, n)
-    return head + payload
-
-
-class _Recorder(WsClient):
-    def __init__(self) -> None:
-        super().__init__("h", 1, "/")
-        self.messages: list[bytes] = []
-
-    def on_message(self, payload: bytes) -> None:
-        self.messages.append(payload)
-
-
-def test_frames_split_anywhere_are_reassembled():
-    stream = b"HTTP/1.1 101 Switching Protocols\r\n\r\n" + b"".join(
-        _server_frame(b"x" * n) for n in (1, 200, 0, 3000))
-    for cut in (1, 7, 40, 41, 300, len(stream) - 1):
-        client = _Recorder()
-        client.data_received(stream[:cut])
-        client.data_received(stream[cut:])
-        assert [len(m) for m in client.messages] == [1, 200, 0, 3000]
 
 
 def _event(topic: str, seq: int, **extra) -> dict:
