@@ -73,7 +73,6 @@ class _PubSubProtocol(asyncio.Protocol):
         on_reply = self._broker._on_reply
         while (reply := reader.gets()) is not False:
             on_reply(reply)
-        self._broker._on_read_done()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._broker._on_lost(exc)
@@ -95,13 +94,11 @@ class RedisBroker:
         url: str,
         on_message: Callable[[str, bytes], None],
         *,
-        on_read_done: Callable[[], None] = lambda: None,
         on_resubscribed: Callable[[], None] = lambda: None,
         reconnect_delay: float = 0.5,
     ) -> None:
         self.url = url
         self._on_message = on_message
-        self._read_done = on_read_done
         self._on_resubscribed = on_resubscribed
         self._reconnect_delay = reconnect_delay
         self._conn_kwargs = parse_url(url)
@@ -243,9 +240,6 @@ class RedisBroker:
             self._resubscribing.discard(topic)
             if not self._resubscribing:
                 self._on_resubscribed()
-
-    def _on_read_done(self) -> None:
-        self._read_done()
 
     def _on_lost(self, exc: Exception | None) -> None:
         self._transport = None
