@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING
 
 from gateway import protocol
 from gateway.counters import WorkerCounters
+from gateway.session import Session
 from gateway.wire import text_frame
 
 if TYPE_CHECKING:
     from gateway.channel import TopicChannel
-    from gateway.session import Chunk, Session
+    from gateway.session import Chunk
 
 
 class Fanout:
@@ -86,10 +87,7 @@ class Fanout:
             return
         chunks = self.chunks(events)
         self.counters.deliveries += len(events) * len(aligned)
-        sessions = self._sessions
-        for session in aligned:
-            if session.add_turn(chunks, events):
-                sessions.append(session)
+        Session.add_turn(aligned, chunks, events, self._sessions)
 
     def run(self) -> None:
         self._scheduled = False

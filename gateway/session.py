@@ -21,7 +21,7 @@ encoded per player.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from enum import IntEnum
 from typing import Protocol
 
@@ -107,6 +107,7 @@ class Session:
         "frames_out",
         "max_batch",
         "max_topics",
+        "open",
         "pending",
         "player",
         "pressured_since",
@@ -155,6 +156,9 @@ class Session:
         # until the outbox is drained: not the transport's flag, which may flip
         # back before the hub acts, and events must not overtake the outbox.
         self.delivery = Delivery.LIVE
+        # delivery is not CLOSED, kept as a plain attribute for the hot path (a
+        # property costs every frame written); only `close` changes it.
+        self.open = True
         # Back-pressure (PROTOCOL.md §5): set while the transport is over its
         # high-water mark (the transport's flag, reported by on_pause/on_resume).
         self.pressured_since: float | None = None
@@ -212,10 +216,6 @@ class Session:
     # -- state ----------------------------------------------------------------
 
     @property
-    def open(self) -> bool:
-        return self.delivery is not Delivery.CLOSED
-
-    @property
     def coalescing(self) -> bool:
         return self.delivery is Delivery.COALESCING
 
@@ -227,6 +227,7 @@ class Session:
     def close(self) -> None:
         """Nothing more is written to this player (closing, drained, cut off)."""
         self.delivery = Delivery.CLOSED
+        self.open = False
         self._outbox = None
 
     def start_coalescing(self) -> CoalescingOutbox:
@@ -316,21 +317,27 @@ class Session:
     def pressured(self) -> bool:
         return self.pressured_since is not None
 
-    def add_turn(self, chunks: list[Chunk], events: list[bytes]) -> bool:
-        """The fast path: a topic's frames of this turn, shared with every player in
-        line. True when the session must be put in the turn's list to flush."""
-        if self.turn is None and self.turn_events is None:
-            self.turn = chunks
-            self.turn_source = events
-        elif self.turn is not None:  # a second topic this turn: one batch of both at flush
-            self.turn_events = self.turn_source + events  # type: ignore[operator]
-            self.turn = self.turn_source = None
-        else:
-            self.turn_events.extend(events)  # type: ignore[union-attr]
-        if self.scheduled:
-            return False
-        self.scheduled = True
-        return True
+    @staticmethod
+    def add_turn(sessions: Iterable[Session], chunks: list[Chunk], events: list[bytes],
+                 to_flush: list[Session]) -> None:
+        """The fast path: a topic's frames of this turn, shared by every player in line
+        with it; the sessions not yet listed for this turn's flush join `to_flush`.
+
+        One call for all of a channel's players rather than one each: this is the
+        loop every delivery goes through.
+        """
+        for session in sessions:
+            if session.turn is None and session.turn_events is None:
+                session.turn = chunks
+                session.turn_source = events
+            elif session.turn is not None:  # a second topic this turn: one batch of both
+                session.turn_events = session.turn_source + events  # type: ignore[operator]
+                session.turn = session.turn_source = None
+            else:
+                session.turn_events.extend(events)  # type: ignore[union-attr]
+            if not session.scheduled:
+                session.scheduled = True
+                to_flush.append(session)
 
     @property
     def has_output(self) -> bool:

@@ -383,7 +383,9 @@ def test_token_expiry_fires_once() -> None:
 
 def test_a_second_topic_in_a_turn_joins_the_first_in_one_batch() -> None:
     session, _, _ = make_session()
-    first = [(b"a", b"A", 1)]
-    assert session.add_turn(first, [b"a"])  # to be listed for this turn's flush
-    assert not session.add_turn([(b"b", b"B", 1)], [b"b"])  # listed already
+    to_flush: list[Session] = []
+    Session.add_turn([session], [(b"a", b"A", 1)], [b"a"], to_flush)
+    assert to_flush == [session] and session.turn == [(b"a", b"A", 1)]
+    Session.add_turn([session], [(b"b", b"B", 1)], [b"b"], to_flush)
+    assert to_flush == [session]  # listed once for the turn
     assert session.turn is None and session.turn_events == [b"a", b"b"]
