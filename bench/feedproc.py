@@ -63,11 +63,8 @@ async def open_markets(redis_url: str, seed: int) -> int:
     before its first publish would each get a `reset` when it comes). Returns the count."""
     client = aioredis.Redis.from_url(redis_url)
     try:
-        publisher = Publisher(client, PartitionMap.load(None))
-        updates = bench_feed(seed).opening_prices()
-        for i in range(0, len(updates), 500):
-            await publisher.publish_many(updates[i : i + 500])
-        return len(updates)
+        return await bench_feed(seed, publisher=Publisher(client, PartitionMap.load(None))
+                                ).publish_opening_prices()
     finally:
         await client.aclose()
 

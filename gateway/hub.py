@@ -262,8 +262,8 @@ class Hub:
                             Replay(session, cursor, resume))]
 
     def _attach_aligned(self, session: Session, channel: TopicChannel) -> None:
-        """The player holds exactly the channel's position: fast path from now on."""
-        channel.flush()
+        """The player holds exactly the channel's position: fast path from now on
+        (track and align flush the turn first)."""
         session.cursors[channel.topic] = SeqCursor(channel.epoch, channel.seq)
         if session in self.pressured:
             session.outbox.start(channel.topic, channel.seq)

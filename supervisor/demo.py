@@ -60,13 +60,8 @@ def _wait_for_node(control: Path, proc: subprocess.Popen, timeout: float = 60.0)
 async def _watch(args: argparse.Namespace, redis_url: str, secret: str, control: Path) -> None:
     pmap = PartitionMap.load(None)
     redis = aioredis.Redis.from_url(redis_url)
-    publisher = Publisher(redis, pmap)
-    feed = SyntheticFeed(publisher, pmap, seed=1, rate=args.rate)
-    # Every market is listed before anyone follows it, as an aggregator does (a topic
-    # followed before its first publish moves its players to its first epoch: a reset).
-    opening = feed.opening_prices()
-    for i in range(0, len(opening), 500):
-        await publisher.publish_many(opening[i : i + 500])
+    feed = SyntheticFeed(Publisher(redis, pmap), pmap, seed=1, rate=args.rate)
+    await feed.publish_opening_prices()  # listed before anyone follows them, as an aggregator does
     topics = feed.topics_by_popularity()[:40]
     rng = random.Random(2)
     url = f"ws://127.0.0.1:{args.port}/ws"

@@ -157,6 +157,17 @@ class SyntheticFeed(MarketModel):
         """
         self._stopping = True
 
+    async def publish_opening_prices(self) -> int:
+        """Publish every market's opening price, in batches of `max_batch`, before players
+        follow them (a topic followed before its first publish moves its players to its
+        first epoch with a `reset`). Returns how many were published."""
+        if self.publisher is None:
+            raise RuntimeError("publish_opening_prices() needs a Publisher")
+        updates = self.opening_prices()
+        for i in range(0, len(updates), self.max_batch):
+            await self.publisher.publish_many(updates[i : i + self.max_batch])
+        return len(updates)
+
     async def run(self, duration: float | None = None, count: int | None = None) -> FeedResult:
         """Publish at the configured rate until `duration` s, `count` events, or `stop()`."""
         if self.publisher is None:
