@@ -31,6 +31,9 @@ so the §5 check runs across the move. What the move took is kept in a
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import sys
+import termios
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -109,6 +112,12 @@ class Wake:
     events: int = 0  # every event read after waking, until current
     current_ns: int = 0
     conn: BenchConn | None = None
+    # The player's own kernel receive queue when it woke (FIONREAD): bytes
+    # that had left the server, which no server can take back or coalesce.
+    own_bytes: int = 0
+    read_bytes: int = 0  # wire bytes of the frames read since waking
+    frame_start: int = 0  # where the frame being read began, in those bytes
+    own_old_events: int = 0  # old events that were in the player's own queue
 
     @classmethod
     def start(cls, conn: BenchConn, heads: dict[str, dict[str, int]], now_ns: int) -> Wake:
@@ -131,8 +140,16 @@ class Wake:
             return
         if ev["seq"] < seq:
             self.old_events += 1
+            if self.frame_start < self.own_bytes:
+                self.own_old_events += 1
             return
         self._paid(key, now_ns)
+
+    def frame(self, payload_bytes: int) -> None:
+        """A frame read after waking: its bytes on the wire (a server frame is unmasked)."""
+        self.frame_start = self.read_bytes
+        head = 2 if payload_bytes < 126 else 4 if payload_bytes < 65536 else 10
+        self.read_bytes += head + payload_bytes
 
     def see_snapshot(self, msg: dict, now_ns: int) -> None:
         """A snapshot (after a `reset`) holds each market's newest state: none of it old."""
@@ -158,6 +175,7 @@ class Wake:
     def record(self) -> dict:
         return {"index": self.index, "woke_ns": self.woke_ns, "current_ns": self.current_ns,
                 "old_events": self.old_events, "events": self.events,
+                "own_bytes": self.own_bytes, "own_old_events": self.own_old_events,
                 "owed_left": len(self.owed),
                 "closed": self.conn is not None and self.conn.closed}
 
@@ -211,14 +229,33 @@ class BenchConn(WsClient):
         """
         check = self._event
         see = wake.see
+        message = self.on_message
+        frame = wake.frame
 
         def event(ev: dict, now_ns: int) -> None:
             check(ev, now_ns)
             see(ev, now_ns)
 
+        def on_message(payload: bytes) -> None:
+            frame(len(payload))
+            message(payload)
+
+        wake.own_bytes = self.queued_in_kernel()
         self._event = event  # type: ignore[method-assign]
+        self.on_message = on_message  # type: ignore[method-assign]
         self.stalled = False
         self.resume_reading()
+
+    def queued_in_kernel(self) -> int:
+        """Bytes waiting in this player's kernel receive queue (0 if unknown)."""
+        sock = self.transport.get_extra_info("socket") if self.transport else None
+        if sock is None:
+            return 0
+        try:
+            raw = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+        except OSError:
+            return 0
+        return int.from_bytes(raw, sys.byteorder)
 
     # -- the event path ---------------------------------------------------
 

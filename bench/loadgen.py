@@ -39,10 +39,6 @@ from gateway.auth import COOKIE_NAME, issue_token
 
 CONNECT_TIMEOUT_S = 15.0
 TOKEN_TTL_S = 4 * 3600.0
-# A player's kernel receive buffer. Fixed (which turns Linux's autotuning off,
-# up to 32 MiB here) so that a stalled player backs up into the server within
-# seconds, as one on a phone would, instead of into an elastic loopback buffer.
-PLAYER_RCVBUF = 64 * 1024
 
 
 @dataclass
@@ -133,7 +129,6 @@ class LoadGen:
 
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PLAYER_RCVBUF)
             sock.bind((source, 0))
             sock.setblocking(False)
             await asyncio.wait_for(loop.sock_connect(sock, (host, port)), CONNECT_TIMEOUT_S)

@@ -181,10 +181,13 @@ def wake_lines(results: list[Result]) -> list[str]:
     if not runs:
         return []
     rows = ["| system | stalled | for | current | never current | old events p50 | p99 | max "
-            "| to current p50 ms | p99 ms | max ms |", "|" + "---|" * 11]
+            "| of which the server held, max | player's own queue at waking, max KB "
+            "| to current p50 ms | p99 ms | max ms |", "|" + "---|" * 13]
     for r in runs:
         w = r.figures["wake"]
         old, ms = w.get("old_events") or {}, w.get("to_current_ms") or {}
+        held = (w.get("server_old_events") or {}).get("max")
+        own = (w.get("own_queue_kb") or {}).get("max")
         never = w.get("never_current") or 0
         stalled_s = w.get("stalled_s")
         rows.append("| " + " | ".join([
@@ -195,6 +198,8 @@ def wake_lines(results: list[Result]) -> list[str]:
             f"**{never}**" if never else "0",
             *(_num(old.get(k)) if old.get(k) is not None else "never"
               for k in ("p50", "p99", "max")),
+            _num(held) if held is not None else "-",
+            _num(own) if own is not None else "-",
             *(_num(ms.get(k), 1) if ms.get(k) is not None else "never"
               for k in ("p50", "p99", "max")),
         ]) + " |")
@@ -407,8 +412,11 @@ def target_lines(results: list[Result]) -> list[str]:
             continue
         never = f"**missed** ({w.get('never_current')} never held the current prices)"
         worst = f"spike, worst of {_num(w.get('stalled'))} stalled players"
-        old = (w.get("old_events") or {}).get("max")
-        rows.append(f"| old events shown to a stalled player after waking ({worst}) | "
+        # The server is held to what it (HAProxy, their kernels) still held for
+        # the player; what sat in the player's own receive queue had left it.
+        old = (w.get("server_old_events") or w.get("old_events") or {}).get("max")
+        rows.append(f"| old events a stalled player is shown after waking, beyond its own "
+                    f"receive queue ({worst}) | "
                     f"<= {_num(TARGETS['stalled_old_events'])} | "
                     f"{_num(old) if old is not None else 'never'} | "
                     + (_verdict(old, TARGETS["stalled_old_events"], False)

@@ -12,8 +12,12 @@ its RSS (what the server itself queues) and, apart, its sockets' kernel send
 queues (`ss`), which a server can bound with SO_SNDBUF. When the server also
 falls behind its healthy players, their queues are in that growth too, so
 it is an upper bound per stalled player. Players' receive buffers are
-fixed at 64 KiB (bench.loadgen.PLAYER_RCVBUF), so a stalled one backs up
-into the server within seconds.
+left to the kernel's autotuning, as a phone's or a browser's are: a stalled
+one fills its own (~200 KB here) and then backs up into the server. (They
+used to be fixed at 64 KiB; over loopback, a stalled player's kernel then
+dropped segments (thousands of small frames overran the memory its window
+promised) and HAProxy's resend waited on a backed-off retransmission timer,
+5 s after waking: the bench's artifact, not the server's.)
 
 The stalled players read again when the spike ends, or after `STALL_MAX_S`
 if it lasts longer (issue "Hardening", 7): per player, the old events it is
@@ -24,8 +28,12 @@ measured while the others stall.
 Old events are what its own receive buffer, the server's kernel send queue
 and the server's pending output held; a server that bounds the last two by
 coalescing shows few, one that lets the kernel queue megabytes shows them
-all. Targets: at most 1,000 old events, current within 1 s. Players not
-current `WAKE_WAIT_S` after waking count as never. Then they are cut off.
+all. The player's own receive queue at waking (FIONREAD) had already left
+the server, so the old events read from those first bytes are counted
+apart (`own_old_events`), and the target holds the server to the rest: what
+it, HAProxy and their kernels still held for the player. Targets: at most
+1,000 of those old events, current within 1 s. Players not current
+`WAKE_WAIT_S` after waking count as never. Then they are cut off.
 """
 
 from __future__ import annotations
@@ -128,6 +136,10 @@ def wake_figures(records: list[dict], stalled: int) -> dict:
     current = [r for r in records if r["current_ns"]]
     to_current = sorted(round((r["current_ns"] - r["woke_ns"]) / 1e6, 1) for r in current)
     old = sorted(r["old_events"] for r in records)
+    # Shown from the server's side: after the bytes already in the player's
+    # own receive queue when it woke.
+    held = sorted(r["old_events"] - r.get("own_old_events", 0) for r in records)
+    own_kb = sorted(round(r.get("own_bytes", 0) / 1024) for r in records)
     complete = bool(everyone) and len(current) == everyone
 
     def rank(values: list, q: float) -> float | int | None:
@@ -142,6 +154,10 @@ def wake_figures(records: list[dict], stalled: int) -> dict:
         "closed": sum(1 for r in records if r["closed"] and not r["current_ns"]),
         "old_events": {"p50": rank(old, 0.5), "p99": rank(old, 0.99),
                        "max": old[-1] if old and len(old) == everyone else None},
+        "server_old_events": {"p50": rank(held, 0.5), "p99": rank(held, 0.99),
+                              "max": held[-1] if held and len(held) == everyone else None},
+        "own_queue_kb": {"p50": rank(own_kb, 0.5),
+                         "max": own_kb[-1] if own_kb and len(own_kb) == everyone else None},
         "to_current_ms": {"p50": rank(to_current, 0.5), "p99": rank(to_current, 0.99),
                           "max": to_current[-1] if complete else None},
         "events_read": sum(r["events"] for r in records),
