@@ -71,6 +71,19 @@ class Settings(EnvSettings):
     node: str = setting("OG_NODE", "", "node name shown in `welcome`; empty: the host name")
     worker_index: int = setting("OG_WORKER_INDEX", 0, "worker number shown in `welcome`",
                                  minimum=0)
+    region: str = setting(
+        "OG_REGION", "local", "the region this node serves, shown in `welcome` (PROTOCOL.md §8)"
+    )
+    lag_wait_ms: int = setting(
+        "OG_LAG_WAIT_MS", 2000,
+        "how long a resume point ahead of what this region has published (a player from "
+        "another region) is held for the region to catch up before `reset` `ahead`", minimum=0,
+    )
+    region_stale_after_ms: int = setting(
+        "OG_REGION_STALE_AFTER_MS", 0,
+        "the region's aggregator must show progress this often, or /healthz fails and new "
+        "players are refused (the region cannot serve); 0: no aggregator is watched", minimum=0,
+    )
     jwt_secret: str = setting("OG_JWT_SECRET", "", "HS256 secret for session tokens")
     jwt_leeway_s: float = setting("OG_JWT_LEEWAY_S", 5.0, "clock skew allowed on `exp`",
                                    minimum=0)

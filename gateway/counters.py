@@ -75,6 +75,10 @@ STATS: tuple[Stat, ...] = (
              labels=(("kind", "replayed"),)),
     _counted("resumes_reset", "oddsgate_resumes_total", "Resume requests by outcome.",
              labels=(("kind", "reset"),)),
+    # Ahead of this region's stream (from another region): held for it to
+    # catch up (PROTOCOL.md §8), then replayed, or reset `ahead` after the wait.
+    _counted("resumes_held", "oddsgate_resumes_total", "Resume requests by outcome.",
+             labels=(("kind", "held"),)),
     _counted("snapshots", "oddsgate_snapshots_total", "Snapshots sent to players."),
     _counted("gaps_filled", "oddsgate_gaps_filled_total",
              "Channel gaps filled from Redis history."),

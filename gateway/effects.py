@@ -82,6 +82,18 @@ class RetryRepair:
 
 
 @dataclass(frozen=True, slots=True)
+class LagDeadline:
+    """After `after_s`, call `Hub.lag_expired(self)`: a resume ahead of this region
+    is held that long for the region to publish its point (PROTOCOL.md §8)."""
+
+    session: Session
+    channel: TopicChannel
+    cursor: SeqCursor
+    resume_seq: int
+    after_s: float
+
+
+@dataclass(frozen=True, slots=True)
 class AtTurnEnd:
     """At the end of this loop turn, call `Hub.apply_pressure(session)`.
 
@@ -91,6 +103,7 @@ class AtTurnEnd:
     session: Session
 
 
-Effect = Union[OpenTopic, CloseTopic, ReadHistory, LoadState, RetryRepair, AtTurnEnd]  # noqa: UP007
+Effect = Union[OpenTopic, CloseTopic, ReadHistory, LoadState, RetryRepair, LagDeadline,  # noqa: UP007
+               AtTurnEnd]
 Effects = Sequence[Effect]
 NO_EFFECTS: Effects = ()  # the common answer, allocated once

@@ -37,6 +37,7 @@ from gateway.effects import (
     CloseTopic,
     Effect,
     Effects,
+    LagDeadline,
     LoadState,
     OpenTopic,
     ReadHistory,
@@ -67,8 +68,13 @@ class Hub:
         replay_max: int = 10_000,
         replay_chunk: int = 256,
         counters: WorkerCounters | None = None,
+        lag_wait_s: float = 0.0,
     ) -> None:
         self.channels: dict[str, TopicChannel] = {}
+        # How long a resume ahead of what this region has published is held
+        # for the region to catch up (PROTOCOL.md §8, `lag_wait_ms`); 0: reset
+        # `ahead` at once.
+        self.lag_wait_s = lag_wait_s
         self.recent_capacity = recent_capacity
         self.replay_max = replay_max
         self.replay_chunk = replay_chunk
@@ -271,32 +277,76 @@ class Hub:
             return
         channel.align(session)
 
-    def _replayed(self, read: ReadHistory, history: History | None) -> None:
+    def _replayed(self, read: ReadHistory, history: History | None) -> Effects:
         """A resuming player's history read came back (None: it failed)."""
         replay = read.replay
         assert replay is not None
         session, channel, cursor, resume = replay.session, read.channel, replay.cursor, \
             replay.resume
         if session.cursors.get(channel.topic) is not cursor:
-            return  # the player left, or the channel reset it meanwhile
-        if history is None or history.epoch != resume.epoch or history.events is None \
-                or resume.seq > history.head:
-            reason = "ahead" if history is not None and resume.seq > history.head else "window"
-            self._reset_session(session, channel, reason)
+            return NO_EFFECTS  # the player left, or the channel reset it meanwhile
+        if history is not None and history.epoch == resume.epoch \
+                and resume.seq > history.head:
+            return self._hold_ahead(session, channel, cursor, resume)
+        if history is None or history.epoch != resume.epoch or history.events is None:
+            self._reset_session(session, channel, "window")
             self.counters.resumes_reset += 1
-            return
+            return NO_EFFECTS
         events = [(resume.seq + 1 + i, e) for i, e in enumerate(history.events)]
         result = cursor.complete_sync(resume.epoch, resume.seq, events)
         if result.gap or result.epoch_changed:
             self._reset_session(session, channel, "resync")
             self.counters.resumes_reset += 1
-            return
+            return NO_EFFECTS
         self._send_replay(session, result.deliver)
         self.counters.resumes_replayed += 1
         if session in self.pressured:
             session.outbox.start(channel.topic, cursor.seq)
         if cursor.seq == channel.seq:
             self._align(session, channel)
+        return NO_EFFECTS
+
+    def _hold_ahead(self, session: Session, channel: TopicChannel, cursor: SeqCursor,
+                    resume: ResumePoint) -> Effects:
+        """A resume point this region has not published yet (PROTOCOL.md §8).
+
+        The player holds every event up to `resume.seq` already (it came from
+        another region, whose events are the same bytes), so nothing is sent
+        until the region passes that point: the cursor stands there, events up
+        to it are stale to it, and the first one after it goes out as a
+        normal replay-then-live. `Hub.lag_expired` resets it `ahead` if the
+        region has not got there within `lag_wait_s`.
+        """
+        if self.lag_wait_s <= 0:
+            self._reset_session(session, channel, "ahead")
+            self.counters.resumes_reset += 1
+            return NO_EFFECTS
+        result = cursor.complete_sync(resume.epoch, resume.seq, [])
+        if result.gap or result.epoch_changed:  # live events past a hole: read again
+            self._reset_session(session, channel, "resync")
+            self.counters.resumes_reset += 1
+            return NO_EFFECTS
+        self.counters.resumes_held += 1
+        self._send_replay(session, result.deliver)
+        if session in self.pressured:
+            session.outbox.start(channel.topic, cursor.seq)
+        if cursor.seq == channel.seq:
+            self._align(session, channel)
+            return NO_EFFECTS
+        return [LagDeadline(session, channel, cursor, resume.seq, self.lag_wait_s)]
+
+    def lag_expired(self, held: LagDeadline) -> Effects:
+        """A held resume's wait is over: reset it `ahead` if the region is still behind."""
+        session, channel = held.session, held.channel
+        if session.cursors.get(channel.topic) is not held.cursor or not session.open:
+            return NO_EFFECTS  # it left, or was reset, meanwhile
+        if self.channels.get(channel.topic) is not channel or channel.seq >= held.resume_seq:
+            return NO_EFFECTS  # caught up (or the channel was replaced, which resets anyway)
+        log.info("resume of %s at seq %d still ahead of this region (at %d) after %.1fs",
+                 channel.topic, held.resume_seq, channel.seq, self.lag_wait_s)
+        self._reset_session(session, channel, "ahead")
+        self.counters.resumes_reset += 1
+        return NO_EFFECTS
 
     # -- leaving ----------------------------------------------------------------
 
@@ -432,8 +482,7 @@ class Hub:
     def history_read(self, read: ReadHistory, history: History) -> Effects:
         """A history read came back: a player's replay, or the channel's gap fill."""
         if read.replay is not None:
-            self._replayed(read, history)
-            return NO_EFFECTS
+            return self._replayed(read, history)
         channel = read.channel
         if self.channels.get(channel.topic) is not channel or not channel.cursor.syncing:
             channel.repairing = False
@@ -455,8 +504,7 @@ class Hub:
     def history_failed(self, read: ReadHistory, exc: BaseException) -> Effects:
         if read.replay is not None:
             log.warning("replay read of %s failed: %s", read.channel.topic, exc)
-            self._replayed(read, None)
-            return NO_EFFECTS
+            return self._replayed(read, None)
         log.warning("gap fill of %s failed (%s); retrying", read.channel.topic, exc)
         return [RetryRepair(read.channel, RETRY_S)]
 

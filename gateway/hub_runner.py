@@ -21,6 +21,7 @@ from gateway.effects import (
     AtTurnEnd,
     CloseTopic,
     Effect,
+    LagDeadline,
     LoadState,
     OpenTopic,
     ReadHistory,
@@ -113,6 +114,8 @@ class HubRunner:
             elif isinstance(effect, RetryRepair):
                 asyncio.get_running_loop().call_later(effect.after_s, self._repair_timer,
                                                       effect.channel)
+            elif isinstance(effect, LagDeadline):
+                asyncio.get_running_loop().call_later(effect.after_s, self._lag_expired, effect)
             else:  # pragma: no cover - a new effect without its runner
                 raise TypeError(f"no runner for {effect!r}")
 
@@ -123,6 +126,9 @@ class HubRunner:
 
     def _apply_pressure(self, session: Session) -> None:
         self.perform(self.hub.apply_pressure(session))
+
+    def _lag_expired(self, held: LagDeadline) -> None:
+        self.perform(self.hub.lag_expired(held))
 
     def _repair_timer(self, channel: TopicChannel) -> None:
         self.perform(self.hub.repair_timer(channel))

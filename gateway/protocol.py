@@ -148,10 +148,10 @@ def _with_id(obj: dict, request_id: object) -> dict:
     return obj
 
 
-def welcome(conn: str, node: str, worker: int, heartbeat_ms: int) -> bytes:
+def welcome(conn: str, node: str, worker: int, heartbeat_ms: int, region: str) -> bytes:
     return orjson.dumps(
         {"type": "welcome", "conn": conn, "node": node, "worker": worker,
-         "heartbeat_ms": heartbeat_ms}
+         "heartbeat_ms": heartbeat_ms, "region": region}
     )
 
 

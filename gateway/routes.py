@@ -36,13 +36,15 @@ log = logging.getLogger("oddsgate.worker")
 class HttpRoutes:
     def __init__(self, settings: Settings, pmap: PartitionMap, verifier: TokenVerifier,
                  hub: Hub, broker: RedisBroker, *, accepting: Callable[[], bool],
-                 draining: Callable[[], bool]) -> None:
+                 draining: Callable[[], bool],
+                 region_fresh: Callable[[], bool] = lambda: True) -> None:
         self.pmap = pmap
         self.verifier = verifier
         self.hub = hub  # its loaded channels answer snapshots from memory
         self.broker = broker
         self.accepting = accepting
         self.draining = draining
+        self.region_fresh = region_fresh
         self.static_site = StaticSite.load()  # the player shell: `/` and `/static/`
         # GET /v1/snapshot: a bucket per client, and one for this worker's reads from Redis.
         self.snapshot_clients = ClientBuckets(settings.snapshot_rate_limit_rps,
@@ -62,7 +64,11 @@ class HttpRoutes:
         if path == "/healthz":
             if self.accepting():
                 return response(200, "ok\n")
-            return response(503, "draining\n" if self.draining() else "starting\n")
+            if self.draining():
+                return response(503, "draining\n")
+            if not self.region_fresh():  # PROTOCOL.md §8: the region cannot serve
+                return response(503, "region stale: no aggregator progress\n")
+            return response(503, "starting\n")
         if path == "/v1/topics":
             return json_response(200, self.pmap.to_dict())
         if path == "/v1/snapshot":

@@ -54,6 +54,7 @@ from gateway.session import Session
 from gateway.topics import PartitionMap
 from gateway.wire import text_frame
 from gateway.wsprotocol import PlayerProtocol
+from redis_contract import REGION_ALIVE_KEY
 
 log = logging.getLogger("oddsgate.worker")
 
@@ -206,7 +207,7 @@ class Worker:
                              slice=settings.fanout_slice)
         self.hub = Hub(self.fanout, recent_capacity=settings.recent_events,
                        replay_max=settings.replay_max, replay_chunk=settings.max_batch,
-                       counters=self.counters)
+                       counters=self.counters, lag_wait_s=settings.lag_wait_ms / 1000)
         self.hub_runner = HubRunner(self.hub)  # performs what the hub decides
         self.broker = RedisBroker(
             settings.redis_url,
@@ -243,9 +244,14 @@ class Worker:
         self.server: Server | None = None
         self._broker_task: asyncio.Task | None = None
         self._conn_seq = 0
+        # Whether the region's aggregator showed progress lately (PROTOCOL.md §8);
+        # always true when none is watched (OG_REGION_STALE_AFTER_MS=0).
+        self.region_fresh = True
+        self._region_task: asyncio.Task | None = None
         self.routes = HttpRoutes(settings, self.pmap, self.verifier, self.hub, self.broker,
                                  accepting=lambda: self.accepting,
-                                 draining=lambda: self.draining)
+                                 draining=lambda: self.draining,
+                                 region_fresh=lambda: self.region_fresh)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -275,6 +281,9 @@ class Worker:
         )
         self._watch_task = asyncio.create_task(self._watch_pressure())
         self._heartbeat_task = asyncio.create_task(self.liveness.heartbeat())
+        if s.region_stale_after_ms > 0:
+            self.region_fresh = False  # until the aggregator's mark is seen
+            self._region_task = asyncio.create_task(self._watch_region(s.region_stale_after_ms))
         await self.broker.connected.wait()
         self.started = True
 
@@ -285,7 +294,27 @@ class Worker:
 
     @property
     def accepting(self) -> bool:
-        return self.broker.connected.is_set() and not self.draining
+        return self.broker.connected.is_set() and self.region_fresh and not self.draining
+
+    async def _watch_region(self, stale_after_ms: int) -> None:
+        """Follow the aggregator's liveness mark (`redis_contract.REGION_ALIVE_KEY`).
+
+        The aggregator sets the key with a `stale_after_ms` expiry each time
+        its input advances, so it exists exactly while the region publishes:
+        no clock of this host is compared with another's.
+        """
+        interval_s = min(1.0, max(0.05, stale_after_ms / 4000))
+        while True:
+            try:
+                fresh = bool(await self.broker.commands.exists(REGION_ALIVE_KEY))
+            except Exception:
+                fresh = False
+            if fresh != self.region_fresh:
+                log.warning("region %s %s", self.settings.region,
+                            "serving again: its aggregator is making progress" if fresh
+                            else f"cannot serve: no aggregator progress for {stale_after_ms} ms")
+                self.region_fresh = fresh
+            await asyncio.sleep(interval_s)
 
     def connections_in_backpressure(self) -> int:
         return len(self.hub.pressured)
@@ -359,7 +388,7 @@ class Worker:
                 await asyncio.wait_for(self.server.wait_closed(), grace_s + 1)
         if self._broker_task is not None:
             self._broker_task.cancel()
-        for task in (self._watch_task, self._heartbeat_task):
+        for task in (self._watch_task, self._heartbeat_task, self._region_task):
             if task is not None:
                 task.cancel()
         await self.broker.close()
@@ -431,7 +460,8 @@ class Worker:
         self.counters.connections_accepted += 1
         loop = asyncio.get_running_loop()
         try:
-            session.send(protocol.welcome(conn_id, s.node_name, s.worker_index, s.heartbeat_ms))
+            session.send(protocol.welcome(conn_id, s.node_name, s.worker_index, s.heartbeat_ms,
+                                          s.region))
             while True:  # not `async for`: its async generator is ~0.5 KB a player
                 message = await conn.recv()
                 try:

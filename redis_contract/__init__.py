@@ -50,6 +50,11 @@ UNPUBLISHED_EPOCH = "0"
 
 DEFAULT_TOPIC_TTL_MS = 7 * 86_400_000  # a week without a publish forgets a topic
 
+# The region's aggregator sets this key, with an expiry of the region's
+# `stale_after_ms`, each time its input advances; workers watch it for
+# `/healthz` (PROTOCOL.md §8). It exists exactly while the region publishes.
+REGION_ALIVE_KEY = "og:region:alive"
+
 
 def meta_key(topic: str) -> str:
     return f"og:{{{topic}}}:meta"

@@ -12,12 +12,13 @@ import asyncio
 import orjson
 
 from client.rules import RuleChecker
-from gateway.broker import TopicState
+from gateway.broker import History, TopicState
 from gateway.counters import WorkerCounters
-from gateway.effects import OpenTopic
+from gateway.effects import LagDeadline, OpenTopic, ReadHistory
 from gateway.fanout import Fanout
 from gateway.hub import Hub
 from gateway.hub_runner import HubRunner
+from gateway.protocol import ResumePoint
 from gateway.session import Session
 
 TOPIC = "odds:5:8"
@@ -32,6 +33,7 @@ class Player:
     """A session whose written frames are decoded and checked like a client would."""
 
     def __init__(self, hub: Hub, name: str) -> None:
+        self.frames: list[dict] = []  # every message written to it, decoded
         self.checker = RuleChecker()
         self.checker.feed({"type": "subscribed", "topics": [TOPIC]})
         self.session = Session(name, player=name, write=self._write, scheduler=hub.fanout,
@@ -39,7 +41,9 @@ class Player:
                                on_pressure=HubRunner(hub).pressure_changed)  # needs no broker
 
     def _write(self, payload: bytes) -> None:
-        self.checker.feed(orjson.loads(payload))
+        msg = orjson.loads(payload)
+        self.frames.append(msg)
+        self.checker.feed(msg)
 
     def _write_frame(self, frame: bytes) -> None:
         header = 2 if frame[1] < 126 else 4 if frame[1] == 126 else 10
@@ -121,3 +125,59 @@ async def test_flapping_pressure_never_breaks_order_or_loses_the_newest_state() 
         assert held.seq == seq
         assert {m: e["seq"] for m, e in held.markets.items()} == \
             {f"5:8:{m}": max(s for s in range(1, seq + 1) if s % 5 == m) for m in range(5)}
+
+
+# -- a resume from another region, ahead of this one (PROTOCOL.md §8) ----------
+
+
+async def _resumed_ahead(lag_wait_s: float) -> tuple[Hub, Player, object]:
+    """A player holding seq 5 (from another region) resumes where the region is at 3."""
+    hub = Hub(Fanout(WorkerCounters()), lag_wait_s=lag_wait_s)
+    channel, _ = hub.hold(TOPIC)
+    hub.loaded(channel, TopicState("e", 3, [_event(3, 0)]))
+    player = Player(hub, "p")
+    player.checker.feed({"type": "snapshot", "topic": TOPIC, "epoch": "e", "seq": 5,
+                         "markets": [orjson.loads(_event(s, s % 3)) for s in (3, 4, 5)]})
+    channel, _ = hub.hold(TOPIC)
+    [read] = hub.join(player.session, channel, ResumePoint("e", 5))
+    assert isinstance(read, ReadHistory) and read.replay is not None
+    # Redis (this region's) has published up to 3: nothing after 5 to read.
+    effects = hub.history_read(read, History("e", 3, []))
+    return hub, player, effects
+
+
+async def test_a_resume_ahead_of_the_region_is_held_until_it_catches_up() -> None:
+    hub, player, effects = await _resumed_ahead(2.0)
+    [deadline] = effects
+    assert isinstance(deadline, LagDeadline) and deadline.after_s == 2.0
+    assert hub.counters.resumes_held == 1 and hub.counters.resumes_reset == 0
+    for seq in range(4, 9):  # the region catches up: 4 and 5 the player holds already
+        hub.on_message(TOPIC, _event(seq, seq % 3))
+    await turn()
+    assert player.checker.violations == []
+    assert [e["seq"] for f in player.frames for e in f.get("events", [f])] == [6, 7, 8]
+    assert player.checker.topics[TOPIC].seq == 8
+    assert player.session in hub.channels[TOPIC].aligned  # on the fast path once level
+    assert hub.lag_expired(deadline) == ()  # caught up in time: nothing to do
+    assert not [f for f in player.frames if f["type"] == "reset"]
+
+
+async def test_a_resume_still_ahead_when_the_wait_ends_is_reset_ahead() -> None:
+    hub, player, effects = await _resumed_ahead(2.0)
+    [deadline] = effects
+    hub.on_message(TOPIC, _event(4, 1))  # the region moves, but not to 5
+    await turn()
+    assert player.frames == []  # held: it has 4 already
+    assert hub.lag_expired(deadline) == ()
+    await turn()
+    frames = player.frames
+    assert [f["type"] for f in frames] == ["reset", "snapshot"]
+    assert frames[0]["reason"] == "ahead" and frames[1]["seq"] == 4
+    assert hub.counters.resumes_reset == 1
+
+
+async def test_without_a_lag_wait_a_resume_ahead_is_reset_at_once() -> None:
+    hub, player, effects = await _resumed_ahead(0.0)
+    assert effects == () and hub.counters.resumes_reset == 1
+    assert [f["type"] for f in player.frames] == ["reset", "snapshot"]
+    assert player.frames[0]["reason"] == "ahead"
