@@ -41,6 +41,24 @@ class Published:
     seq: int
 
 
+@dataclass(frozen=True, slots=True)
+class Sequenced:
+    """An event whose epoch and seq its producer decided (a deterministic aggregator).
+
+    `body` is `PriceUpdate.body()`'s shape: the JSON after the seq, no brace.
+    """
+
+    topic: str
+    market: str
+    epoch: str
+    seq: int
+    body: bytes
+
+
+class SeqGap(RuntimeError):
+    """Redis holds the topic at a seq below the event's minus one (PROTOCOL.md §1: no gaps)."""
+
+
 class Publisher:
     def __init__(
         self,
@@ -76,15 +94,47 @@ class Publisher:
 
     async def publish(self, update: PriceUpdate) -> Published:
         keys, args = self._args(update, new_epoch())
-        epoch, seq = await self._script(keys=keys, args=args)
+        epoch, seq, _ = await self._script(keys=keys, args=args)
         return Published(update.topic, _text(epoch), int(seq))
 
-    async def _pipeline(self, prepared: list[tuple[str, list[str], list]]) -> list:
+    async def _pipeline(self, prepared: list[tuple[str, list[str], list]],
+                        raise_on_error: bool = True) -> list:
         """Plain EVALSHAs in one round trip (a script object would add SCRIPT EXISTS)."""
         async with self._redis.pipeline(transaction=False) as pipe:
             for _topic, keys, args in prepared:
                 pipe.evalsha(self._script.sha, len(keys), *keys, *args)
-            return await pipe.execute()
+            return await pipe.execute(raise_on_error=raise_on_error)
+
+    async def publish_sequenced(self, events: list[Sequenced]) -> int:
+        """Publish events at the epoch and seq they carry, in order, in one round trip.
+
+        Idempotent: an event whose seq Redis already holds is skipped, so a
+        restarted aggregator may go over its last events again and every
+        region, fed the same events, ends up with the same bytes. Returns how
+        many were published (the rest were there already). A seq beyond the
+        next raises `SeqGap`, after the events before it were published.
+        """
+        prepared = [(e.topic, topic_keys(e.topic),
+                     [e.topic, e.epoch, e.market, e.body, self._history_ms,
+                      self._topic_ttl_ms, e.seq]) for e in events]
+        if not prepared:
+            return 0
+        try:
+            results = await self._pipeline(prepared, raise_on_error=False)
+        except NoScriptError:
+            await self._redis.script_load(PUBLISH_LUA)
+            results = await self._pipeline(prepared, raise_on_error=False)
+        if any(isinstance(r, NoScriptError) for r in results):  # flushed between the two
+            await self._redis.script_load(PUBLISH_LUA)
+            results = await self._pipeline(prepared, raise_on_error=False)
+        published = 0
+        for result in results:
+            if isinstance(result, Exception):
+                if "GAP" in str(result):
+                    raise SeqGap(str(result)) from result
+                raise result
+            published += int(result[2])
+        return published
 
     async def publish_many(self, updates: Iterable[PriceUpdate]) -> list[Published]:
         """Publish in order in one round trip; all are validated before any is sent."""
@@ -101,7 +151,7 @@ class Publisher:
             results = await self._pipeline(prepared)
         return [
             Published(topic, _text(epoch), int(seq))
-            for (topic, _k, _a), (epoch, seq) in zip(prepared, results, strict=True)
+            for (topic, _k, _a), (epoch, seq, _) in zip(prepared, results, strict=True)
         ]
 
 

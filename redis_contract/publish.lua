@@ -10,14 +10,38 @@
 -- ARGV[5] history to keep, in milliseconds
 -- ARGV[6] how long the topic's keys outlive its last publish, in milliseconds
 --         (0: forever); every publish renews all three together
--- returns {epoch, seq}
+-- ARGV[7] (optional) the seq this event must have, its epoch being ARGV[2]:
+--         a deterministic aggregator's publish (PROTOCOL.md §8). Absent or 0:
+--         the next seq of the topic's epoch, as any publisher.
+-- returns {epoch, seq, published}: published is 0 when a pinned seq was
+-- already there (a restarted aggregator going over its last events again)
+local pinned = tonumber(ARGV[7] or '0') or 0
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
+if pinned > 0 and epoch and epoch ~= ARGV[2] then
+  -- The aggregator's stream moved to a new generation: a new seq space.
+  epoch = false
+end
 if not epoch then
   -- A topic without an epoch has no seq space: anything left under its other
   -- keys belongs to a lost one and must not be mixed with the new.
   epoch = ARGV[2]
   redis.call('DEL', KEYS[2], KEYS[3])
   redis.call('HSET', KEYS[1], 'epoch', epoch, 'seq', 0)
+  if pinned > 1 then
+    -- This Redis lost the topic (or never had its start): the stream goes on
+    -- at its own seq; resumes from before it find no history and are reset.
+    redis.call('HSET', KEYS[1], 'seq', pinned - 1)
+  end
+end
+if pinned > 0 then
+  local current = tonumber(redis.call('HGET', KEYS[1], 'seq'))
+  if pinned <= current then
+    return {epoch, current, 0}
+  end
+  if pinned > current + 1 then
+    return redis.error_reply('GAP ' .. ARGV[1] .. ' is at seq ' .. current
+      .. ', refusing seq ' .. pinned)
+  end
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local event = '{"type":"odds","topic":"' .. ARGV[1] .. '","epoch":"' .. epoch
@@ -38,4 +62,4 @@ else
   redis.call('PERSIST', KEYS[3])
 end
 redis.call('PUBLISH', ARGV[1], event)
-return {epoch, seq}
+return {epoch, seq, 1}
