@@ -44,6 +44,8 @@ class Ending(Enum):
     TOKEN_EXPIRED = (CloseCode.UNAUTHORIZED, "token expired")
     DRAIN = (CloseCode.RESTART, "drain")  # after `reconnect`: resume on another worker
     RETIRE = (CloseCode.RESTART, "restart")  # this process is being replaced
+    # The whole region is being drained (a deploy): resume in another region.
+    REGION_DRAIN = (CloseCode.RESTART, "region_drain")
     SHUTDOWN = (CloseCode.RESTART, "server restarting")
 
     @property

@@ -141,6 +141,7 @@ class SupervisorField(IntEnum):
     RESTARTS = WORKER_WORDS + 3  # times the supervisor replaced this slot's worker
     DRAIN_SETTLE_MS = WORKER_WORDS + 4  # wait this long (HAProxy sees the drain) before hints
     DRAIN_RETIRE = WORKER_WORDS + 5  # 0 or 1: the process is stopped after this drain
+    DRAIN_REGION = WORKER_WORDS + 6  # 0 or 1: the whole region drains (hints say so)
     # up to SLOT_WORDS - 1 spare
 
 
@@ -158,7 +159,7 @@ SUMMED_FIELDS: tuple[WorkerField, ...] = (
 _PUBLISHABLE = frozenset(WorkerField) - {WorkerField.LATENCY_BUCKETS}
 _VIEW_WORDS = tuple((f.name.lower(), int(f)) for f in (*WorkerField, *SupervisorField))
 _VIEW_TYPES = {"state": WorkerState, "latency_buckets": tuple[int, ...], "drain": bool,
-               "drain_retire": bool}
+               "drain_retire": bool, "drain_region": bool}
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +171,7 @@ class DrainCommand:
     settle_ms: int
     retire: bool
     seq: int
+    region: bool = False  # the region drains: players move to another region
 
 
 class _SlotReading:
@@ -184,6 +186,7 @@ class _SlotReading:
         values["latency_buckets"] = tuple(words[LATENCY_WORDS.start:LATENCY_WORDS.stop])
         values["drain"] = bool(words[SupervisorField.DRAIN])
         values["drain_retire"] = bool(words[SupervisorField.DRAIN_RETIRE])
+        values["drain_region"] = bool(words[SupervisorField.DRAIN_REGION])
         return cls(index=index, **values)  # type: ignore[call-arg]
 
     @property
@@ -512,8 +515,9 @@ class WorkerSlotWriter:
             window_ms = words[base + SupervisorField.DRAIN_WINDOW_MS]
             settle_ms = words[base + SupervisorField.DRAIN_SETTLE_MS]
             retire = bool(words[base + SupervisorField.DRAIN_RETIRE])
+            region = bool(words[base + SupervisorField.DRAIN_REGION])
             if words[base + SupervisorField.DRAIN_SEQ] == seq:
-                return DrainCommand(drain, window_ms, settle_ms, retire, seq)
+                return DrainCommand(drain, window_ms, settle_ms, retire, seq, region)
 
 
 class SupervisorSlotWriter:
@@ -532,19 +536,23 @@ class SupervisorSlotWriter:
     def _put(self, field: SupervisorField, value: int) -> None:
         self._words[self._base + field] = value
 
-    def request_drain(self, window_ms: int, settle_ms: int = 0, *, retire: bool = False) -> int:
+    def request_drain(self, window_ms: int, settle_ms: int = 0, *, retire: bool = False,
+                      region: bool = False) -> int:
         """Ask the worker to drain; returns the command's seq.
 
         The worker waits `settle_ms` (so HAProxy's agent check sees the drain
         first), then spreads its players' `reconnect.after_ms` over
         `window_ms`. `retire`: the supervisor stops this process after the
-        drain (reload, shutdown) rather than possibly cancelling it.
+        drain (reload, shutdown) rather than possibly cancelling it. `region`:
+        the whole region drains, and the players' hints say so (they move to
+        another region, PROTOCOL.md §8).
         """
         if window_ms < 0 or settle_ms < 0:
             raise ValueError("window_ms and settle_ms must not be negative")
         self._put(SupervisorField.DRAIN_WINDOW_MS, window_ms)
         self._put(SupervisorField.DRAIN_SETTLE_MS, settle_ms)
         self._put(SupervisorField.DRAIN_RETIRE, int(retire))
+        self._put(SupervisorField.DRAIN_REGION, int(region))
         self._put(SupervisorField.DRAIN, 1)
         return self._bump_seq()  # last: the worker sees a complete command
 
@@ -552,6 +560,7 @@ class SupervisorSlotWriter:
         """Withdraw a drain order; returns the command's seq."""
         self._put(SupervisorField.DRAIN, 0)
         self._put(SupervisorField.DRAIN_RETIRE, 0)
+        self._put(SupervisorField.DRAIN_REGION, 0)
         return self._bump_seq()
 
     def _bump_seq(self) -> int:

@@ -68,7 +68,8 @@ class FleetReporter:
             self._retiring = order.retire
             self.worker.begin_drain(order.window_ms, order.settle_ms,
                                     stop_listening=order.retire,
-                                    reason="restart" if order.retire else "drain")
+                                    reason="restart" if order.retire
+                                    else "region_drain" if order.region else "drain")
         elif self.worker.draining and not self._retiring:
             self.worker.end_drain()
 

@@ -358,7 +358,8 @@ class Worker:
         socket closes too, so the kernel hands new connections to its
         successor on the same port.
         """
-        ending = Ending.RETIRE if reason == "restart" else Ending.DRAIN
+        ending = {"restart": Ending.RETIRE, "region_drain": Ending.REGION_DRAIN}.get(
+            reason, Ending.DRAIN)
         if self.liveness.begin_drain(window_ms, settle_ms, ending) and stop_listening \
                 and self.server is not None:
             self.server.server.close()  # the asyncio listener only; players stay

@@ -106,8 +106,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _drain(args: argparse.Namespace) -> int:
-    return _control(args, {"cmd": "drain", "worker": "all" if args.all else args.worker,
-                           "wait": args.wait, "timeout": args.timeout})
+    return _control(args, {"cmd": "drain",
+                           "worker": "all" if args.all or args.region else args.worker,
+                           "region": args.region, "wait": args.wait, "timeout": args.timeout})
 
 
 def _undrain(args: argparse.Namespace) -> int:
@@ -202,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     which = drain.add_mutually_exclusive_group(required=True)
     which.add_argument("--worker", type=int, help="worker index")
     which.add_argument("--all", action="store_true", help="every worker")
+    which.add_argument("--region", action="store_true",
+                       help="every worker, its players told to move to another region "
+                       "(reconnect reason region_drain): run on each node of a region "
+                       "before deploying it (README, Regions)")
     drain.add_argument("--wait", action="store_true", help="return once it holds no player")
     drain.add_argument("--timeout", type=float, default=60.0, help="seconds --wait waits")
     drain.add_argument("--json", action="store_true")

@@ -89,6 +89,7 @@ class WorkerHandle:
     backoff_s: float = 0.0
     predecessor: Incarnation | None = None  # the process a reload is replacing
     operator_drain: bool = False
+    region_drain: bool = False  # drained with its region: hints send players to another
     auto_drain: bool = False
     last_exit: str = ""
 
@@ -452,19 +453,24 @@ class Supervisor:
         return window
 
     def _send_away(self, incarnation: Incarnation, settle_ms: int, *,
-                   retire: bool = False) -> None:
-        """Drain one process: its players get hints spread over a window fit for them."""
+                   retire: bool = False, region: bool = False) -> None:
+        """Drain one process: its players get hints spread over a window fit for them.
+
+        A region's players go to another region, whose size this node cannot
+        see: its window assumes as many workers there as here.
+        """
         view = self._view(incarnation)
+        players = view.connections if view is not None else 0
+        window = self.drain_window_ms(players, len(self.workers) if region else None)
         self.table.supervisor_writer(incarnation.slot).request_drain(
-            self.drain_window_ms(view.connections if view is not None else 0), settle_ms,
-            retire=retire)
+            window, settle_ms, retire=retire, region=region)
 
     def _request_drain(self, worker: WorkerHandle, *, retire: bool = False,
                        settle_ms: int | None = None) -> None:
         if worker.current is not None:
             self._send_away(worker.current,
                             self.settings.drain_settle_ms if settle_ms is None else settle_ms,
-                            retire=retire)
+                            retire=retire, region=worker.region_drain and not retire)
 
     async def handle_command(self, request: dict) -> dict:
         cmd = request.get("cmd")
@@ -473,9 +479,11 @@ class Supervisor:
             return {"ok": True, **self.status(),
                     "haproxy": await asyncio.to_thread(self.haproxy_view)}
         if cmd == "drain":
-            targets = self._targets(request)
+            region = bool(request.get("region"))
+            targets = self.workers if region else self._targets(request)
             for worker in targets:
                 worker.operator_drain = True
+                worker.region_drain = region
                 if worker.phase is Phase.READY:
                     worker.phase = Phase.DRAINING
                 self._request_drain(worker)
@@ -486,6 +494,7 @@ class Supervisor:
         if cmd == "undrain":
             for worker in self._targets(request):
                 worker.operator_drain = False
+                worker.region_drain = False
                 if worker.current:
                     self.table.supervisor_writer(worker.current.slot).cancel_drain()
                 if worker.phase is Phase.DRAINING:

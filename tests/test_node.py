@@ -22,7 +22,7 @@ from feed.events import PriceUpdate
 from feed.publisher import Publisher
 from gateway.topics import PartitionMap
 from redis_contract import latest_key, meta_key
-from tests.conftest import ROOT, eventually, token
+from tests.conftest import ROOT, eventually, http_get, token
 from tests.node_harness import Node, start_node, welcome_worker
 
 TOPICS = [f"odds:1:39:{m}" for m in range(100, 106)]
@@ -312,3 +312,34 @@ def _free() -> int:
     from supervisor.embedded_redis import free_port
 
     return free_port()
+
+
+async def test_region_drain_sends_every_player_to_another_region(redis_server,
+                                                                 tmp_path) -> None:
+    """`oddsgate drain --region` (a deploy rotating regions): every worker drains,
+    every player's hint says `region_drain`, /healthz fails, and `--wait` returns 0
+    once the node holds no player."""
+    small = start_node(redis_server.url, tmp_path / "region", OG_DRAIN_SETTLE_MS="0",
+                       OG_REGION="eu-west")
+    players = []
+    for i in range(6):
+        ws = await connect(small.url,
+                           additional_headers={"Cookie": f"og_session={token(f'r{i}', f'r{i}')}"})
+        assert '"region":"eu-west"' in await ws.recv()
+        players.append(ws)
+    done = await asyncio.to_thread(small.cli, "drain", "--region", "--wait", "--timeout", "20")
+    assert done.returncode == 0, done.stderr
+    for ws in players:
+        frames = []
+        with contextlib.suppress(Exception):
+            async for frame in ws:
+                frames.append(frame)
+        hints = [f for f in frames if '"type":"reconnect"' in f]
+        assert len(hints) == 1 and '"reason":"region_drain"' in hints[0], frames
+        assert ws.close_code == 1012
+    status = small.status()
+    assert all(w["connections"] == 0 and w["phase"] == "draining" for w in status["workers"])
+    healthz = small.url.replace("ws://", "http://").replace("/ws", "/healthz")
+    status_code = (await asyncio.to_thread(http_get, healthz))[0]
+    assert status_code == 503  # no worker takes players: a global balancer moves away
+    assert small.stop() == 0
