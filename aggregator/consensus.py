@@ -112,10 +112,10 @@ def normalise(weights: Iterable[tuple[str, Decimal]]) -> Book:
 def implied_probabilities(kind: str, values: tuple[tuple[str, str], ...]) -> Book:
     """A provider's quote as a fair book: its own margin stripped.
 
-    "prices": decimal odds above 1, p = 1/odds, normalised (the provider's
-    overround divided out proportionally, the same method the margin uses to
-    put ours back). "probabilities": non-negative numbers, normalised likewise
-    (so percentages work too).
+    "prices": decimal odds of at least 1, p = 1/odds, normalised (the
+    provider's overround divided out proportionally, the same method the
+    margin uses to put ours back). "probabilities": non-negative numbers,
+    normalised likewise (a provider's book may not sum exactly to 1).
     """
     if kind not in QUOTE_KINDS:
         raise InvalidView(f"kind {kind!r} carries no quote")
@@ -126,8 +126,8 @@ def implied_probabilities(kind: str, values: tuple[tuple[str, str], ...]) -> Boo
         raise InvalidView("outcome names must be distinct non-empty strings")
     parsed = [(outcome, _plain_decimal(text, outcome)) for outcome, text in sorted(values)]
     if kind == "prices":
-        if any(price <= ONE for _o, price in parsed):
-            raise InvalidView("decimal odds must be above 1")
+        if any(price < ONE for _o, price in parsed):
+            raise InvalidView("decimal odds must be at least 1")
         return normalise((o, CONSENSUS_CONTEXT.divide(ONE, price)) for o, price in parsed)
     return normalise(parsed)
 
@@ -319,23 +319,32 @@ class ConsensusBook:
     def process(self, msg: ProviderMessage) -> list[Decision]:
         """Apply one message at data time `msg.pts`; the decisions it caused.
 
-        Markets whose views expired before this message are decided first
-        (ordered by deadline, then market); the message's own market comes
-        last, once, after its update. A message that cannot be read raises
-        `InvalidView` before anything changes.
+        A message whose quote cannot be read raises `InvalidView` (or
+        TypeError for a float) before anything changes.
         """
-        now = msg.pts
-        view = None if msg.kind == "heartbeat" else View.from_message(msg)
-        own = msg.market if view is not None else None
+        if msg.kind == "heartbeat":
+            return self.apply(msg.provider, msg.pts)
+        return self.apply(msg.provider, msg.pts, msg.market, View.from_message(msg))
+
+    def apply(
+        self, provider: str, now: int, market: str | None = None, view: View | None = None
+    ) -> list[Decision]:
+        """One input, already read: a heartbeat (no market) or a market update.
+
+        Markets whose views expired before `now` are decided first (ordered by
+        deadline, then market); the updated market comes last, once, after
+        its update. Nothing here raises on a well-typed input.
+        """
+        own = market if view is not None else None
         decisions = self._expire(now, own)
-        self._last_seen[msg.provider] = max(now, self._last_seen.get(msg.provider, now))
+        self._last_seen[provider] = max(now, self._last_seen.get(provider, now))
         if view is None or own is None:
             return decisions
         state = self._markets.setdefault(own, MarketConsensus())
         if state.closed:
             return decisions
         self._evict(state, now)
-        state.views[msg.provider] = view
+        state.views[provider] = view
         decisions.append(self._decide(own, state))
         self._schedule(own, state)
         return decisions
