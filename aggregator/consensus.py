@@ -353,6 +353,12 @@ class ConsensusBook:
         state = self._markets.get(market)
         return state is not None and state.closed
 
+    def last_decision(self, market: str) -> Decision | None:
+        """What the market last published (open, suspended or closed), held
+        through no-quorum decisions; None before its first."""
+        state = self._markets.get(market)
+        return state.last if state else None
+
     def views(self, market: str) -> dict[str, View]:
         """The views a market's next decision would start from (a copy)."""
         state = self._markets.get(market)
