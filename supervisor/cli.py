@@ -3,7 +3,8 @@
 Subcommands: `run` (a node: supervisor, one worker per core, optionally
 HAProxy), `status`, `drain`, `undrain`, `reload` (deploy scripts, through
 the node's control socket), `haproxy-config` (render the HAProxy file),
-`worker` (one gateway worker), `feed` (the synthetic feed), `token` (mint a
+`worker` (one gateway worker), `feed` (the synthetic feed), `aggregate` (a
+region's aggregator), `providers` (the synthetic providers), `token` (mint a
 session token), `config` (every setting), `demo` (a node with live traffic).
 One argparse tree holds them all (`build_parser()`); the flags of
 `haproxy-config` and `feed` are declared beside their code
@@ -158,6 +159,30 @@ def _feed(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _aggregate_flags(parser: argparse.ArgumentParser) -> None:
+    from aggregator.cli import add_aggregate_arguments
+
+    add_aggregate_arguments(parser)
+
+
+def _aggregate(args: argparse.Namespace) -> int:
+    from aggregator.cli import run_aggregate
+
+    return run_aggregate(args)
+
+
+def _providers_flags(parser: argparse.ArgumentParser) -> None:
+    from aggregator.cli import add_providers_arguments
+
+    add_providers_arguments(parser)
+
+
+def _providers(args: argparse.Namespace) -> int:
+    from aggregator.cli import run_providers
+
+    return run_providers(args)
+
+
 class _Subcommand(argparse.ArgumentParser):
     """A subcommand's parser; `flags`, if given, adds its flags when that subcommand is used.
 
@@ -241,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     feed = sub.add_parser("feed", help="run the synthetic feed", flags=_feed_flags)
     feed.set_defaults(func=_feed)
+
+    aggregate = sub.add_parser("aggregate", help="run one region's aggregator",
+                               flags=_aggregate_flags)
+    aggregate.set_defaults(func=_aggregate)
+    providers = sub.add_parser("providers", help="run the synthetic providers into regions",
+                               flags=_providers_flags)
+    providers.set_defaults(func=_providers)
 
     token = sub.add_parser("token", help="mint a session token")
     token.add_argument("--player", default="demo-player")
