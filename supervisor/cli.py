@@ -289,12 +289,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rate", type=float, default=200.0, help="feed events per second")
     demo.add_argument("--clients", type=int, default=50, help="demo players")
     demo.add_argument("--duration", type=float, default=None, help="seconds, default forever")
-    demo.add_argument("--port", type=int, default=8000, help="HAProxy frontend port")
+    demo.add_argument("--port", type=int, default=8000,
+                      help="HAProxy frontend port (region i: port + i)")
+    demo.add_argument("--regions", type=int, default=1,
+                      help="full regions to run, each with its Redis, input log, aggregator "
+                      "and node; providers shared (README, Regions)")
+    demo.add_argument("--no-players", action="store_true",
+                      help="with --regions: start no synthetic players")
+    demo.add_argument("--status-file", help="with --regions: write the regions' URLs, "
+                      "process ids and a player token here once every region serves")
+    demo.add_argument("--workers", type=int, default=1, help="with --regions: workers per region")
+    demo.add_argument("--seed", type=int, default=7, help="with --regions: the providers' seed")
     demo.set_defaults(func=_demo)
     return parser
 
 
 def _demo(args: argparse.Namespace) -> int:
+    if args.regions < 1:
+        raise ConfigError("--regions: at least 1")
+    if args.regions > 1:
+        from supervisor.regions_demo import run_regions_demo
+
+        return run_regions_demo(args)
+    if args.no_players or args.status_file:
+        raise ConfigError("--no-players and --status-file go with --regions 2 or more")
     from supervisor.demo import run_demo
 
     return run_demo(args)

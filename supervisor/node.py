@@ -410,7 +410,23 @@ class Supervisor:
             "totals": totals,
             "fleet": self.table.name,
             "stopping": self.stopping,
+            "services": self.services_status(),
         }
+
+    def services_status(self) -> dict[str, dict]:
+        """The processes the node runs beside its workers (HAProxy, the aggregator)."""
+        out = {}
+        for service in self.extra_services:
+            name = type(service).__name__.removesuffix("Service").lower()
+            pid = getattr(service, "pid", None)
+            if pid is None and hasattr(service, "process"):
+                pid = service.process.pid
+            if name == "metricsserver":
+                continue
+            out[name] = {"pid": pid, "restarts": getattr(service, "restarts", 0),
+                         **({"diverged": service.diverged} if hasattr(service, "diverged")
+                            else {})}
+        return out
 
     def haproxy_view(self) -> dict[str, str] | None:
         """HAProxy's own status of each server, when the node runs HAProxy."""

@@ -16,7 +16,7 @@ from supervisor.metrics import MetricsServer, WorkerInfo, fleet_registry
 from supervisor.node import Phase, Supervisor
 from supervisor.private import private_dir
 from supervisor.runtime import redis_for, runtime_dir
-from supervisor.services import HAProxyService
+from supervisor.services import AggregatorService, HAProxyService
 from supervisor.settings import NodeSettings
 
 log = logging.getLogger("oddsgate.run")
@@ -40,6 +40,8 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Su
     breaker = Breaker(worker.breaker_trip_share, worker.breaker_recover_share,
                       worker.breaker_min_players)
     supervisor = Supervisor(node, env, runtime, breaker)
+    if node.aggregate:
+        supervisor.extra_services.append(AggregatorService(redis_url, worker.region))
     if node.haproxy:
         supervisor.extra_services.append(
             HAProxyService(haproxy_settings(node, runtime), runtime / "haproxy"))

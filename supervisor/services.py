@@ -50,3 +50,80 @@ class HAProxyService:
             self._watch.cancel()
         await asyncio.to_thread(self.process.stop)
 
+
+
+class AggregatorService:
+    """The region's aggregator (`oddsgate aggregate`) on the node configured to host it.
+
+    Restarted when it dies, with a growing backoff, except after exit 4: a
+    diverged region must stay stopped (its workers fail /healthz, its
+    players go to other regions) until an operator rebuilds it.
+    """
+
+    def __init__(self, redis_url: str, region: str, log_path: Path | None = None) -> None:
+        self.redis_url = redis_url
+        self.region = region
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self.diverged = False
+        self._watch: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    async def _launch(self) -> None:
+        import os
+        import sys
+
+        env = {**os.environ, "OG_REDIS_URL": self.redis_url, "OG_REGION": self.region}
+        out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "supervisor.cli", "aggregate", env=env,
+                stdout=out, stderr=asyncio.subprocess.STDOUT if out else None)
+        finally:
+            if out is not None:
+                out.close()
+        log.info("aggregator of region %s started (pid %d)", self.region, self.proc.pid)
+
+    async def start(self) -> None:
+        await self._launch()
+        self._watch = asyncio.create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        from aggregator.service import EXIT_DIVERGED
+
+        backoff = 0.5
+        while not self._stopping and self.proc is not None:
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            if code == EXIT_DIVERGED:
+                self.diverged = True
+                log.error("aggregator of region %s stopped: its stream may differ from the "
+                          "other regions' (exit %d); not restarted. Rebuild the region: "
+                          "`oddsgate aggregate --rebuild`", self.region, code)
+                return
+            log.error("aggregator exited with %s; restarting in %.1fs", code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(30.0, backoff * 2)
+            try:
+                await self._launch()
+                self.restarts += 1
+            except OSError as exc:
+                log.error("aggregator restart failed: %s", exc)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()

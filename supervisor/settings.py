@@ -30,6 +30,9 @@ class NodeSettings(EnvSettings):
         "OG_METRICS_PORT", 9100, "port of GET /metrics (Prometheus); 0: off", minimum=0
     )
     metrics_host: str = setting("OG_METRICS_HOST", "127.0.0.1", "address of GET /metrics")
+    aggregate: bool = setting(
+        "OG_AGGREGATE", False, "this node hosts its region's aggregator (`oddsgate aggregate`, "
+        "supervised; its settings: OG_STREAM, OG_GENERATION, OG_PROVIDERS, ...)")
     drain_window_ms: int = setting(
         "OG_DRAIN_WINDOW_MS", 500, "drained players get reconnect.after_ms spread over this",
         minimum=0,
