@@ -272,9 +272,9 @@ SET = ProviderSet(
                 stale_ms=(500, 2_000), lone_suspend_every_ms=5_000)
         for c in default_providers()
     ],
-    truth=TruthConfig(suspend_every_ms=10_000, close_after_ms=(3_000, 20_000)),
+    truth=TruthConfig(suspend_every_ms=10_000, close_after_ms=(10_000, 60_000)),
 )
-STREAMS = SET.streams_between(0, 6_000 * MS)
+STREAMS = SET.streams_between(0, 30_000 * MS)
 DELAY_MS = {c.name: c.delay_ms + c.jitter_ms for c in SET.providers}
 
 
@@ -319,7 +319,7 @@ def run(merger: Merger, order: list[ProviderMessage], rnd: random.Random,
     return out + merger.release()
 
 
-PROPERTY = settings(max_examples=40, deadline=None,
+PROPERTY = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])
 
 
