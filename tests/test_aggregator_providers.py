@@ -395,6 +395,9 @@ def test_a_closed_market_is_closed_by_every_provider_and_never_quoted_again(long
         ({"providers": [ProviderConfig("a"), ProviderConfig("a")]}, "names must be unique"),
         ({"providers": [ProviderConfig("a", kind="heartbeat")]}, "kind 'heartbeat'"),
         ({"providers": [ProviderConfig("a", heartbeat_ms=0)]}, "heartbeat_ms"),
+        ({"providers": [ProviderConfig("a", decimals=7)]}, "decimals must be 1 to 6"),
+        ({"providers": [ProviderConfig("a", margin="five")]}, "margin 'five'"),
+        ({"providers": [ProviderConfig("a", margin="-0.01")]}, "margin '-0.01'"),
         ({"truth": TruthConfig(tick_ms=0)}, "tick_ms"),
     ],
 )
