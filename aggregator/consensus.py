@@ -45,7 +45,7 @@ from decimal import (
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # only for hints: inputs does not depend on the consensus, nor it on inputs
     from aggregator.inputs import ProviderMessage
 
 CONSENSUS_CONTEXT = Context(
@@ -179,7 +179,8 @@ class ConsensusRules:
     - `stale` and `stale_by_provider`: `StaleLimits` for every provider, and
       overrides for the ones that beat or quote at another pace.
     - `mandatory` (none): providers whose suspension suspends the market by
-      itself (the official data feed, say), majority or not.
+      itself (the official data feed, say), majority or not, as long as
+      their view is fresh; once it is stale it counts no more than any other.
     """
 
     min_agree: int = 2

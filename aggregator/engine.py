@@ -24,10 +24,15 @@ Redis; the runner around it publishes what it returns.
 - An event is published only when the market's published state (status,
   prices, providers) changes.
 
-Inputs that cannot become a valid event (a market outside the partition map,
-a malformed id, an unknown market type, an event id that changed) are
-refused and counted by reason in `EngineCounters.rejected`; nothing raises
-past `process`.
+Inputs that cannot become a valid event are refused and counted by reason in
+`EngineCounters.rejected`, and change nothing else (not even data time);
+nothing raises past `process`. The reasons: `invalid_input` (fails
+`aggregator.inputs.validate`: malformed market id, provider, value...),
+`zero_pts` (ts 0 means "now" to `PriceUpdate`), `outside_partition_map` (a
+sport the map does not know), `unknown_market_type` (no overround
+configured), `identity_changed` (a market's event id or type differs from
+its first message's), `invalid_event` (fails `PriceUpdate.validate`),
+`bad_quote` (values that are no book, e.g. one outcome).
 """
 
 from __future__ import annotations
@@ -184,7 +189,11 @@ class Engine:
     # -- input --------------------------------------------------------------------
 
     def process(self, msg: ProviderMessage) -> list[Output]:
-        """One merged input -> the events it causes (often none), in publish order."""
+        """One merged input -> the events it causes (often none), in publish order.
+
+        Markets whose providers went quiet before this input come first (see
+        `aggregator.consensus`), then the input's own market.
+        """
         try:
             view, record = self._admit(msg)
         except _Refused as refused:

@@ -7,7 +7,8 @@ round. The `Merger` turns those streams into one sequence that does not
 depend on that pace: every message in the order of its key
 `(pts, provider, pseq)`, the *canonical order*.
 
-The watermark decides WHEN a message may leave, never WHERE it goes.
+The watermark changes WHEN output is released, never WHAT is released or
+in which order, unless a message is late (below).
 A provider's pts never goes down, so once provider P has sent a message (or
 a heartbeat) at `pts`, nothing P sends later sorts before `pts`. The
 watermark is the minimum of those latest pts over the providers being waited

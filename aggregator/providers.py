@@ -92,7 +92,8 @@ class ProviderConfig:
     """One provider's habits. Rates are mean intervals, per provider or per market, in ms.
 
     `sports` None covers every sport of the market list. `decimals` None
-    means 2 for prices and 4 for probabilities.
+    means 2 for prices and 4 for probabilities. An `*_every_ms` of 0 turns
+    that behaviour off.
     """
 
     name: str
@@ -389,13 +390,12 @@ class _Simulation:
         out = []
         for outcome, weight in zip(quote.truth.spec.outcomes, view, strict=True):
             if config.kind == "prices":
-                implied = _CONTEXT.multiply(Decimal(weight), _ONE + Decimal(config.margin))
-                value = _CONTEXT.divide(total, implied).quantize(quantum, context=_CONTEXT)
+                book = _CONTEXT.add(_ONE, Decimal(config.margin))
+                value = _CONTEXT.divide(total, _CONTEXT.multiply(Decimal(weight), book))
                 value = min(max(value, _MIN_PRICE), _MAX_PRICE)
             else:
-                value = _CONTEXT.divide(Decimal(weight), total).quantize(quantum,
-                                                                        context=_CONTEXT)
-                value = min(max(value, quantum), _ONE)
+                value = min(max(_CONTEXT.divide(Decimal(weight), total), quantum), _ONE)
+            value = value.quantize(quantum, context=_CONTEXT)  # also "1000" -> "1000.00"
             out.append((outcome, f"{value:f}"))
         return tuple(sorted(out))
 
@@ -465,6 +465,15 @@ class ProviderSet:
             if config.kind not in ("prices", "probabilities"):
                 raise ValueError(f"provider {config.name}: kind {config.kind!r} is not "
                                  "prices or probabilities")
+            if config.decimals is not None and not 1 <= config.decimals <= 6:
+                raise ValueError(f"provider {config.name}: decimals must be 1 to 6")
+            try:
+                margin_ok = Decimal(config.margin) >= 0
+            except ArithmeticError:
+                margin_ok = False
+            if not margin_ok:
+                raise ValueError(f"provider {config.name}: margin {config.margin!r} is not a "
+                                 "decimal string >= 0")
             if config.heartbeat_ms < 1 or config.delay_ms < 0 or config.jitter_ms < 0:
                 raise ValueError(f"provider {config.name}: heartbeat_ms must be >= 1 and "
                                  "delays >= 0")
@@ -510,6 +519,10 @@ class ProviderSet:
         return streams
 
     def episodes(self, until_ns: int | None = None) -> list[Episode]:
-        """The behaviours simulated so far (from `start_ns`), those starting before `until_ns`."""
+        """The behaviours simulated so far (from `start_ns`), those starting before `until_ns`.
+
+        Kept for the life of the simulation: a few per minute, so a live
+        process can run for days on it.
+        """
         return [e for e in self._sim.episodes if until_ns is None or e.start_ns < until_ns]
 
