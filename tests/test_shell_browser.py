@@ -580,6 +580,31 @@ async def test_page_fails_over_to_the_next_region_and_shows_it(redis_url, other_
         b.stop()
 
 
+async def test_regions_the_csp_does_not_allow_are_passed_over(worker, publisher, redis_url,
+                                                             browser) -> None:
+    """?regions= entries the operator did not list in OG_SHELL_CONNECT_SRC: the browser
+    blocks them (Chromium with no close event), and the page goes on to the next region
+    at once, the bootstrap's socket (first region) and the client's (second) alike."""
+    await churn(publisher, [MARKET_TOPIC], 10, random.Random(13))
+    page = await browser.new_page()
+    errors = PageErrors(page)
+    blocked = [f"ws://127.0.0.1:{free_port()}/ws" for _ in range(2)]
+    await page.goto(f"{worker.http}/?token={token()}&topics={MARKET_TOPIC}"
+                    f"&regions={blocked[0]},{blocked[1]},{worker.url}")
+    await wait_js(page, "() => window.oddsgate !== undefined")
+    await wait_caught_up(page, redis_url, [MARKET_TOPIC])
+    og = await page.evaluate("window.oddsgate")
+    assert [url.split("?")[0] for url in og["regions"]] == [*blocked, worker.url]
+    assert og["regionUrl"].startswith(f"{worker.url}?token=ey")
+    assert (og["status"], og["violations"], og["failovers"]) == ("connected", 0, 0)
+    assert (og["earlySocket"], og["stats"]["connectFailures"]) == ("closed", 2)
+    # Given up on the CSP's refusal, not after the 10 s wait for a welcome.
+    log = og["statusLog"]
+    assert log[-1]["state"] == "connected" and log[-1]["at"] - log[0]["at"] < 10_000, log
+    assert sum("Content Security Policy" in line for line in errors.console) == 2
+    assert errors.uncaught == []
+
+
 # -- the JS client against the Python one --------------------------------------------------
 
 T, U = "odds:1:39:1", "odds:1:40"

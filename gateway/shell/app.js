@@ -451,6 +451,15 @@ export class OddsClient {
     }
   }
 
+  // The page's CSP refused a connection to `url` (a region not in OG_SHELL_CONNECT_SRC).
+  // Chromium fires no close for such a socket: give it up now, not at the open timeout.
+  blocked(url) {
+    const ws = this.ws;
+    if (ws && this.welcome === null && String(url).startsWith(ws.url.split("?")[0])) {
+      this.drop(ws, 1006, "blocked by the page's CSP");
+    }
+  }
+
   // Give up on `ws` now (no welcome, no pong): stop listening to it and go on.
   drop(ws, code, reason) {
     this.detach(ws, 1000);
@@ -1136,6 +1145,7 @@ async function main() {
       { once: true });
   }
   addEventListener("online", () => client.retryNow());
+  addEventListener("securitypolicyviolation", (e) => client.blocked(e.blockedURI));
   const pmap = await pmapReply;
   if (pmap) {
     labels = topicLabel(pmap);
