@@ -6,8 +6,9 @@ demo use it, and the client speaks nothing but the wire (PROTOCOL.md), so it
 could be shipped to bots and partners without the server.
 
 - `client.odds`: `OddsClient`, one player connection resumed across
-  disconnects, and its pure helpers (`backoff_delay`, `connection_target`,
-  `close_info`).
+  disconnects and, given several region URLs, across regions (PROTOCOL.md
+  §8), and its pure helpers (`backoff_delay`, `connection_target`,
+  `close_info`, `moves_region`, `RegionRing`).
 - `client.rules`: `RuleChecker` (PROTOCOL.md §5 as a client sees it, and the
   state a resume starts from) and `verify_coalescing` (rule 3 against the
   whole published stream, for tests).
@@ -16,27 +17,32 @@ could be shipped to bots and partners without the server.
 from client.odds import (
     BACKOFF_BASE_S,
     BACKOFF_CAP_S,
+    REGION_DRAIN,
     ClientClosed,
     ClientStats,
     CloseInfo,
     Disconnected,
     OddsClient,
+    RegionRing,
     RequestError,
     SubscribeResult,
     backoff_delay,
     close_info,
     connection_target,
+    moves_region,
 )
 from client.rules import RuleChecker, TopicState, Violation, verify_coalescing
 
 __all__ = [
     "BACKOFF_BASE_S",
     "BACKOFF_CAP_S",
+    "REGION_DRAIN",
     "ClientClosed",
     "ClientStats",
     "CloseInfo",
     "Disconnected",
     "OddsClient",
+    "RegionRing",
     "RequestError",
     "RuleChecker",
     "SubscribeResult",
@@ -45,5 +51,6 @@ __all__ = [
     "backoff_delay",
     "close_info",
     "connection_target",
+    "moves_region",
     "verify_coalescing",
 ]

@@ -7,10 +7,17 @@ caller sees one continuous stream per topic. Everything received is fed to a
 `RuleChecker`, which is also where the held state lives (`client.topics`), so
 each resume is checked against exactly what was held before it.
 
+Given several region URLs (PROTOCOL.md §8) it also fails over: when its
+region cannot be reached, or drains with ``reconnect`` reason
+``region_drain``, it connects to the next region and resumes there through
+the same checker, so a ``reset`` or a broken order after a failover shows as
+it would after any reconnect. `RegionRing` decides where each attempt goes
+and when to back off.
+
 Built for thousands of connections in one process: each frame is decoded once
 with orjson and an event costs a few dict operations; nothing is logged per
-event. The pure pieces (`backoff_delay`, `connection_target`, `close_info`)
-are module functions, tested without a server.
+event. The pure pieces (`backoff_delay`, `connection_target`, `close_info`,
+`moves_region`, `RegionRing`) are tested without a server.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -29,6 +36,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.uri import parse_uri
 
 from client.rules import RuleChecker, TopicState, Violation
 
@@ -44,6 +52,8 @@ BACKOFF_CAP_S = 5.0
 TERMINAL_CLOSE_CODES = frozenset({1008, 1009, 4400, 4401, 4429})
 # Refusals of a subscribe that name topics and leave the rest accepted (§3).
 SHED = "shed"
+# The `reconnect` reason that drains a whole region (§8): go to another one.
+REGION_DRAIN = "region_drain"
 
 _DEFAULT_WS_OPTIONS: dict[str, Any] = {
     "compression": None,  # §2: none unless offered; it costs CPU at fleet scale
@@ -110,6 +120,73 @@ def close_info(exc: ConnectionClosed) -> CloseInfo:
     return CloseInfo(frame.code, frame.reason)
 
 
+def moves_region(reason: object) -> bool:
+    """Whether a ``reconnect`` frame's `reason` sends the client to another region.
+
+    Only ``region_drain`` does (§8: the whole region is going away for a
+    deploy). ``drain``, ``restart`` and ``overload`` concern one worker:
+    the same URL, which HAProxy routes to another worker, is right for them.
+    """
+    return reason == REGION_DRAIN
+
+
+class RegionRing:
+    """Where the next connection attempt goes, and whether to back off first (§8).
+
+    Plain state, no I/O: the client asks `current` for the URL to try and
+    reports each outcome. A failed attempt moves to the next region at once;
+    only when every region has failed in a row (a whole pass round the ring)
+    does `failed` say to back off, and the next pass starts where the last
+    one ended, wrapping around. So with regions [A, B, C] and all down the
+    attempts go A B C, wait, A B C, wait longer...; each region sees one
+    attempt per backoff, as a single-region client's server does. With one
+    URL every failure backs off, which is the single-region behaviour.
+
+    A drop of a working connection is not a failure of the region: the
+    client tries the same region again first (`current` is unchanged), and
+    moves only if that attempt fails. A ``region_drain`` is a failure
+    announced in advance: `leave` moves on without counting one, and the
+    drained region comes last in the pass that follows.
+    """
+
+    __slots__ = ("failed_in_a_row", "index", "urls")
+
+    def __init__(self, urls: Sequence[str]) -> None:
+        if isinstance(urls, str) or not urls:
+            raise ValueError("RegionRing needs a non-empty sequence of URLs")
+        self.urls: tuple[str, ...] = tuple(urls)
+        self.index = 0  # the region the next attempt goes to
+        self.failed_in_a_row = 0  # attempts failed since the last that connected
+
+    def __repr__(self) -> str:
+        return f"<RegionRing {self.current} failed_in_a_row={self.failed_in_a_row}>"
+
+    @property
+    def current(self) -> str:
+        """The URL the next attempt goes to (the one connected to, while connected)."""
+        return self.urls[self.index]
+
+    def connected(self) -> None:
+        """The attempt at `current` was welcomed: the region serves."""
+        self.failed_in_a_row = 0
+
+    def failed(self) -> bool:
+        """The attempt at `current` failed: move to the next region.
+
+        Returns True when that completed a pass of failures over every
+        region, i.e. the caller backs off before the next attempt; False
+        when the next region is to be tried at once.
+        """
+        self.failed_in_a_row += 1
+        self.index = (self.index + 1) % len(self.urls)
+        return self.failed_in_a_row % len(self.urls) == 0
+
+    def leave(self) -> None:
+        """The current region is draining (``region_drain``): the next attempt
+        goes to the next region. With one URL there is nowhere else to go."""
+        self.index = (self.index + 1) % len(self.urls)
+
+
 # -- results and errors -------------------------------------------------------
 
 
@@ -118,6 +195,14 @@ class ClientClosed(Exception):
 
     def __init__(self, info: CloseInfo) -> None:
         super().__init__(f"closed: code={info.code} http={info.http_status} {info.reason}")
+        self.info = info
+
+
+class _Terminal(Exception):
+    """Inside the reconnect loop: a refusal that ends the client (`info`)."""
+
+    def __init__(self, info: CloseInfo) -> None:
+        super().__init__(info.reason)
         self.info = info
 
 
@@ -160,6 +245,9 @@ class ClientStats:
     errors: int = 0
     reconnects: int = 0  # connections re-established after the first
     resumes: int = 0  # of those, the ones whose re-subscribe was answered
+    failovers: int = 0  # of those, the ones to another region than the connection before
+    connect_failures: int = 0  # attempts that did not get to a welcome, every region
+    backoffs: int = 0  # backoff waits: every region had failed in a row
 
 
 @dataclass(slots=True)
@@ -177,7 +265,7 @@ class OddsClient:
 
     def __init__(
         self,
-        url: str,
+        url: str | Sequence[str],
         *,
         token: str | None = None,
         token_in: Literal["cookie", "query"] = "cookie",
@@ -187,17 +275,28 @@ class OddsClient:
         record_latency: bool = False,
         ws_options: Mapping[str, Any] | None = None,
     ) -> None:
-        """`on_message` runs in the reader for every message (each event of a
+        """`url` is one URL (``ws://host:port/ws``), or a sequence of region
+        URLs (PROTOCOL.md §8): the first connection goes to the first that
+        answers, and each later one follows `RegionRing` (the same region
+        after a drop, the next one when that fails or the region drains).
+        The token goes to every region.
+
+        `on_message` runs in the reader for every message (each event of a
         batch on its own) after the client has applied it; it must not block.
         `ws_options` go to `websockets.asyncio.client.connect`, over the
         defaults (no compression, 16 MiB frames, 10 s open timeout).
         """
-        connection_target(url, token, token_in)  # fail early on a bad token_in
-        self.url = url
+        urls = (url,) if isinstance(url, str) else tuple(url)
+        if not urls:
+            raise ValueError("OddsClient needs at least one URL")
+        for each in urls:
+            parse_uri(each)  # fail early on a URL that is not ws:// or wss://
+            connection_target(each, token, token_in)  # and on a bad token_in
+        self.regions = RegionRing(urls)
         self.token = token  # read at every (re)connect: a refreshed token is used
         self.token_in = token_in
         self.reconnect = reconnect
-        self.name = name or url
+        self.name = name or ",".join(urls)
         self.on_message = on_message
         self.record_latency = record_latency
         self.ws_options = {**_DEFAULT_WS_OPTIONS, **(ws_options or {})}
@@ -217,6 +316,8 @@ class OddsClient:
         self._pending: dict[int, _Pending] = {}
         self._lifecycle: asyncio.Task[None] | None = None
         self._after_ms: int | None = None  # from the last `reconnect` frame
+        self._leave_region = False  # and whether its reason drains the region
+        self._region_index: int | None = None  # of the connection last welcomed
         self._closing = False
         self._stop = asyncio.Event()
         self._sync_waiters: list[tuple[set[str], asyncio.Future[None]]] = []
@@ -230,6 +331,31 @@ class OddsClient:
         return f"<OddsClient {self.name} {state} topics={len(self.subscriptions)}>"
 
     # -- state views -----------------------------------------------------------
+
+    @property
+    def urls(self) -> tuple[str, ...]:
+        """Every region URL the client may use, in the order given."""
+        return self.regions.urls
+
+    @property
+    def url(self) -> str:
+        """The URL in use: the region's the client is on, else the first given."""
+        return self.region_url or self.regions.urls[0]
+
+    @property
+    def region_url(self) -> str | None:
+        """The URL of the region of the connection last welcomed (while
+        reconnecting, the one just left); None before the first welcome."""
+        if self._region_index is None:
+            return None
+        return self.regions.urls[self._region_index]
+
+    @property
+    def region(self) -> str | None:
+        """The ``region`` the last ``welcome`` named (§2, §8); None before the
+        first welcome, or when the server does not name one."""
+        region = self.welcome.get("region") if self.welcome is not None else None
+        return region if isinstance(region, str) else None
 
     @property
     def topics(self) -> dict[str, TopicState]:
@@ -257,22 +383,35 @@ class OddsClient:
 
         A refusal (HTTP 401 before the upgrade, a close such as 4401 after it)
         raises ClientClosed, and ends the client when terminal; a network
-        failure raises as it is, and connect() may be called again.
+        failure raises as it is, and connect() may be called again. With
+        several regions each is tried once, in order, until one welcomes
+        the client; what the last one raised is raised when none does (a
+        terminal refusal stops at once: the token is the same everywhere).
         Reconnecting only starts once a first connection has been welcomed.
         """
         if self._lifecycle is not None or self.closed.is_set():
             raise RuntimeError("connect() on a client already connected or closed")
-        try:
-            ws, welcome = await self._open()
-        except ClientClosed as exc:
-            if exc.info.terminal:
-                self._finish(exc.info)
-            raise
+        for tried in itertools.count(1):
+            try:
+                ws, welcome = await self._open()
+            except ClientClosed as exc:
+                if exc.info.terminal:
+                    self._finish(exc.info)
+                    raise
+                if self._failed_attempt(exc) or tried >= len(self.urls):
+                    raise
+            except (OSError, TimeoutError, InvalidHandshake) as exc:
+                if self._failed_attempt(exc) or tried >= len(self.urls):
+                    raise
+            else:
+                break
         self._lifecycle = asyncio.create_task(self._run(ws), name=f"oddsclient:{self.name}")
         return welcome
 
     async def _open(self) -> tuple[ClientConnection, Message]:
-        url, headers = connection_target(self.url, self.token, self.token_in)
+        """Connect to the ring's current region and wait for its ``welcome``."""
+        index = self.regions.index
+        url, headers = connection_target(self.regions.urls[index], self.token, self.token_in)
         try:
             ws = await connect(url, additional_headers=headers, **self.ws_options)
         except InvalidStatus as exc:
@@ -289,15 +428,36 @@ class OddsClient:
         if not isinstance(msg, dict) or msg.get("type") != "welcome":
             await ws.close(1002, "expected welcome")
             raise ClientClosed(CloseInfo(1002, f"first frame was not welcome: {msg!r:.200}"))
+        self.regions.connected()
+        if self._region_index is not None and index != self._region_index:
+            self.stats.failovers += 1
+            log.info("%s: failed over to region %s (%s)", self.name, msg.get("region"),
+                     self.regions.urls[index])
+        self._region_index = index
         self.welcome = msg
         self.checker.feed(msg)
         self._ws = ws
         self._after_ms = None
+        self._leave_region = False
         self.connected.set()
         return ws, msg
 
+    def _failed_attempt(self, exc: BaseException) -> bool:
+        """Count an attempt that got no welcome and move the ring on; True
+        when every region has now failed in a row (back off before the next)."""
+        self.stats.connect_failures += 1
+        log.debug("%s: %s failed: %r", self.name, self.regions.current, exc)
+        return self.regions.failed()
+
     async def _run(self, ws: ClientConnection) -> None:
-        """Read; on a drop, wait, reconnect and resume; until terminal or closed."""
+        """Read; on a drop, wait, reconnect and resume; until terminal or closed.
+
+        After a drop the first attempt goes to the same region (after the
+        ``reconnect`` frame's ``after_ms``, or a backoff), unless the frame
+        said ``region_drain``: then to the next region. From there, each
+        failed attempt moves to the next region at once, and a full pass of
+        failures backs off (`RegionRing`).
+        """
         attempt = 0
         try:
             while True:
@@ -314,25 +474,22 @@ class OddsClient:
                     attempt = 0  # it had been up a while: not a flapping server
                 log.debug("%s: disconnected (%s %s), reconnecting", self.name, info.code,
                          info.reason)
+                if self._leave_region:
+                    self.regions.leave()
                 delay = (
                     self._after_ms / 1000 if self._after_ms is not None
                     else backoff_delay(attempt)
                 )
-                while True:
+                while True:  # one pass round the regions per iteration
                     attempt += 1
                     if await self._sleep_unless_closing(delay):
                         self._finish(CloseInfo(1000, "closed by client"))
                         return
-                    try:
-                        ws, _ = await self._open()
-                    except ClientClosed as exc:
-                        if exc.info.terminal:
-                            self._finish(exc.info)
-                            return
-                    except (OSError, TimeoutError, ValueError, InvalidHandshake) as exc:
-                        log.debug("%s: reconnect failed: %r", self.name, exc)
-                    else:
+                    opened_ws = await self._open_pass()
+                    if opened_ws is not None:
+                        ws = opened_ws
                         break
+                    self.stats.backoffs += 1
                     delay = backoff_delay(attempt)
                 if self._closing:  # close() came while the connection opened
                     await ws.close()
@@ -340,6 +497,8 @@ class OddsClient:
                     return
                 self.stats.reconnects += 1
                 self._resubscribe()
+        except _Terminal as exc:
+            self._finish(exc.info)
         except asyncio.CancelledError:
             self._finish(CloseInfo(1000, "closed by client"))
             raise
@@ -349,6 +508,26 @@ class OddsClient:
             if self._ws is not None:
                 await self._ws.close(1000)
             self._finish(CloseInfo(None, f"client error: {exc!r}"))
+
+    async def _open_pass(self) -> ClientConnection | None:
+        """Attempts from the ring's current region on, each failure moving to
+        the next at once, until one is welcomed (returned) or every region
+        has failed in a row (None: back off). Raises _Terminal on a refusal
+        that retrying cannot help."""
+        while not self._closing:
+            try:
+                ws, _ = await self._open()
+            except ClientClosed as exc:
+                if exc.info.terminal:
+                    raise _Terminal(exc.info) from exc
+                if self._failed_attempt(exc):
+                    return None
+            except (OSError, TimeoutError, ValueError, InvalidHandshake) as exc:
+                if self._failed_attempt(exc):
+                    return None
+            else:
+                return ws
+        return None
 
     async def _read(self, ws: ClientConnection) -> CloseInfo:
         handle = self._handle_frame
@@ -477,6 +656,7 @@ class OddsClient:
             after_ms = msg.get("after_ms")
             if isinstance(after_ms, int) and after_ms >= 0:
                 self._after_ms = after_ms
+            self._leave_region = moves_region(msg.get("reason"))
         elif kind == "welcome":
             self.welcome = msg
         if self.on_message is not None:

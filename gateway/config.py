@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -17,6 +18,24 @@ from dataclasses import dataclass, field, fields
 
 class ConfigError(ValueError):
     """A setting with a value the gateway cannot run with."""
+
+
+# One WebSocket origin: ws:// or wss://, a host (a leading `*.` for its subdomains)
+# and an optional port, nothing else: it goes into a CSP header as it is.
+_WS_ORIGIN = re.compile(r"wss?://(\*\.)?[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*(:[0-9]{1,5})?")
+
+
+def ws_origins(raw: str) -> tuple[str, ...]:
+    """The origins of a comma- or space-separated list (OG_SHELL_CONNECT_SRC);
+    ValueError naming the first entry that is not a ws:// or wss:// origin.
+    A trailing slash is dropped; a path is refused rather than widened."""
+    origins = []
+    for entry in raw.replace(",", " ").split():
+        origin = entry.removesuffix("/")
+        if not _WS_ORIGIN.fullmatch(origin):
+            raise ValueError(f"{entry!r} is not a ws:// or wss:// origin (scheme, host, port)")
+        origins.append(origin)
+    return tuple(dict.fromkeys(origins))
 
 
 def setting(env: str, default: object, doc: str, *, minimum: float | None = None):
@@ -149,6 +168,12 @@ class Settings(EnvSettings):
     compression: bool = setting(
         "OG_COMPRESSION", False, "permessage-deflate when the client offers it"
     )
+    shell_connect_src: str = setting(
+        "OG_SHELL_CONNECT_SRC", "",
+        "origins besides its own that the player shell may open WebSockets to, comma- or "
+        "space-separated (wss://eu.example.com): the other regions' frontends its "
+        "?regions= names; its CSP connect-src",
+    )
     high_watermark_bytes: int = setting(
         "OG_HIGH_WATERMARK_BYTES", 65_536,
         "pending output above which a player gets only the newest event per market",
@@ -253,10 +278,18 @@ class Settings(EnvSettings):
             )
         if self.port > 65535:
             raise ConfigError(f"OG_PORT={self.port}: not a port")
+        try:
+            ws_origins(self.shell_connect_src)
+        except ValueError as exc:
+            raise ConfigError(f"OG_SHELL_CONNECT_SRC: {exc}") from None
 
     @property
     def node_name(self) -> str:
         return self.node or socket.gethostname()
+
+    @property
+    def shell_connect_origins(self) -> tuple[str, ...]:
+        return ws_origins(self.shell_connect_src)
 
     @property
     def history_ms(self) -> int:

@@ -45,7 +45,8 @@ class HttpRoutes:
         self.accepting = accepting
         self.draining = draining
         self.region_fresh = region_fresh
-        self.static_site = StaticSite.load()  # the player shell: `/` and `/static/`
+        # the player shell: `/` and `/static/`
+        self.static_site = StaticSite.load(connect_origins=settings.shell_connect_origins)
         # GET /v1/snapshot: a bucket per client, and one for this worker's reads from Redis.
         self.snapshot_clients = ClientBuckets(settings.snapshot_rate_limit_rps,
                                               settings.snapshot_rate_limit_burst,

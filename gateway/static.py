@@ -15,7 +15,10 @@ their next load. Unknown names are 404, never a fallback to another version.
 The page's Content-Security-Policy allows scripts of its own origin, plus the
 inline scripts of index.html (the bootstrap that opens the WebSocket while the
 script loads) by their sha256, taken from the HTML as served: an edit to the
-bootstrap changes its hash with it, never silently breaks the page.
+bootstrap changes its hash with it, never silently breaks the page. It lets the
+page connect to its own origin, plus the other regions' frontends the operator
+names (OG_SHELL_CONNECT_SRC), for the shell's `?regions=`: a link naming any
+other server cannot make a player's page show that server's odds.
 
 A worker answers plain HTTP inside the WebSocket handshake, one request per
 connection (`Connection: close`), GET and HEAD only (README: "HTTP on a
@@ -66,13 +69,15 @@ CONTENT_TYPES = {
 }
 COMPRESSIBLE = frozenset({".html", ".js", ".mjs", ".css", ".svg", ".json"})
 
-# The page talks to its own origin only (the WebSocket included: 'self' covers
-# ws:/wss: of the same host). No frame-ancestors: operators embed it in iframes.
-# Scripts: its own origin, and the inline scripts of index.html (the bootstrap that
-# opens the WebSocket early) by the hashes of what is served, computed at load time.
+# The page talks to its own origin ('self' covers ws:/wss: of the same host) and to
+# the other regions' frontends it is configured with (OG_SHELL_CONNECT_SRC, checked as
+# ws/wss origins by gateway.config.ws_origins). No frame-ancestors: operators embed it
+# in iframes. Scripts: its own origin, and the inline scripts of index.html (the
+# bootstrap that opens the WebSocket early) by the hashes of what is served, computed
+# at load time.
 CSP_TEMPLATE = (
     "default-src 'none'; script-src 'self'{inline}; style-src 'self' 'unsafe-inline'; "
-    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
+    "connect-src 'self'{connect}; img-src 'self' data:; base-uri 'none'; form-action 'none'"
 )
 REFERRER_POLICY = ("Referrer-Policy", "no-referrer")  # the page URL may carry ?token=
 
@@ -103,10 +108,14 @@ def script_hash(source: str) -> str:
     return f"'sha256-{digest}'"
 
 
-def security_headers(html: str) -> tuple[tuple[str, str], ...]:
-    """The page's CSP and Referrer-Policy, allowing exactly the inline scripts of `html`."""
+def security_headers(html: str,
+                     connect_origins: Iterable[str] = ()) -> tuple[tuple[str, str], ...]:
+    """The page's CSP and Referrer-Policy, allowing exactly the inline scripts of `html`,
+    and WebSockets to its own origin and `connect_origins` (already checked origins)."""
     inline = "".join(f" {script_hash(m.group(1))}" for m in _INLINE_SCRIPT.finditer(html))
-    return (("Content-Security-Policy", CSP_TEMPLATE.format(inline=inline)), REFERRER_POLICY)
+    connect = "".join(f" {origin}" for origin in connect_origins)
+    csp = CSP_TEMPLATE.format(inline=inline, connect=connect)
+    return (("Content-Security-Policy", csp), REFERRER_POLICY)
 
 
 def accepts_gzip(values: Iterable[str]) -> bool:
@@ -214,8 +223,10 @@ class StaticSite:
         self.urls = urls  # source name -> URL path, e.g. "app.js" -> "/static/app.<hash>.js"
 
     @classmethod
-    def load(cls, directory: Path = SHELL_DIR) -> StaticSite:
-        """Read the shell, hash its assets and rewrite index.html to their names.
+    def load(cls, directory: Path = SHELL_DIR,
+             connect_origins: Iterable[str] = ()) -> StaticSite:
+        """Read the shell, hash its assets and rewrite index.html to their names;
+        `connect_origins` are the other regions' frontends the page may connect to.
 
         Raises ValueError when index.html refers to a /static/ file the
         directory lacks (a broken page must stop the worker at start, not be
@@ -240,7 +251,7 @@ class StaticSite:
 
         html = _STATIC_REF.sub(rewrite, (directory / INDEX).read_text(encoding="utf-8"))
         index = Asset.build("/", html.encode(), ".html", HTML_CACHE_CONTROL,
-                            security_headers(html))
+                            security_headers(html, connect_origins))
         return cls(index, assets, urls)
 
     def respond(self, path: str, headers: Headers) -> Response:

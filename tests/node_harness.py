@@ -99,8 +99,10 @@ class Node:
         return self.proc.returncode
 
 
-def start_node(redis_url: str, runtime: Path, workers: int = 2, **env: str) -> Node:
-    frontend, agent, metrics = free_port(), free_port(), free_port()
+def start_node(redis_url: str, runtime: Path, workers: int = 2, *,
+               frontend_port: int | None = None, **env: str) -> Node:
+    """`frontend_port`: HAProxy's, e.g. to bring a node back where players knew it."""
+    frontend, agent, metrics = frontend_port or free_port(), free_port(), free_port()
     base = free_port_range(workers)
     runtime.mkdir(parents=True, exist_ok=True)
     log_path = runtime / "node.log"

@@ -183,6 +183,19 @@ def test_anonymous_without_secret_is_allowed() -> None:
     assert (settings.jwt_secret, settings.allow_anonymous) == ("", True)
 
 
+def test_shell_connect_src_takes_ws_origins_only() -> None:
+    settings = from_env(OG_SHELL_CONNECT_SRC="wss://eu.example.com, ws://127.0.0.1:8000/ "
+                                             "wss://*.example.net wss://eu.example.com")
+    assert settings.shell_connect_origins == (
+        "wss://eu.example.com", "ws://127.0.0.1:8000", "wss://*.example.net")
+    assert from_env().shell_connect_origins == ()
+    # Each entry goes into the page's CSP as it is: nothing but an origin may pass.
+    for bad in ("https://eu.example.com", "wss://eu.example.com/ws", "wss://a;script-src *",
+                "wss://a 'unsafe-inline'", "*", "wss://"):
+        error = refused({**SECRET_ENV, "OG_SHELL_CONNECT_SRC": bad}, "OG_SHELL_CONNECT_SRC")
+        assert "origin" in str(error)
+
+
 def test_config_error_is_a_value_error() -> None:
     assert issubclass(ConfigError, ValueError)
 

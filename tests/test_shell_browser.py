@@ -29,15 +29,16 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.datastructures import Headers
 
-from client.odds import BACKOFF_BASE_S, BACKOFF_CAP_S
+from client.odds import BACKOFF_BASE_S, BACKOFF_CAP_S, RegionRing
 from client.rules import RuleChecker
 from feed.events import PriceUpdate
 from feed.publisher import Publisher
 from gateway.static import StaticSite
 from gateway.topics import PartitionMap
 from redis_contract import history_key, latest_key, meta_key
-from supervisor.embedded_redis import free_port
-from tests.conftest import ROOT, token
+from supervisor.embedded_redis import EmbeddedRedis, free_port
+from tests.conftest import ROOT, start_worker, token
+from tests.region_harness import TwinFeed
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [
@@ -502,6 +503,108 @@ async def test_reset_replaces_the_view_with_the_snapshot(worker_factory, publish
     assert errors.uncaught == []
 
 
+# -- regions (PROTOCOL.md §8) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_region_redis(tmp_path_factory) -> Any:
+    """Region B's Redis; region A's is the suite's (`redis_url`)."""
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis-b"), port=0).start()
+    yield server
+    server.stop()
+
+
+async def test_page_fails_over_to_the_next_region_and_shows_it(redis_url, other_region_redis,
+                                                              tmp_path, browser) -> None:
+    """Two regions (a worker each, its own Redis, the same events byte for byte); the
+    page, served by A with ?regions=A,B, follows prices in A; A stops: the page moves
+    to B (A refuses the reconnect), resumes without reset, and says so."""
+    redis_b = aioredis.Redis.from_url(other_region_redis.url)
+    await redis_b.flushall()
+    await redis_b.aclose()
+    port_a, port_b = free_port(), free_port()
+    origins = f"ws://127.0.0.1:{port_a} ws://127.0.0.1:{port_b}"  # the CSP's connect-src
+    a = start_worker(redis_url, tmp_path, 0, OG_PORT=str(port_a), OG_SHELL_CONNECT_SRC=origins,
+                     OG_REGION="a")
+    b = start_worker(other_region_redis.url, tmp_path, 1, OG_PORT=str(port_b),
+                     OG_SHELL_CONNECT_SRC=origins, OG_REGION="b")
+    twin = TwinFeed([redis_url, other_region_redis.url])
+    try:
+        rng = random.Random(11)
+        topics = [MARKET_TOPIC, LEAGUE_TOPIC]
+
+        async def prices(count: int) -> None:
+            for _ in range(count):
+                topic = rng.choice(topics)
+                await twin.publish_many([update(topic, rng.randrange(1, 6),
+                                                _random_prices(rng, topic))])
+
+        await twin.publish_many([update(t, m, _random_prices(rng, t))
+                                 for t in topics for m in range(1, 6)])
+        page = await browser.new_page()
+        errors = PageErrors(page)
+        sockets: list[str] = []
+        page.on("websocket", lambda ws: sockets.append(ws.url))
+        await page.goto(f"{a.http}/?token={token()}&topics={','.join(topics)}"
+                        f"&regions={a.url},{b.url}")
+        await wait_js(page, "() => window.oddsgate !== undefined")
+        await wait_caught_up(page, redis_url, topics)
+        og = await page.evaluate("window.oddsgate")
+        where = og["region"] or f"127.0.0.1:{port_a}"  # the welcome's name, else the host
+        assert await page.inner_text("#region") == f"region {where} · 0 failovers"
+        assert og["regionUrl"].startswith(f"{a.url}?token=ey")
+        assert og["earlySocket"] == "adopted" and sockets == [og["regionUrl"]]
+        await prices(40)
+
+        a.stop()  # drains: `reconnect`, close 1012; the reconnect to A is refused
+        await prices(40)  # missed while moving: B replays them
+        await wait_js(page, "() => window.oddsgate.failovers === 1 && window.oddsgate.resumes >= 1")
+        await prices(40)  # live in B
+        await wait_caught_up(page, other_region_redis.url, topics)
+        await assert_shows_newest(page, other_region_redis.url, topics)
+
+        og = await page.evaluate("window.oddsgate")
+        assert og["regionUrl"].startswith(f"{b.url}?token=ey")
+        where = og["region"] or f"127.0.0.1:{port_b}"
+        assert await page.inner_text("#region") == f"region {where} · 1 failover"
+        assert og["violations"] == 0, og["violationList"]
+        assert (og["resets"], og["stats"]["snapshots"], og["status"]) == (0, 2, "resumed")
+        assert og["stats"]["connectFailures"] >= 1  # A, refusing, before B
+        assert sockets[-1] == og["regionUrl"]
+        await page.screenshot(path=str(ARTIFACTS / "shell-failover.png"))
+        assert errors.uncaught == []
+        print(f"\nfailover status log: {[(s['state'], s['detail']) for s in og['statusLog']]}")
+    finally:
+        await twin.aclose()
+        a.stop()
+        b.stop()
+
+
+async def test_regions_the_csp_does_not_allow_are_passed_over(worker, publisher, redis_url,
+                                                             browser) -> None:
+    """?regions= entries the operator did not list in OG_SHELL_CONNECT_SRC: the browser
+    blocks them (Chromium with no close event), and the page goes on to the next region
+    at once, the bootstrap's socket (first region) and the client's (second) alike."""
+    await churn(publisher, [MARKET_TOPIC], 10, random.Random(13))
+    page = await browser.new_page()
+    errors = PageErrors(page)
+    blocked = [f"ws://127.0.0.1:{free_port()}/ws" for _ in range(2)]
+    await page.goto(f"{worker.http}/?token={token()}&topics={MARKET_TOPIC}"
+                    f"&regions={blocked[0]},{blocked[1]},{worker.url}")
+    await wait_js(page, "() => window.oddsgate !== undefined")
+    await wait_caught_up(page, redis_url, [MARKET_TOPIC])
+    og = await page.evaluate("window.oddsgate")
+    assert [url.split("?")[0] for url in og["regions"]] == [*blocked, worker.url]
+    assert og["regionUrl"].startswith(f"{worker.url}?token=ey")
+    assert (og["status"], og["violations"], og["failovers"]) == ("connected", 0, 0)
+    assert (og["earlySocket"], og["stats"]["connectFailures"]) == ("closed", 2)
+    # Given up on the CSP's refusal, not after the 10 s wait for a welcome.
+    log = og["statusLog"]
+    assert log[-1]["state"] == "connected" and log[-1]["at"] - log[0]["at"] < 10_000, log
+    assert sum("Content Security Policy" in line for line in errors.console) == 2
+    assert errors.uncaught == []
+
+
 # -- the JS client against the Python one --------------------------------------------------
 
 T, U = "odds:1:39:1", "odds:1:40"
@@ -758,3 +861,105 @@ async def test_js_client_resumes_honours_hints_and_stops_when_refused(worker, br
     assert out["resumes"] == 1  # the retry continues the resume, it is not another
     assert 0 <= out["backoffMs"] <= BACKOFF_CAP_S * 1000
     assert out["final"] == ["closed", "4401 token expired", 3]
+
+
+# The JS client over scripted sockets in two regions: where each attempt goes.
+SCRIPTED_REGIONS_JS = """async ([topic]) => {
+  const lib = window.oddsgate.lib;
+  const sockets = [];
+  class ScriptedSocket {
+    constructor(url) { this.url = url; this.readyState = 1; this.sent = []; sockets.push(this); }
+    send(data) { this.sent.push(JSON.parse(data)); }
+    close() { this.readyState = 3; }
+  }
+  const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+  const say = (ws, msg) => ws.onmessage({data: JSON.stringify(msg)});
+  const welcome = (region) => ({type: "welcome", conn: "c", node: "n", worker: 0,
+                                heartbeat_ms: 20000, region});
+  const ev = (seq) => ({type: "odds", topic, epoch: "E1", seq, market: "1:39:1", event_id: "m",
+                        ts: Date.now() * 1e6, status: "open", prices: {home: "1.50"}});
+  const client = new lib.OddsClient(["ws://a/ws", "ws://b/ws"], [topic],
+                                    {WebSocketImpl: ScriptedSocket, random: () => 0.5});
+  const out = {};
+  client.start();
+  let ws = sockets[0];
+  say(ws, welcome("a"));
+  say(ws, {type: "subscribed", id: 1, topics: [topic]});
+  say(ws, {type: "snapshot", topic, epoch: "E1", seq: 5, markets: [ev(5)]});
+  say(ws, ev(6));
+  out.first = [client.region, client.regionUrl, client.stats.failovers];
+  say(ws, {type: "reconnect", after_ms: 50, reason: "region_drain"});
+  ws.onclose({code: 1012, reason: "region drain"});
+  await sleep(120);
+  ws = sockets[1];
+  say(ws, welcome("b"));
+  out.resume = ws.sent[0];
+  say(ws, {type: "subscribed", id: 2, topics: [topic]});
+  say(ws, ev(7));
+  out.drained = [client.region, client.regionUrl, client.stats.failovers, client.status];
+  ws.onclose({code: 1006, reason: ""});  // B drops: B again first, after a backoff
+  await sleep(150);
+  sockets[2].onclose({code: 1006, reason: ""});  // B refuses: A at once
+  out.nextMs = client.reconnectAt - Date.now();
+  await sleep(30);
+  sockets[3].onclose({code: 1006, reason: ""});  // A refuses too: a whole pass, back off
+  out.backoffMs = client.reconnectAt - Date.now();
+  await sleep(250);
+  say(sockets[4], welcome("b"));
+  out.urls = sockets.map((s) => s.url);
+  out.stats = client.stats;
+  out.back = [client.region, client.status, client.checker.total];
+  client.stop();
+  out.parsed = [
+    lib.regionUrls(" ws://a.example/ws , https://x.example/ws, nonsense, wss://b.example/ws?x=1",
+                   "tok"),
+    lib.regionUrls(null, "tok"),
+    lib.regionUrls("", null),
+  ];
+  out.moves = ["region_drain", "drain", "restart", "overload", null].map(lib.movesRegion);
+  return out;
+}"""
+
+# The same operations on the JS RegionRing, for client.odds.RegionRing to answer alike.
+RING_JS = """(runs) => runs.map(([n, ops]) => {
+  const urls = Array.from({length: n}, (_, i) => `ws://r${i}/ws`);
+  const ring = new window.oddsgate.lib.RegionRing(urls);
+  return ops.map((op) => [ring[op]() === true, ring.index, ring.failedInARow]);
+})"""
+
+
+async def test_js_client_moves_between_regions_as_the_python_one_decides(worker,
+                                                                         browser) -> None:
+    page = await browser.new_page()
+    await open_shell(page, worker, [MARKET_TOPIC])
+    out = await page.evaluate(SCRIPTED_REGIONS_JS, [MARKET_TOPIC])
+    assert out["first"] == ["a", "ws://a/ws", 0]
+    # region_drain: after after_ms, to B, resuming from the last event held.
+    assert out["resume"] == {"op": "subscribe", "id": 2,
+                             "topics": {MARKET_TOPIC: {"epoch": "E1", "seq": 6}}}
+    assert out["drained"] == ["b", "ws://b/ws", 1, "resumed"]
+    # A drop: B again; B refusing: A at once; A refusing: a backoff (0.5 of 400 ms).
+    assert out["urls"] == ["ws://a/ws", "ws://b/ws", "ws://b/ws", "ws://a/ws", "ws://b/ws"]
+    assert out["nextMs"] <= 0
+    assert 150 <= out["backoffMs"] <= 200
+    assert out["back"] == ["b", "resuming", 0]
+    assert (out["stats"]["failovers"], out["stats"]["connectFailures"],
+            out["stats"]["backoffs"]) == (1, 2, 1)  # back in B, where it was: no failover
+    assert out["parsed"] == [
+        ["ws://a.example/ws?token=tok", "wss://b.example/ws?x=1&token=tok"],
+        [f"{worker.url}?token=tok"],
+        [worker.url],
+    ]
+    assert out["moves"] == [True, False, False, False, False]
+
+    rng = random.Random(12)
+    runs = [(n, [rng.choice(["failed", "failed", "connected", "leave"]) for _ in range(12)])
+            for n in (1, 2, 3, 4) for _ in range(10)]
+    js = await page.evaluate(RING_JS, runs)
+    for (n, ops), got in zip(runs, js, strict=True):
+        ring = RegionRing([f"ws://r{i}/ws" for i in range(n)])
+        want = []
+        for op in ops:
+            said = getattr(ring, op)()
+            want.append([said is True, ring.index, ring.failed_in_a_row])
+        assert got == want, (n, ops)

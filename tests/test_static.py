@@ -157,6 +157,14 @@ def test_no_inline_script_no_hash_and_crlf_hashed_as_the_browser_does(tmp_path) 
     assert _script_src(csp) == ["'self'", _sha256("\nlet a = 1;\n")]
 
 
+def test_csp_lets_the_page_connect_to_the_regions_it_is_given() -> None:
+    """The shell's ?regions= reaches other origins only where the operator allows it."""
+    regions = StaticSite.load(connect_origins=("ws://127.0.0.1:8001", "wss://eu.example.com"))
+    csp = _get(regions, "/").headers["Content-Security-Policy"]
+    assert "connect-src 'self' ws://127.0.0.1:8001 wss://eu.example.com;" in csp
+    assert "connect-src 'self';" in _get(StaticSite.load(), "/").headers["Content-Security-Policy"]
+
+
 # -- responses ------------------------------------------------------------------
 
 

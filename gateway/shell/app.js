@@ -4,10 +4,12 @@
 //    (same rules, same names, same held state); it is also what the page shows.
 // 2. OddsClient: one player connection that survives reconnects, a mirror of
 //    client/odds.py: last seq per topic, resume with {epoch, seq}, honour
-//    reconnect.after_ms, full-jitter exponential backoff otherwise.
+//    reconnect.after_ms, full-jitter exponential backoff otherwise; given several
+//    region URLs, fails over between them as client.odds.RegionRing decides (§8).
 // 3. Board: the DOM. Events mark markets dirty; one animation frame renders them,
 //    so a burst costs one DOM write per market, never one per event.
-// 4. Start-up: URL parameters (token, topics), window.oddsgate for tests and benches.
+// 4. Start-up: URL parameters (token, topics, regions), window.oddsgate for tests and
+//    benches.
 //    index.html's inline bootstrap has already opened the WebSocket (and asked for
 //    /v1/topics when no topics are given) while this module was loading; OddsClient
 //    adopts that socket as its first connection.
@@ -265,6 +267,48 @@ export const BACKOFF_CAP_MS = 5000;
 // unauthorized, rate limited.
 export const TERMINAL_CLOSE_CODES = new Set([1008, 1009, 4400, 4401, 4429]);
 const OPEN_TIMEOUT_MS = 10000;
+// The `reconnect` reason that drains a whole region (§8): go to another one. Other
+// reasons (drain, restart, overload) concern one worker: the same URL is right.
+export const REGION_DRAIN = "region_drain";
+
+export function movesRegion(reason) {
+  return reason === REGION_DRAIN;
+}
+
+// Where the next connection attempt goes, and whether to back off first: a mirror of
+// client.odds.RegionRing. A failed attempt moves to the next region at once; only a
+// whole pass of failures (every region in a row) backs off, and the next pass starts
+// where the last ended. A drop of a working connection tries the same region first;
+// a region_drain leaves it without counting a failure. With one URL every failure
+// backs off, as before regions.
+export class RegionRing {
+  constructor(urls) {
+    if (!Array.isArray(urls) || !urls.length) throw new TypeError("RegionRing needs URLs");
+    this.urls = [...urls];
+    this.index = 0; // the region the next attempt goes to
+    this.failedInARow = 0; // attempts failed since the last that was welcomed
+  }
+
+  get current() {
+    return this.urls[this.index];
+  }
+
+  connected() {
+    this.failedInARow = 0;
+  }
+
+  // The attempt at `current` failed: move on. True when that completed a pass of
+  // failures over every region: back off before the next attempt.
+  failed() {
+    this.failedInARow += 1;
+    this.index = (this.index + 1) % this.urls.length;
+    return this.failedInARow % this.urls.length === 0;
+  }
+
+  leave() {
+    this.index = (this.index + 1) % this.urls.length;
+  }
+}
 
 // Milliseconds before reconnect `attempt` (0-based): uniform in [0, min(cap, base * 2^n)],
 // so a fleet of players dropped together does not return together.
@@ -273,16 +317,19 @@ export function backoffDelay(attempt, random = Math.random) {
   return random() * ceiling;
 }
 
-// One player connection, resumed across disconnects. `onChange(kind, detail)` is
+// One player connection, resumed across disconnects and regions. `urls` is one URL or a
+// list of region URLs (§8), tried in order. `onChange(kind, detail)` is
 // told of everything the page shows: "status", "snapshot" (topic), "event" (the
 // event, only when it became its market's state), "reset" (topic), "refused".
 // `early` is index.html's window.__ogEarly ({ws, frames, closed, sent}): a socket opened
 // before this module ran, which the first open() adopts instead of opening one, and the
 // subscribe request the page sent on it on welcome, if any.
 export class OddsClient {
-  constructor(url, topics, { onChange = () => {}, WebSocketImpl = WebSocket,
+  constructor(urls, topics, { onChange = () => {}, WebSocketImpl = WebSocket,
     now = Date.now, random = Math.random, early = null } = {}) {
-    this.url = url;
+    this.ring = new RegionRing(typeof urls === "string" ? [urls] : urls);
+    this.regionIndex = null; // the ring's index of the connection last welcomed
+    this.region = null; // what the last welcome named (§8), if it did
     this.wanted = [...new Set(topics)]; // topics to follow, in display order
     this.onChange = onChange;
     this.WebSocketImpl = WebSocketImpl;
@@ -293,7 +340,8 @@ export class OddsClient {
     this.statusLog = []; // [{state, at, detail}], the last 100
     this.detail = "";
     this.stats = { frames: 0, events: 0, batches: 0, snapshots: 0, resets: 0, coalesced: 0,
-      errors: 0, connections: 0, reconnects: 0, resumes: 0 };
+      errors: 0, connections: 0, reconnects: 0, resumes: 0, failovers: 0,
+      connectFailures: 0, backoffs: 0 };
     this.errors = []; // error frames and refusals, the last 50
     this.refused = {}; // topic -> error code, for topics given up
     this.welcome = null;
@@ -302,7 +350,8 @@ export class OddsClient {
     this.ws = null;
     this.attempt = 0;
     this.afterMs = null; // from the last `reconnect` frame
-    this.hintReason = null; // and its reason: drain, restart, overload
+    this.leaveRegion = false; // and whether its reason drains the whole region
+    this.hintReason = null; // and its reason: drain, restart, overload, region_drain
     this.openedAt = 0;
     this.lastFrameAt = 0;
     this.pingSentAt = null;
@@ -315,6 +364,15 @@ export class OddsClient {
     this.early = early?.ws ? early : null;
     this.earlySent = null; // the early subscribe request, while its frames are replayed
     this.earlySocket = this.early ? "pending" : "none"; // then "adopted", or "closed" before
+  }
+
+  get url() {
+    return this.ring.current; // the region connected to, or the next attempt's
+  }
+
+  // The URL of the region last welcomed (while reconnecting, the one just left).
+  get regionUrl() {
+    return this.regionIndex === null ? null : this.ring.urls[this.regionIndex];
   }
 
   setStatus(state, detail = "") {
@@ -358,7 +416,14 @@ export class OddsClient {
     try {
       ws ??= new this.WebSocketImpl(this.url);
     } catch (err) {
-      this.setStatus("closed", `bad URL: ${err}`);
+      if (this.ring.urls.length === 1) {
+        this.setStatus("closed", `bad URL: ${err}`);
+        return;
+      }
+      // One region's URL refused by the browser (malformed, or not allowed by the
+      // page's CSP): a failed attempt like any other; the next region is tried.
+      this.welcome = null;
+      this.disconnected(1006, `bad URL: ${err}`);
       return;
     }
     this.ws = ws;
@@ -383,6 +448,15 @@ export class OddsClient {
       }
       this.earlySent = null;
       if (early.closed) closed(early.closed.code, early.closed.reason);
+    }
+  }
+
+  // The page's CSP refused a connection to `url` (a region not in OG_SHELL_CONNECT_SRC).
+  // Chromium fires no close for such a socket: give it up now, not at the open timeout.
+  blocked(url) {
+    const ws = this.ws;
+    if (ws && this.welcome === null && String(url).startsWith(ws.url.split("?")[0])) {
+      this.drop(ws, 1006, "blocked by the page's CSP");
     }
   }
 
@@ -414,13 +488,26 @@ export class OddsClient {
       this.setStatus("closed", `${code} ${reason || ""}`.trim());
       return;
     }
-    if (welcomed && this.now() - this.openedAt > BACKOFF_CAP_MS) this.attempt = 0;
-    const delay = this.afterMs !== null && welcomed ? this.afterMs
-      : backoffDelay(this.attempt, this.random);
+    let delay = 0;
+    if (!welcomed) {
+      // This attempt reached no region: the next one at once, a backoff after a pass.
+      this.stats.connectFailures += 1;
+      if (this.ring.failed()) {
+        this.stats.backoffs += 1;
+        delay = backoffDelay(this.attempt, this.random);
+        this.attempt += 1;
+      }
+    } else {
+      // A working connection dropped: its region first, unless it drains as a whole.
+      if (this.now() - this.openedAt > BACKOFF_CAP_MS) this.attempt = 0;
+      if (this.leaveRegion) this.ring.leave();
+      delay = this.afterMs !== null ? this.afterMs : backoffDelay(this.attempt, this.random);
+      this.attempt += 1;
+    }
     const why = !welcomed ? "unreachable" : this.hintReason || `${code} ${reason || ""}`.trim();
     this.afterMs = null;
     this.hintReason = null;
-    this.attempt += 1;
+    this.leaveRegion = false;
     this.reconnectAt = this.now() + delay;
     this.setStatus("reconnecting", why);
     this.reconnectTimer = this.later(() => this.open(), delay);
@@ -470,6 +557,12 @@ export class OddsClient {
     this.welcome = msg;
     this.checker.feed(msg);
     this.stats.connections += 1;
+    this.ring.connected();
+    if (this.regionIndex !== null && this.ring.index !== this.regionIndex) {
+      this.stats.failovers += 1;
+    }
+    this.regionIndex = this.ring.index;
+    this.region = typeof msg.region === "string" ? msg.region : null;
     const resuming = this.stats.connections > 1;
     if (resuming) this.stats.reconnects += 1;
     if (isInt(msg.heartbeat_ms) && msg.heartbeat_ms > 0) this.heartbeatMs = msg.heartbeat_ms;
@@ -546,6 +639,7 @@ export class OddsClient {
     } else if (kind === "reconnect") {
       if (isInt(msg.after_ms) && msg.after_ms >= 0) this.afterMs = msg.after_ms;
       this.hintReason = typeof msg.reason === "string" ? msg.reason : null;
+      this.leaveRegion = movesRegion(msg.reason);
     }
   }
 
@@ -740,6 +834,7 @@ export class Board {
     this.latencyNode = document.getElementById("latency");
     this.eventsNode = document.getElementById("events");
     this.violationsNode = document.getElementById("violations");
+    this.regionNode = document.getElementById("region");
     this.ticker = null;
   }
 
@@ -848,6 +943,21 @@ export class Board {
     const bad = this.client.checker.total;
     this.violationsNode.textContent = `${bad} violation${bad === 1 ? "" : "s"}`;
     this.violationsNode.className = bad ? "bad" : "";
+    this.showRegion();
+  }
+
+  // The region the page is on: its name from the welcome, else its URL's host; with
+  // several regions, how often the page moved between them.
+  showRegion() {
+    const c = this.client;
+    if (this.regionNode === null) return;
+    let text = `region ${c.region || hostOf(c.regionUrl || c.url)}`;
+    if (c.ring.urls.length > 1) {
+      const n = c.stats.failovers;
+      text += ` · ${n} failover${n === 1 ? "" : "s"}`;
+    }
+    if (this.regionNode.textContent !== text) this.regionNode.textContent = text;
+    this.regionNode.title = c.regionUrl || c.url;
   }
 
   showStatus() {
@@ -914,6 +1024,35 @@ function socketUrl(token) {
   return `${scheme}//${location.host}/ws${query}`;
 }
 
+function hostOf(url) {
+  try {
+    return new URL(url).host;
+  } catch {
+    return String(url);
+  }
+}
+
+function isSocketUrl(text) {
+  try {
+    return /^wss?:$/.test(new URL(text).protocol);
+  } catch {
+    return false;
+  }
+}
+
+// ?regions=: comma-separated ws:// or wss:// URLs of the regions' /ws (§8), tried in
+// order, each with the token; anything else in the list is ignored. Without any, the
+// page's own origin only. index.html's bootstrap opens the first the same way.
+export function regionUrls(param, token) {
+  const given = (param || "").split(",").map((r) => r.trim()).filter(isSocketUrl);
+  if (!given.length) return [socketUrl(token)];
+  return given.map((region) => {
+    const url = new URL(region);
+    if (token) url.searchParams.set("token", token);
+    return url.href;
+  });
+}
+
 function expose(client, board) {
   const plainTopics = () => {
     const out = {};
@@ -938,6 +1077,10 @@ function expose(client, board) {
     get resumes() { return client.stats.resumes; },
     get resets() { return client.stats.resets; },
     get reconnects() { return client.stats.reconnects; },
+    get region() { return client.region; }, // as the last welcome named it
+    get regionUrl() { return client.regionUrl; },
+    get regions() { return [...client.ring.urls]; },
+    get failovers() { return client.stats.failovers; },
     get stats() { return { ...client.stats }; },
     get errors() { return client.errors.slice(); },
     get latencyMs() { return board.latencyMs; },
@@ -960,7 +1103,8 @@ function expose(client, board) {
   };
   // Not enumerable, so that serialising window.oddsgate gives plain state only.
   Object.defineProperty(api, "lib", {
-    value: { RuleChecker, OddsClient, backoffDelay, defaultTopics, TERMINAL_CLOSE_CODES },
+    value: { RuleChecker, OddsClient, RegionRing, backoffDelay, movesRegion, regionUrls,
+      defaultTopics, TERMINAL_CLOSE_CODES },
   });
   Object.defineProperty(api, "client", { value: client });
   window.oddsgate = api;
@@ -977,7 +1121,7 @@ async function main() {
   const topics = given.length ? given : defaultTopics((await pmapReply) || {});
   let labels = topicLabel(null);
   let board = null;
-  const client = new OddsClient(socketUrl(token), topics, {
+  const client = new OddsClient(regionUrls(params.get("regions"), token), topics, {
     onChange: (kind, detail) => {
       if (kind === "status" && detail === "connected"
         && !performance.getEntriesByName("oddsgate:welcome").length) {
@@ -1001,6 +1145,7 @@ async function main() {
       { once: true });
   }
   addEventListener("online", () => client.retryNow());
+  addEventListener("securitypolicyviolation", (e) => client.blocked(e.blockedURI));
   const pmap = await pmapReply;
   if (pmap) {
     labels = topicLabel(pmap);
