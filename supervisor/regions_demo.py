@@ -91,8 +91,10 @@ class Region:
         return sorted(set(pids))
 
 
-def _start_region(region: Region, secret: str, workers: int) -> None:
+def _start_region(region: Region, secret: str, workers: int, others: list[Region]) -> None:
     env = {**os.environ,
+           # the player shell may open WebSockets to the other regions (its ?regions=)
+           "OG_SHELL_CONNECT_SRC": " ".join(f"ws://127.0.0.1:{o.port}" for o in others),
            "OG_RUNTIME_DIR": str(region.runtime), "OG_JWT_SECRET": secret,
            "OG_REGION": region.name, "OG_AGGREGATE": "1",
            "OG_REGION_STALE_AFTER_MS": os.environ.get("OG_REGION_STALE_AFTER_MS", "1500"),
@@ -172,7 +174,7 @@ def run_regions_demo(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         for region in regions:
-            _start_region(region, secret, args.workers)
+            _start_region(region, secret, args.workers, [r for r in regions if r is not region])
         procs = [r.proc for r in regions if r.proc is not None]
         _wait_until("the regions' Redis", lambda: all(
             (r.runtime / "redis" / "redis.sock").exists() for r in regions), procs, 60)
