@@ -55,7 +55,8 @@ QUICK_PLAN = {
 QUICK_LEAVES_OUT = {("steady", "python-socketio"): "the slowest peer; in the full run only",
                     ("connect", NODE): "in the full run only (the quick run's 2 minutes)",
                     ("shell", "oddsgate"): "in the full run only (the quick run's 2 minutes)",
-                    ("spike", "oddsgate"): "in the full run only (the quick run's 2 minutes)"}
+                    ("spike", "oddsgate"): "in the full run only (the quick run's 2 minutes)",
+                    ("failover", "oddsgate"): "in the full run only (the quick run's 2 minutes)"}
 FULL_PLAN = {
     "steady": ["oddsgate", NODE, *PEERS],
     "saturation": ["oddsgate", *PEERS],
@@ -66,6 +67,7 @@ FULL_PLAN = {
     "subscribe": ["oddsgate"],
     "drain": [NODE],
     "shell": ["oddsgate"],
+    "failover": ["oddsgate"],
 }
 QUIET_CORES = 0.25  # other work below which `--wait-quiet` starts a run
 QUICK_BUDGET_S = 112

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from bench.harness import Result
-from bench.scenarios import shell, spike
+from bench.scenarios import failover, shell, spike
 from bench.systems import NODE
 
 TARGETS = {
@@ -25,6 +25,7 @@ TARGETS = {
     "shell_fresh_odds_p99_ms": shell.FRESH_ODDS_BUDGET_MS,
     "stalled_old_events": spike.OLD_EVENTS_TARGET,  # per stalled player, after waking
     "stalled_to_current_ms": spike.TO_CURRENT_TARGET_MS,
+    "failover_resumed_p99_ms": failover.RESUMED_P99_TARGET_MS,
 }
 FANOUT = ("steady", "saturation", "spike")
 CONTENDED_CORES = 0.3  # CPU used by processes outside the run above which we flag it
@@ -360,6 +361,35 @@ def _verdict(value: float | None, target: float, higher_is_better: bool) -> str:
     return f"**missed**, {ratio:.1f}x off"
 
 
+def failover_lines(results: list[Result]) -> list[str]:
+    """The regions' failover drill (bench.scenarios.failover) and the aggregator's cost."""
+    runs = _pick(results, failover.NAME)
+    if not runs:
+        return []
+    rows = ["| players | on the killed region | resumed in the other | kill to resumed p50 ms "
+            "| p99 ms | max ms | to a new price p50 ms | p99 ms | failovers | resets "
+            "| violations |", "|" + "---|" * 11]
+    notes = []
+    for r in runs:
+        f = r.figures
+        res, fresh = f.get("resumed_ms") or {}, f.get("fresh_ms") or {}
+        rows.append("| " + " | ".join([
+            _num(f.get("players")), _num(f.get("on_killed_region")), _num(f.get("resumed")),
+            _num(res.get("p50")), _num(res.get("p99")), _num(res.get("max")),
+            _num(fresh.get("p50")), _num(fresh.get("p99")), _num(f.get("failovers")),
+            _num(f.get("resets")), _num(f.get("violations"))]) + " |")
+        agg = f.get("aggregator") or {}
+        if agg:
+            notes.append(
+                f"- The surviving region's aggregator: {_num(agg.get('inputs'))} inputs, "
+                f"{_num(agg.get('published'))} events published; input log ts to publish "
+                f"acknowledged p50 {agg.get('input_to_publish_ms_p50')} ms, p99 "
+                f"{agg.get('input_to_publish_ms_p99')} ms (the merge waits for every "
+                f"provider's next message: the providers' heartbeats, 100 ms, bound it); "
+                f"{agg.get('cpu_ms_per_1000_inputs')} ms of CPU per thousand inputs.")
+    return [*rows, "", *notes] if notes else rows
+
+
 def target_lines(results: list[Result]) -> list[str]:
     rows = ["| target | wanted | oddsgate measured | verdict |", "|---|---|---|---|"]
     steady = _pick(results, "steady")
@@ -426,6 +456,17 @@ def target_lines(results: list[Result]) -> list[str]:
                     f"{_num(ms, 1) + ' ms' if ms is not None else 'never'} | "
                     + (_verdict(ms, TARGETS["stalled_to_current_ms"], False)
                        if ms is not None else never) + " |")
+    for r in _pick(results, failover.NAME):
+        f = r.figures
+        p99 = (f.get("resumed_ms") or {}).get("p99")
+        left = (f.get("on_killed_region") or 0) - (f.get("resumed") or 0)
+        verdict = (f"**missed** ({left} never resumed)" if left
+                   else f"**missed** ({f.get('resets')} resets)" if f.get("resets")
+                   else _verdict(p99, TARGETS["failover_resumed_p99_ms"], False))
+        rows.append(f"| region lost: players resumed in another region, no reset "
+                    f"({_num(f.get('on_killed_region'))} players) | p99 <= 1 s | "
+                    f"{_num(p99) + ' ms' if p99 is not None else 'never'}, "
+                    f"{_num(f.get('resets'))} resets | {verdict} |")
     mine = [r for r in results if r.system.startswith("oddsgate") and r.status == "ok"]
     if mine:
         total = sum(r.figures.get("violations_total") or 0 for r in mine)
@@ -530,6 +571,7 @@ def render(machine: dict, params: dict, results: list[Result], mode: str,
         "## Subscribe to snapshot", "", *subscribe_table(results), "",
         *(["## Drain", "", *drain, ""] if (drain := drain_lines(results)) else []),
         *(["## Player shell", "", *shell, ""] if (shell := shell_lines(results)) else []),
+        *(["## Region failover", "", *fo, ""] if (fo := failover_lines(results)) else []),
         "## oddsgate against its targets", "", *target_lines(results), "",
         *floor_lines(machine, results), "",
     ]

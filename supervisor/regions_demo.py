@@ -202,8 +202,16 @@ def run_regions_demo(args: argparse.Namespace) -> int:
         print("  drain a region for a deploy: OG_RUNTIME_DIR="
               f"{regions[0].runtime} .venv/bin/oddsgate drain --region --wait", flush=True)
         if args.no_players:
-            while not stop.is_set() and all(r.proc.poll() is None for r in regions
-                                            if r.proc is not None):
+            # A region lost (killed by a drill, or crashed) is reported, never a reason
+            # to stop the others: surviving it is what they are for.
+            reported: set[str] = set()
+            while not stop.is_set():
+                for r in regions:
+                    if r.proc is not None and r.proc.poll() is not None \
+                            and r.name not in reported:
+                        reported.add(r.name)
+                        print(f"demo: region {r.name} is down (exit {r.proc.returncode}); "
+                              "the others go on", flush=True)
                 time.sleep(0.2)
         else:
             async def watch() -> None:

@@ -235,3 +235,25 @@ async def test_a_snapshot_after_a_reset_pays_what_it_holds() -> None:
     assert wake.owed == {(TOPIC, "a"): 9} and wake.old_events == 0
     _frames(conn, _event(9, "a"))
     assert wake.current_ns and conn.c.violations == {}
+
+
+def test_the_failover_report_judges_the_p99_and_any_player_left_behind() -> None:
+    from bench.report import failover_lines
+
+    good = {"players": 1000, "on_killed_region": 500, "resumed": 500, "fresh_prices": 500,
+            "resumed_ms": {"p50": 470.0, "p99": 590.0, "max": 600.0},
+            "fresh_ms": {"p50": 550.0, "p99": 870.0}, "failovers": 500, "resets": 0,
+            "violations": 0, "violations_total": 0,
+            "aggregator": {"inputs": 240, "published": 40, "input_to_publish_ms_p50": 87.7,
+                           "input_to_publish_ms_p99": 133.8, "cpu_ms_per_1000_inputs": 285.0}}
+    run = Result("oddsgate", "failover", "ok", figures=good)
+    met = "\n".join(target_lines([run]))
+    assert "| region lost: players resumed in another region, no reset (500 players) | " \
+           "p99 <= 1 s | 590 ms, 0 resets | **met** |" in met
+    lines = failover_lines([run])
+    assert "| 1,000 | 500 | 500 | 470 | 590 | 600 | 550 | 870 | 500 | 0 | 0 |" in lines
+    assert any("p99 133.8 ms" in line for line in lines)
+    left = Result("oddsgate", "failover", "ok", figures={**good, "resumed": 498})
+    assert "**missed** (2 never resumed)" in "\n".join(target_lines([left]))
+    reset = Result("oddsgate", "failover", "ok", figures={**good, "resets": 3})
+    assert "**missed** (3 resets)" in "\n".join(target_lines([reset]))
