@@ -50,6 +50,11 @@ STOP_GRACE_S = 5.0
 MONITOR_INTERVAL_S = 0.1
 
 
+def about(index: int, pid: int | None = None) -> dict[str, int]:
+    """A log line's fields naming the worker it is about (supervisor/logformat.py)."""
+    return {"worker": index} if pid is None else {"worker": index, "worker_pid": pid}
+
+
 class Phase(StrEnum):
     STARTING = "starting"
     READY = "ready"
@@ -184,7 +189,7 @@ class Supervisor:
         if worker.operator_drain:  # a drained worker's replacement is drained too
             self._request_drain(worker)
         log.info("worker %d started (pid %d, slot %d, port %d)", worker.index, proc.pid, slot,
-                 worker.port)
+                 worker.port, extra=about(worker.index, proc.pid))
         return incarnation
 
     def _view(self, incarnation: Incarnation | None):
@@ -217,7 +222,7 @@ class Supervisor:
             await asyncio.wait_for(incarnation.proc.wait(), grace_s)
         except TimeoutError:
             log.warning("worker pid %d ignored SIGTERM for %.0fs; killing", incarnation.pid,
-                        grace_s)
+                        grace_s, extra={"worker_pid": incarnation.pid})
             with contextlib.suppress(ProcessLookupError):
                 incarnation.proc.kill()
             await incarnation.proc.wait()
@@ -267,7 +272,8 @@ class Supervisor:
             if view is None or view.state == WorkerState.STARTING:
                 if now - inc.started > READY_TIMEOUT_S:
                     log.error("worker %d (pid %d) not ready after %.0fs; killing it",
-                              worker.index, inc.pid, READY_TIMEOUT_S)
+                              worker.index, inc.pid, READY_TIMEOUT_S,
+                              extra=about(worker.index, inc.pid))
                     inc.proc.kill()
                 continue
             if worker.phase is Phase.STARTING and view.state == WorkerState.READY:
@@ -275,7 +281,8 @@ class Supervisor:
                 worker.backoff_s = 0.0
             if view.heartbeat_age_s(time.time_ns()) > self.settings.heartbeat_timeout_s:
                 log.error("worker %d (pid %d) heartbeat stopped %.1fs ago; killing it",
-                          worker.index, inc.pid, view.heartbeat_age_s(time.time_ns()))
+                          worker.index, inc.pid, view.heartbeat_age_s(time.time_ns()),
+                          extra=about(worker.index, inc.pid))
                 inc.proc.kill()
 
     def _on_exit(self, worker: WorkerHandle, inc: Incarnation) -> None:
@@ -290,7 +297,8 @@ class Supervisor:
             worker.phase = Phase.FAILED
             log.error("worker %d died (%s) after %d restarts in %.0fs: crash loop, leaving it "
                       "failed (oddsgate reload tries again)", worker.index, how,
-                      len(worker.restart_times), self.settings.crash_loop_window_s)
+                      len(worker.restart_times), self.settings.crash_loop_window_s,
+                      extra=about(worker.index, inc.pid))
             if all(w.phase is Phase.FAILED for w in self.workers):
                 log.critical("every worker failed; stopping the node")
                 self.gave_up = True
@@ -303,7 +311,7 @@ class Supervisor:
         worker.phase = Phase.RESTARTING
         self.table.supervisor_writer(inc.slot).count_restart()
         log.error("worker %d (pid %d) died (%s); restarting in %.1fs", worker.index, inc.pid,
-                  how, worker.restart_at - now)
+                  how, worker.restart_at - now, extra=about(worker.index, inc.pid))
 
     def _update_auto_drain(self) -> None:
         """Connection thresholds with hysteresis: drain above, ready below a lower mark."""
@@ -326,16 +334,18 @@ class Supervisor:
             if not limits:
                 if worker.auto_drain:
                     worker.auto_drain = False
-                    log.info("worker %d back to ready (%d connections)", worker.index, count)
+                    log.info("worker %d back to ready (%d connections)", worker.index, count,
+                             extra=about(worker.index))
                 continue
             limit = min(limits)
             if not worker.auto_drain and count > limit:
                 worker.auto_drain = True
                 log.warning("worker %d over its threshold (%d > %.0f): no new players",
-                            worker.index, count, limit)
+                            worker.index, count, limit, extra=about(worker.index))
             elif worker.auto_drain and count < limit * s.drain_recover_share:
                 worker.auto_drain = False
-                log.info("worker %d back under its threshold (%d): ready", worker.index, count)
+                log.info("worker %d back under its threshold (%d): ready", worker.index, count,
+                         extra=about(worker.index))
 
     # -- what HAProxy and operators see -----------------------------------
 
@@ -518,7 +528,8 @@ class Supervisor:
                 ready = await self._wait_ready(new, READY_TIMEOUT_S)
                 worker.predecessor = None
                 if not ready:
-                    log.error("reload: worker %d's successor did not become ready", worker.index)
+                    log.error("reload: worker %d's successor did not become ready", worker.index,
+                              extra=about(worker.index, new.pid))
                     await self._terminate(new)
                     worker.current = old
                     worker.phase = Phase.READY if old and old.alive else Phase.RESTARTING
@@ -534,7 +545,8 @@ class Supervisor:
                             and self._view(old).connections > 0:
                         await asyncio.sleep(0.05)
                     await self._terminate(old)
-                log.info("reload: worker %d now pid %d", worker.index, new.pid)
+                log.info("reload: worker %d now pid %d", worker.index, new.pid,
+                         extra=about(worker.index, new.pid))
             return True, "all workers replaced"
 
 

@@ -22,11 +22,12 @@ from supervisor.settings import NodeSettings
 log = logging.getLogger("oddsgate.run")
 
 
-def haproxy_settings(node: NodeSettings, runtime) -> HAProxySettings:
+def haproxy_settings(node: NodeSettings, runtime, log_format: str = "text") -> HAProxySettings:
     host, port = node.bind
     return HAProxySettings.for_workers(
         node.worker_count, node.base_port, bind_host=host, bind_port=port,
         agent_port=node.agent_port, stats_socket=str(runtime / STATS_SOCKET_NAME),
+        log_format=log_format,
     )
 
 
@@ -42,7 +43,8 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Su
     supervisor = Supervisor(node, env, runtime, breaker)
     if node.haproxy:
         supervisor.extra_services.append(
-            HAProxyService(haproxy_settings(node, runtime), runtime / "haproxy"))
+            HAProxyService(haproxy_settings(node, runtime, worker.log_format),
+                           runtime / "haproxy"))
     if node.metrics_port:
         registry = fleet_registry(
             supervisor.table,
