@@ -89,7 +89,8 @@ class WorkerHandle:
     current: Incarnation | None = None
     retired: list[Incarnation] = field(default_factory=list)
     phase: Phase = Phase.STARTING
-    restart_times: list[float] = field(default_factory=list)
+    restart_times: list[float] = field(default_factory=list)  # within the crash-loop window
+    restarts_total: int = 0  # every restart after an unplanned exit, for /metrics
     restart_at: float | None = None
     backoff_s: float = 0.0
     predecessor: Incarnation | None = None  # the process a reload is replacing
@@ -215,6 +216,7 @@ class Supervisor:
     async def _terminate(self, incarnation: Incarnation, grace_s: float = STOP_GRACE_S) -> None:
         incarnation.retiring = True
         if not incarnation.alive:
+            self._release(incarnation)
             return
         with contextlib.suppress(ProcessLookupError):
             incarnation.proc.send_signal(signal.SIGTERM)
@@ -226,6 +228,19 @@ class Supervisor:
             with contextlib.suppress(ProcessLookupError):
                 incarnation.proc.kill()
             await incarnation.proc.wait()
+        self._release(incarnation)
+
+    def _release(self, incarnation: Incarnation) -> None:
+        """Clear the slot of a process that exited, once reaped.
+
+        Its last words (state READY or STOPPING, a heartbeat that no longer
+        moves, its players) would otherwise stay in the table until another
+        process takes the slot: /metrics would show a dead worker whose
+        heartbeat grows stale, and the node's counts would include it. Only
+        while the slot still holds that pid: a successor may have claimed it.
+        """
+        if self._view(incarnation) is not None:
+            self.table.worker_writer(incarnation.slot).reset()
 
     async def _terminate_all(self) -> None:
         incarnations = [inc for w in self.workers for inc in [w.current, *w.retired] if inc]
@@ -256,6 +271,9 @@ class Supervisor:
     async def _check_workers(self) -> None:
         now = time.monotonic()
         for worker in self.workers:
+            for inc in worker.retired:
+                if not inc.alive:
+                    self._release(inc)
             worker.retired = [inc for inc in worker.retired if inc.alive]
             inc = worker.current
             if worker.phase is Phase.FAILED or self.stopping:
@@ -290,6 +308,7 @@ class Supervisor:
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         worker.last_exit = how
         worker.current = None
+        self._release(inc)
         now = time.monotonic()
         worker.restart_times = [t for t in worker.restart_times
                                 if now - t < self.settings.crash_loop_window_s]
@@ -305,6 +324,7 @@ class Supervisor:
                 self._stop.set()
             return
         worker.restart_times.append(now)
+        worker.restarts_total += 1
         worker.backoff_s = min(self.settings.restart_backoff_max_s,
                                max(self.settings.restart_backoff_s, worker.backoff_s * 2))
         worker.restart_at = now + (worker.backoff_s if len(worker.restart_times) > 1 else 0.0)

@@ -31,6 +31,13 @@ def haproxy_settings(node: NodeSettings, runtime, log_format: str = "text") -> H
     )
 
 
+def worker_info(supervisor: Supervisor) -> list[WorkerInfo]:
+    """What /metrics shows of each worker beside its slot's figures."""
+    return [WorkerInfo(w.index, w.current.pid if w.current else None, w.restarts_total,
+                       w.operator_drain or w.auto_drain, w.phase.value)
+            for w in supervisor.workers]
+
+
 def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Supervisor:
     runtime = runtime_dir(worker)
     if node.haproxy:  # refused now, in one line, rather than once the workers are up
@@ -47,11 +54,7 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Su
                            runtime / "haproxy"))
     if node.metrics_port:
         registry = fleet_registry(
-            supervisor.table,
-            lambda: [WorkerInfo(w.index, w.current.pid if w.current else None,
-                                len(w.restart_times), w.operator_drain or w.auto_drain)
-                     for w in supervisor.workers],
-            supervisor.n,
+            supervisor.table, lambda: worker_info(supervisor), supervisor.n,
             worker_of_slot=lambda slot: slot % supervisor.n,
         )
         supervisor.extra_services.insert(
