@@ -41,6 +41,7 @@ from haproxy.errors import HAProxyError
 from supervisor.agent import AgentServer
 from supervisor.control import ControlServer
 from supervisor.haproxy import read_servers
+from supervisor.sdnotify import Notifier
 from supervisor.settings import NodeSettings
 
 log = logging.getLogger("oddsgate.supervisor")
@@ -104,7 +105,8 @@ class WorkerHandle:
 
 class Supervisor:
     def __init__(self, settings: NodeSettings, worker_env: dict[str, str],
-                 runtime_dir: Path, breaker: Breaker | None = None) -> None:
+                 runtime_dir: Path, breaker: Breaker | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.worker_env = worker_env  # OG_* for every worker (Redis URL, secret, ...)
         self.runtime_dir = runtime_dir
@@ -119,6 +121,8 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.extra_services: list = []  # started after the workers, stopped before them
+        self.notifier = notifier or Notifier(None)  # systemd's Type=notify (sdnotify.py)
+        self.announced_ready = False
 
     # -- lifecycle --------------------------------------------------------
 
@@ -154,6 +158,8 @@ class Supervisor:
         self.stopping = True
         deadline = time.monotonic() + self.settings.shutdown_deadline_s
         log.info("shutting down: draining %d connections", self.connections())
+        self.notifier.send("STOPPING=1",
+                           f"STATUS=draining {self.connections()} players before exit")
         for worker in self.workers:
             self._request_drain(worker, retire=True)
         while time.monotonic() < deadline and self.connections() > 0:
@@ -264,6 +270,7 @@ class Supervisor:
                 self.decide_breaker()
                 await self._check_workers()
                 self._update_auto_drain()
+                self._notify_systemd()
             except Exception:
                 log.exception("monitor pass failed")
             await asyncio.sleep(MONITOR_INTERVAL_S)
@@ -332,6 +339,26 @@ class Supervisor:
         self.table.supervisor_writer(inc.slot).count_restart()
         log.error("worker %d (pid %d) died (%s); restarting in %.1fs", worker.index, inc.pid,
                   how, worker.restart_at - now, extra=about(worker.index, inc.pid))
+
+    def _notify_systemd(self) -> None:
+        """READY=1 once every worker came up or was given up on, one at least serving.
+
+        The services (HAProxy) were started before the monitor ran, so ready
+        means players can connect. Then a STATUS line while it changes.
+        """
+        if self.stopping or not self.notifier.enabled:
+            return
+        serving = sum(1 for w in self.workers if w.phase in (Phase.READY, Phase.DRAINING))
+        failed = sum(1 for w in self.workers if w.phase is Phase.FAILED)
+        status = (f"{serving} of {self.n} workers serving"
+                  + (f", {failed} failed" if failed else "")
+                  + f"; {self.connections()} players")
+        if not self.announced_ready:
+            if serving == 0 or serving + failed < self.n:
+                return
+            self.announced_ready = self.notifier.send("READY=1", f"STATUS={status}")
+            return
+        self.notifier.status(status)
 
     def _update_auto_drain(self) -> None:
         """Connection thresholds with hysteresis: drain above, ready below a lower mark."""

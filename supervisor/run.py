@@ -16,6 +16,7 @@ from supervisor.metrics import MetricsServer, WorkerInfo, fleet_registry
 from supervisor.node import Phase, Supervisor
 from supervisor.private import private_dir
 from supervisor.runtime import redis_for, runtime_dir
+from supervisor.sdnotify import Notifier
 from supervisor.services import HAProxyService
 from supervisor.settings import NodeSettings
 
@@ -38,7 +39,8 @@ def worker_info(supervisor: Supervisor) -> list[WorkerInfo]:
             for w in supervisor.workers]
 
 
-def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Supervisor:
+def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str,
+                     notifier: Notifier | None = None) -> Supervisor:
     runtime = runtime_dir(worker)
     if node.haproxy:  # refused now, in one line, rather than once the workers are up
         private_dir(runtime / "haproxy")
@@ -47,7 +49,7 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Su
         env["OG_ALLOW_ANONYMOUS"] = "1"
     breaker = Breaker(worker.breaker_trip_share, worker.breaker_recover_share,
                       worker.breaker_min_players)
-    supervisor = Supervisor(node, env, runtime, breaker)
+    supervisor = Supervisor(node, env, runtime, breaker, notifier)
     if node.haproxy:
         supervisor.extra_services.append(
             HAProxyService(haproxy_settings(node, runtime, worker.log_format),
@@ -73,8 +75,9 @@ def run_node(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"OG_PARTITION_MAP={worker.partition_map!r}: partition map: {exc}")\
             from None
+    notifier = Notifier.from_environment()  # before any child could inherit NOTIFY_SOCKET
     with redis_for(worker) as url:
-        supervisor = build_supervisor(node, worker, url)
+        supervisor = build_supervisor(node, worker, url, notifier)
         code = uvloop.run(supervisor.run())
     failed = [w.index for w in supervisor.workers if w.phase is Phase.FAILED]
     if failed:
