@@ -303,6 +303,21 @@ def test_rendered_config_passes_haproxy_check_without_warnings(tmp_path: Path) -
     assert not any(line in ("daemon", "master-worker") for line in lines)
 
 
+def test_json_log_format_renders_and_passes_haproxy_check(tmp_path: Path) -> None:
+    """OG_LOG_FORMAT=json: the same redaction, inside a JSON object; `haproxy -c` clean."""
+    (tmp_path / "state").write_text("1\n")
+    text = [line for line in code_lines(render(settings(tmp_path)))
+            if line.startswith("log-format ")]
+    config = render(settings(tmp_path, log_format="json"))
+    check(config, haproxy=HAPROXY, strict=True)
+    (line,) = [line for line in code_lines(config) if line.startswith("log-format ")]
+    assert line.startswith('log-format "{\\"accept_ts\\":%Ts.%ms,') and line.endswith('}"')
+    redaction = "regsub(\\\"([?&;])([^=&;]*[%][^=&;]*|token|og_session)=[^&;]*\\\""
+    assert redaction in line and redaction in text[0]
+    with pytest.raises(ValueError, match="log_format='xml'"):
+        render(settings(tmp_path, log_format="xml"))
+
+
 def test_ipv6_addresses_render_in_brackets(tmp_path: Path) -> None:
     config = render(settings(tmp_path, bind_host="::1", worker_host="::1", agent_host="::1"))
     check(config, haproxy=HAPROXY)
