@@ -13,7 +13,7 @@ import os
 import re
 import socket
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import Field, dataclass, field, fields
 
 
 class ConfigError(ValueError):
@@ -38,9 +38,11 @@ def ws_origins(raw: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(origins))
 
 
-def setting(env: str, default: object, doc: str, *, minimum: float | None = None):
-    """A dataclass field read from `env`, checked against `minimum`."""
-    return field(default=default, metadata={"env": env, "doc": doc, "min": minimum})
+def setting(env: str, default: object, doc: str, *, minimum: float | None = None,
+            choices: tuple[str, ...] | None = None):
+    """A dataclass field read from `env`, checked against `minimum` or `choices`."""
+    return field(default=default,
+                 metadata={"env": env, "doc": doc, "min": minimum, "choices": choices})
 
 
 class EnvSettings:
@@ -59,14 +61,25 @@ class EnvSettings:
         settings.check()
         return settings
 
+    @classmethod
+    def env_value(cls, name: str, env: Mapping[str, str] | None = None) -> object:
+        """One setting from the environment, checked like `from_env` checks it.
+
+        For what a process needs before it can load the rest (the log format,
+        which applies to the very first line it logs).
+        """
+        env = os.environ if env is None else env
+        f = next(f for f in fields(cls) if f.name == name)  # type: ignore[arg-type]
+        raw = env.get(f.metadata["env"])
+        if raw is None or raw == "":
+            return f.default
+        value = _convert(f.name, f.metadata["env"], type(f.default), raw)
+        _check_field(f, value)
+        return value
+
     def check(self) -> None:
         for f in fields(self):  # type: ignore[arg-type]
-            minimum = f.metadata["min"]
-            value = getattr(self, f.name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"{f.metadata['env']}={value}: must be a finite number")
-            if minimum is not None and value < minimum:
-                raise ConfigError(f"{f.metadata['env']}={value}: must be at least {minimum}")
+            _check_field(f, getattr(self, f.name))
 
     @classmethod
     def describe(cls) -> list[tuple[str, str, str]]:
@@ -265,6 +278,12 @@ class Settings(EnvSettings):
         "OG_REDIS_RECONNECT_S", 0.5, "fixed delay between Redis reconnect attempts",
         minimum=0.01
     )
+    log_format: str = setting(
+        "OG_LOG_FORMAT", "text",
+        "log lines of every oddsgate process and of HAProxy: `text` (readable) or `json` "
+        "(one object per line: time, level, logger, role, index, message, fields)",
+        choices=("text", "json"),
+    )
 
     def check(self) -> None:
         super().check()
@@ -294,6 +313,16 @@ class Settings(EnvSettings):
     @property
     def history_ms(self) -> int:
         return int(self.history_s * 1000)
+
+
+def _check_field(f: Field, value: object) -> None:
+    env, minimum, choices = f.metadata["env"], f.metadata["min"], f.metadata.get("choices")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{env}={value}: must be a finite number")
+    if minimum is not None and value < minimum:  # type: ignore[operator]
+        raise ConfigError(f"{env}={value}: must be at least {minimum}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{env}={value!r}: must be one of {', '.join(choices)}")
 
 
 def _convert(name: str, env: str, kind: type, raw: str) -> object:

@@ -111,7 +111,8 @@ class Hub:
         try:
             epoch, seq, market, ts = _parse(event)
         except (orjson.JSONDecodeError, KeyError, TypeError):
-            log.error("dropping a malformed event on %s: %.200r", topic, event)
+            log.error("dropping a malformed event on %s: %.200r", topic, event,
+                      extra={"topic": topic})
             return NO_EFFECTS
         self.pubsub_lag_ns = time.time_ns() - ts
         verdict = channel.cursor.offer(epoch, seq, (market, event))
@@ -203,7 +204,7 @@ class Hub:
 
     def load_failed(self, channel: TopicChannel, exc: BaseException) -> Effects:
         """The channel could not be opened: it goes, and its joiners are refused."""
-        log.warning("cannot open %s: %s", channel.topic, exc)
+        log.warning("cannot open %s: %s", channel.topic, exc, extra={"topic": channel.topic})
         if self.channels.get(channel.topic) is channel and not channel.ready:
             del self.channels[channel.topic]
             return [CloseTopic(channel.topic)]
@@ -223,7 +224,8 @@ class Hub:
             try:
                 parsed.append((_parse(event)[2], event))
             except (orjson.JSONDecodeError, KeyError, TypeError):
-                log.error("skipping a malformed latest state of %s", channel.topic)
+                log.error("skipping a malformed latest state of %s", channel.topic,
+                          extra={"topic": channel.topic})
         channel.cursor.begin_sync()
         result = channel.cursor.complete_sync(state.epoch, state.seq, [])
         channel.load(parsed)
@@ -503,9 +505,11 @@ class Hub:
 
     def history_failed(self, read: ReadHistory, exc: BaseException) -> Effects:
         if read.replay is not None:
-            log.warning("replay read of %s failed: %s", read.channel.topic, exc)
+            log.warning("replay read of %s failed: %s", read.channel.topic, exc,
+                        extra={"topic": read.channel.topic})
             return self._replayed(read, None)
-        log.warning("gap fill of %s failed (%s); retrying", read.channel.topic, exc)
+        log.warning("gap fill of %s failed (%s); retrying", read.channel.topic, exc,
+                    extra={"topic": read.channel.topic})
         return [RetryRepair(read.channel, RETRY_S)]
 
     def repair_timer(self, channel: TopicChannel) -> Effects:
@@ -518,13 +522,14 @@ class Hub:
         if self.channels.get(channel.topic) is not channel:
             channel.repairing = False
             return NO_EFFECTS
-        log.warning("resetting %s (%s)", channel.topic, read.reason)
+        log.warning("resetting %s (%s)", channel.topic, read.reason, extra={"topic": channel.topic})
         self.counters.channel_resets += 1
         self._install(channel, state, reset_reason=read.reason)
         return self._continue_repair(channel)
 
     def resync_failed(self, read: LoadState, exc: BaseException) -> Effects:
-        log.warning("reload of %s failed (%s); retrying", read.channel.topic, exc)
+        log.warning("reload of %s failed (%s); retrying", read.channel.topic, exc,
+                    extra={"topic": read.channel.topic})
         return [RetryRepair(read.channel, RETRY_S)]
 
     def _deliver_merged(self, channel: TopicChannel, items: list[Item]) -> None:

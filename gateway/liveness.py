@@ -122,7 +122,8 @@ class Liveness:
             conn = self.connections.get(session)
             if since is None or conn is None or now - since < limit or not session.open:
                 continue
-            log.info("closing %s: over its high-water mark for %.0fs", session.conn_id, now - since)
+            log.info("closing %s: over its high-water mark for %.0fs", session.conn_id, now - since,
+                     extra={"conn_id": session.conn_id})
             session.close()
             cut(conn, Ending.TOO_SLOW)
 

@@ -124,6 +124,6 @@ class HttpRoutes:
         try:
             state = await self.broker.load_state(topic)
         except Exception as exc:
-            log.warning("snapshot read of %s failed: %s", topic, exc)
+            log.warning("snapshot read of %s failed: %s", topic, exc, extra={"topic": topic})
             return error_response(503, "unavailable", "upstream unavailable, retry")
         return json_response(200, protocol.snapshot(topic, state.epoch, state.seq, state.markets))

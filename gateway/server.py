@@ -139,7 +139,8 @@ class PlayerConnection(ServerConnection):
         super().process_event(event)
 
     def _close_flooding(self, session: Session) -> None:
-        log.info("closing %s: too many ping/pong frames", session.conn_id)
+        log.info("closing %s: too many ping/pong frames", session.conn_id,
+                 extra={"conn_id": session.conn_id})
         session.close()
         cut(self, Ending.CONTROL_FLOOD)
 
@@ -476,7 +477,7 @@ class Worker:
         except ConnectionClosed:
             pass
         except Exception as exc:
-            log.exception("connection %s failed", conn_id)
+            log.exception("connection %s failed", conn_id, extra={"conn_id": conn_id})
             code, reason = close_for_exception(exc)
             with contextlib.suppress(Exception):
                 await conn.close(code, reason)

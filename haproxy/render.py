@@ -1,8 +1,9 @@
 """The template filled in for one node's settings.
 
 The template is `oddsgate.cfg.tmpl` beside this module, a string.Template so
-that it stays a readable HAProxy file an SRE can review; its `log-format`
-redacts session tokens from every request line HAProxy logs. What renders
+that it stays a readable HAProxy file an SRE can review. Its `log-format`
+is one of REQUEST_LOG_FORMATS below, and either redacts session tokens from
+every request line HAProxy logs. What renders
 here is always run through `haproxy -c` (check.py) before anyone starts or
 reloads HAProxy with it: a typo must fail the deploy step, not leave the
 node without a load balancer.
@@ -19,6 +20,30 @@ from haproxy.settings import HAProxySettings, address
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "oddsgate.cfg.tmpl"
 BACKEND = "gateway"  # the template's backend: the one whose servers are the workers
+
+# The request URI with the value of every `token=` / `og_session=` query
+# parameter (any case, `;` or `&` separated, a name with %-escapes too)
+# replaced by REDACTED. Both layouts log the request through this.
+_REDACTED_URI = (r'capture.req.uri,regsub(\"([?&;])([^=&;]*[%][^=&;]*|token|og_session)'
+                 r'=[^&;]*\",\"\\1\\2=REDACTED\",gi)')
+
+# The `log-format` line's argument for each OG_LOG_FORMAT, as written in the
+# file: one quoted string, `\"` a literal double quote inside it.
+REQUEST_LOG_FORMATS = {
+    # `option httplog`'s layout, with the request line redacted and the two
+    # captured-cookie fields a fixed "-".
+    "text": (r'"%ci:%cp [%tr] %ft %b/%s %TR/%Tw/%Tc/%Tr/%Ta %ST %B - - %tsc '
+             r'%ac/%fc/%bc/%sc/%rc %sq/%bq %hr %hs \"%HM %[' + _REDACTED_URI + r'] %HV\""'),
+    # One JSON object per line. Numbers only where HAProxy always writes an
+    # integer (timers are -1 when not reached); `conns` keeps httplog's
+    # a/f/b/s/r as a string because retries read "+N" after a redispatch; the
+    # URI goes through json() so any byte a client sent is escaped.
+    "json": (r'"{\"accept_ts\":%Ts.%ms,\"client\":\"%ci:%cp\",\"frontend\":\"%ft\",'
+             r'\"backend\":\"%b\",\"server\":\"%s\",\"TR\":%TR,\"Tw\":%Tw,\"Tc\":%Tc,'
+             r'\"Tr\":%Tr,\"Ta\":%Ta,\"status\":%ST,\"bytes\":%B,\"termination\":\"%tsc\",'
+             r'\"conns\":\"%ac/%fc/%bc/%sc/%rc\",\"queues\":\"%sq/%bq\",'
+             r'\"request\":\"%HM %[' + _REDACTED_URI + r',json(utf8s)] %HV\"}"'),
+}
 
 
 def server_name(index: int) -> str:
@@ -62,6 +87,7 @@ def render(settings: HAProxySettings, template: str | None = None) -> str:
         "maxconn": str(settings.maxconn),
         "stats_socket": settings.stats_socket,
         "log_level": settings.log_level,
+        "request_log_format": REQUEST_LOG_FORMATS[settings.log_format],
         "hard_stop_after": f"{settings.hard_stop_after_s}s",
         "server_state_file": state_global,
         "load_server_state": state_defaults,

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 LOG_LEVELS = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
+LOG_FORMATS = ("text", "json")  # the request log's layout (haproxy/render.py)
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the NUL on Linux
 _HOST_CHARS = re.compile(r"^[A-Za-z0-9._:-]+$")
 
@@ -45,6 +46,8 @@ class HAProxySettings:
     hard_stop_after_s: int = 300
     #: `info` logs every request and finished WebSocket; `notice` only state changes
     log_level: str = "info"
+    #: the request log's layout: `text` (option httplog's) or `json` (OG_LOG_FORMAT)
+    log_format: str = "text"
     #: where a reload saves server states for the new worker; None: not carried
     state_file: str | None = None
 
@@ -83,6 +86,9 @@ class HAProxySettings:
             _check_positive("server_maxconn", self.server_maxconn)
         if self.log_level not in LOG_LEVELS:
             raise ValueError(f"log_level={self.log_level!r}: not one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ValueError(f"log_format={self.log_format!r}: not one of "
+                             f"{', '.join(LOG_FORMATS)}")
 
 
 def check_path(name: str, value: object, *, unix_socket: bool = False) -> None:

@@ -18,7 +18,6 @@ configuration; 3 no supervisor answers on the control socket.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -27,28 +26,31 @@ from gateway.config import ConfigError, Settings, describe
 from supervisor import haproxy_config
 from supervisor.embedded_redis import EmbeddedRedisError
 
+# The role a command's process has in its JSON log lines (supervisor/logformat.py);
+# a command not listed here is named after itself ("worker", "demo", "feed", ...).
+ROLES = {"run": "supervisor"}
 
-def setup_logging(verbose: bool = False) -> None:
-    """stderr logging for every subcommand; players' tokens are redacted from all of it."""
-    from supervisor import redact
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("websockets").setLevel(logging.WARNING)
-    redact.install()
+def setup_logging(verbose: bool = False, *, log_format: str | None = None,
+                  role: str = "oddsgate") -> None:
+    """stderr logging for every subcommand, in OG_LOG_FORMAT unless `log_format` is given;
+    players' tokens are redacted from all of it."""
+    from supervisor import logformat
+
+    logformat.configure(log_format or logformat.configured_format(), verbose=verbose,
+                        role=role)
 
 
 def _worker(args: argparse.Namespace) -> int:
     from gateway.worker import run
+    from supervisor.logformat import set_process
     from supervisor.runtime import redis_for
 
     settings = Settings.from_env(
         host=args.host, port=args.port, redis_url=args.redis_url,
         worker_index=args.index, allow_anonymous=True if args.anonymous else None,
     )
+    set_process("worker", settings.worker_index)
     with redis_for(settings) as url:
         settings.redis_url = url
         return run(settings)
@@ -324,7 +326,11 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as exc:  # argparse has printed the usage and the error, or the help
         return exc.code if isinstance(exc.code, int) else 2
-    setup_logging(args.verbose)
+    try:
+        setup_logging(args.verbose, role=ROLES.get(args.command, args.command))
+    except ConfigError as exc:  # OG_LOG_FORMAT: before anything could be logged
+        print(f"oddsgate: {exc}", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -2,11 +2,19 @@
 
 It starts `oddsgate run --haproxy` (supervisor, one worker per core, the
 embedded Redis, HAProxy in front), a synthetic feed, and a crowd of players
-built on the client library that connect through HAProxy; then prints one
-line a second of what the players see (events delivered, publish-to-receipt
-latency, snapshots, resumes, PROTOCOL.md §5 violations: always 0) and how
-the node spreads them over its workers. In another terminal, `oddsgate
-drain --worker 0` (with the same OG_RUNTIME_DIR) shows players moving.
+built on the client library that connect through HAProxy. It prints a short
+header (what runs where, the player shell's and /metrics' URLs, the commands
+to try in another terminal) and then what the players see (events delivered,
+publish-to-receipt latency, resumes, PROTOCOL.md section 5 violations:
+always 0) and how the node spreads them over its workers:
+
+- on a terminal, one status line rewritten in place every second;
+- otherwise (a pipe, CI), one line a second, `t=...`, each kept.
+
+The node's log (supervisor, workers, HAProxy) goes to `node.log` and the
+demo's own to `demo.log`, both in the runtime directory the header names,
+in OG_LOG_FORMAT; nothing but the header and the status reach the terminal.
+`oddsgate drain --worker 0` with the same OG_RUNTIME_DIR shows players moving.
 """
 
 from __future__ import annotations
@@ -14,14 +22,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import os
 import random
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import redis.asyncio as aioredis
 import uvloop
@@ -31,8 +43,13 @@ from feed.publisher import Publisher
 from feed.synthetic import SyntheticFeed
 from gateway.auth import issue_token
 from gateway.topics import PartitionMap
+from supervisor import logformat
 from supervisor.control import ControlUnavailable, request
-from supervisor.private import private_dir
+from supervisor.private import open_log, private_dir
+from supervisor.settings import NodeSettings
+
+NODE_LOG = "node.log"
+DEMO_LOG = "demo.log"
 
 
 def _percentile(values: list[int], q: float) -> float:
@@ -57,26 +74,151 @@ def _wait_for_node(control: Path, proc: subprocess.Popen, timeout: float = 60.0)
     raise RuntimeError("the node did not become ready")
 
 
-async def _watch(args: argparse.Namespace, redis_url: str, secret: str, control: Path) -> None:
+@dataclass
+class Place:
+    """Where the demo's pieces run, for the header."""
+
+    runtime: Path
+    port: int
+    metrics: str  # the /metrics URL, or "" when OG_METRICS_PORT=0
+    redis_url: str
+
+    @property
+    def players_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+
+def _command() -> str:
+    """How the user runs `oddsgate`: the venv's script, relative to here when it can be."""
+    script = Path(sys.executable).with_name("oddsgate")
+    if not script.exists():
+        return "oddsgate"
+    with contextlib.suppress(ValueError):
+        return str(script.absolute().relative_to(Path.cwd()))
+    return str(script)
+
+
+def header(place: Place, status: dict, *, players: int, rate: float, shell_url: str) -> str:
+    """What runs where, the URLs, the commands to try: printed once, above the status."""
+    workers = status["workers"]
+    ports = f"{workers[0]['port']}-{workers[-1]['port']}" if len(workers) > 1 \
+        else str(workers[0]["port"])
+    og = f"OG_RUNTIME_DIR={place.runtime} {_command()}"
+    dashboard = "import deploy/grafana/oddsgate.json into Grafana, scraping it"
+    lines = [
+        f"oddsgate demo: a node on this machine, a synthetic feed at {rate:.0f} events/s, "
+        f"{players} players",
+        f"  node      supervisor, {len(workers)} workers on 127.0.0.1:{ports}, "
+        f"HAProxy on 127.0.0.1:{place.port}, Redis {place.redis_url}",
+        f"  players   {place.players_url}",
+        f"  shell     {shell_url}",
+        f"  metrics   {place.metrics} ({dashboard})" if place.metrics
+        else "  metrics   off (OG_METRICS_PORT=0)",
+        f"  logs      {place.runtime / NODE_LOG} (node, workers, HAProxy), "
+        f"{place.runtime / DEMO_LOG}",
+        f"  try       {og} status",
+        f"            {og} drain --worker 0   (its players move; then undrain)",
+        f"            {og} reload   (every worker replaced, nobody dropped)",
+        "  Ctrl-C stops it.",
+    ]
+    return "\n".join(lines)
+
+
+@dataclass
+class Tick:
+    """One second of what the players saw and how the node spreads them."""
+
+    elapsed_s: float
+    players: int
+    delivered: int  # events the players received this second
+    p50_ms: float
+    p99_ms: float
+    resumes: int
+    resets: int
+    violations: int
+    workers: list[dict] | None  # the node's status, None when it did not answer
+
+    def line(self) -> str:
+        """The non-terminal report: one line a second, kept (tests and CI read these)."""
+        spread = ("node unreachable" if self.workers is None else
+                  " ".join(f"w{w['index']}:{w['connections']}({w['agent'].split()[-1]})"
+                           for w in self.workers))
+        return (f"t={self.elapsed_s:5.1f}s delivered={self.delivered:6d}/s "
+                f"latency p50={self.p50_ms:6.2f}ms p99={self.p99_ms:6.2f}ms "
+                f"resumes={self.resumes} resets={self.resets} "
+                f"violations={self.violations} | {spread}")
+
+    def status(self) -> str:
+        """The terminal's status line, rewritten in place."""
+        spread = ("node unreachable" if self.workers is None else
+                  "  ".join(f"w{w['index']} {w['phase']} {w['connections']}"
+                            for w in self.workers))
+        return (f"{self.players} players | {self.delivered:,} deliveries/s | "
+                f"p50 {self.p50_ms:.1f} ms p99 {self.p99_ms:.1f} ms | "
+                f"resumes {self.resumes} resets {self.resets} "
+                f"violations {self.violations} | {spread}")
+
+
+class StatusOutput:
+    """One status line rewritten in place on a terminal; one line per tick elsewhere."""
+
+    def __init__(self, out: IO[str], live: bool | None = None) -> None:
+        self.out = out
+        self.live = out.isatty() if live is None else live
+        self._shown = False
+
+    def print(self, text: str) -> None:
+        """A line that stays (the header): above the status line, if one is shown."""
+        self._clear()
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def tick(self, tick: Tick) -> None:
+        if not self.live:
+            self.print(tick.line())
+            return
+        width = shutil.get_terminal_size((120, 24)).columns or 120  # a pty may say 0
+        text = tick.status()
+        if len(text) >= width:  # a wrapped line could not be rewritten in place
+            text = text[:max(1, width - 2)] + "…"
+        self.out.write("\r\x1b[2K" + text)
+        self.out.flush()
+        self._shown = True
+
+    def close(self) -> None:
+        if self._shown:
+            self.out.write("\n")
+            self.out.flush()
+            self._shown = False
+
+    def _clear(self) -> None:
+        if self._shown:
+            self.out.write("\r\x1b[2K")
+            self._shown = False
+
+
+async def _watch(args: argparse.Namespace, place: Place, secret: str, status: dict,
+                 output: StatusOutput) -> None:
+    control = place.runtime / "control.sock"
     pmap = PartitionMap.load(None)
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = aioredis.Redis.from_url(place.redis_url)
     feed = SyntheticFeed(Publisher(redis, pmap), pmap, seed=1, rate=args.rate)
     await feed.publish_opening_prices()  # listed before anyone follows them, as an aggregator does
     topics = feed.topics_by_popularity()[:40]
     rng = random.Random(2)
-    url = f"ws://127.0.0.1:{args.port}/ws"
     players = []
     for i in range(args.clients):
-        player = OddsClient(url, token=issue_token(secret, f"demo-{i}", secrets.token_hex(4)),
+        player = OddsClient(place.players_url,
+                            token=issue_token(secret, f"demo-{i}", secrets.token_hex(4)),
                             record_latency=True)
         await player.connect()
         await player.subscribe(rng.sample(topics, k=min(5, len(topics))))
         players.append(player)
-    print(f"demo: {len(players)} players through HAProxy at {url}, feed {args.rate:.0f} "
-          "events/s; Ctrl-C stops", flush=True)
     shell_token = issue_token(secret, "demo-shell", secrets.token_hex(4), 86400.0)
-    print(f"demo: player shell at http://127.0.0.1:{args.port}/?token={shell_token}"
-          f"&topics={','.join(topics[:6])}", flush=True)
+    shell_url = (f"http://127.0.0.1:{args.port}/?token={shell_token}"
+                 f"&topics={','.join(topics[:6])}")
+    output.print(header(place, status, players=len(players), rate=args.rate,
+                        shell_url=shell_url))
     feed_task = asyncio.create_task(feed.run(duration=args.duration))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -93,21 +235,18 @@ async def _watch(args: argparse.Namespace, redis_url: str, secret: str, control:
             player.latencies_ns.clear()
         events = sum(p.stats.events for p in players)
         try:
-            status = await asyncio.to_thread(request, control, {"cmd": "status"}, 5)
-            spread = " ".join(f"w{w['index']}:{w['connections']}({w['agent'].split()[-1]})"
-                              for w in status["workers"])
+            workers = (await asyncio.to_thread(request, control, {"cmd": "status"}, 5))["workers"]
         except (ControlUnavailable, OSError, TimeoutError):
-            spread = "node unreachable"
-        print(
-            f"t={time.monotonic() - started:5.1f}s delivered={events - last_events:6d}/s "
-            f"latency p50={_percentile(samples, 0.5):6.2f}ms "
-            f"p99={_percentile(samples, 0.99):6.2f}ms "
-            f"resumes={sum(p.stats.resumes for p in players)} "
-            f"resets={sum(p.stats.resets for p in players)} "
-            f"violations={sum(len(p.violations) for p in players)} | {spread}",
-            flush=True,
-        )
+            workers = None
+        output.tick(Tick(
+            elapsed_s=time.monotonic() - started, players=len(players),
+            delivered=events - last_events,
+            p50_ms=_percentile(samples, 0.5), p99_ms=_percentile(samples, 0.99),
+            resumes=sum(p.stats.resumes for p in players),
+            resets=sum(p.stats.resets for p in players),
+            violations=sum(len(p.violations) for p in players), workers=workers))
         last_events = events
+    output.close()
     feed.stop()
     await asyncio.gather(feed_task, return_exceptions=True)
     for player in players:
@@ -115,28 +254,53 @@ async def _watch(args: argparse.Namespace, redis_url: str, secret: str, control:
     await redis.aclose()
 
 
+def _log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"({path}: {exc})"
+
+
 def run_demo(args: argparse.Namespace) -> int:
     runtime = private_dir(os.environ.get("OG_RUNTIME_DIR")
                           or f"/tmp/oddsgate-demo-{os.getuid()}")
     secret = os.environ.get("OG_JWT_SECRET") or secrets.token_hex(16)
+    node_settings = NodeSettings.from_env()
+    place = Place(
+        runtime=runtime, port=args.port,
+        metrics=(f"http://{node_settings.metrics_host}:{node_settings.metrics_port}/metrics"
+                 if node_settings.metrics_port else ""),
+        redis_url=f"unix://{runtime / 'redis' / 'redis.sock'}")
+    # The demo's own log lines (the client library's, the feed's) go to a file too:
+    # the terminal keeps the header and the status line.
+    demo_log = io.TextIOWrapper(open_log(runtime / DEMO_LOG), line_buffering=True)
+    logformat.configure(logformat.configured_format(), stream=demo_log, role="demo")
+    output = StatusOutput(sys.stdout)
     env = {**os.environ, "OG_RUNTIME_DIR": str(runtime), "OG_JWT_SECRET": secret,
-           "OG_HAPROXY_BIND": f"127.0.0.1:{args.port}"}
+           "OG_HAPROXY_BIND": f"127.0.0.1:{args.port}", "PYTHONUNBUFFERED": "1"}
     env.pop("OG_REDIS_URL", None)  # the node's own embedded Redis
-    node = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--haproxy"],
-                            env=env)
-    control = runtime / "control.sock"
+    node_log = runtime / NODE_LOG
+    output.print(f"oddsgate demo: starting a node (its log: {node_log})")
+    with open_log(node_log) as log_file:
+        node = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--haproxy"],
+                                env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                stderr=subprocess.STDOUT)
     try:
-        status = _wait_for_node(control, node)
-        redis_url = f"unix://{runtime / 'redis' / 'redis.sock'}"
-        print(f"demo: node up, {len(status['workers'])} workers; players connect to "
-              f"ws://127.0.0.1:{args.port}/ws; metrics on "
-              f"http://127.0.0.1:{os.environ.get('OG_METRICS_PORT', '9100')}/metrics; "
-              f"try: OG_RUNTIME_DIR={runtime} .venv/bin/oddsgate status", flush=True)
-        uvloop.run(_watch(args, redis_url, secret, control))
+        try:
+            status = _wait_for_node(runtime / "control.sock", node)
+        except RuntimeError as exc:
+            print(f"oddsgate demo: {exc}; the end of {node_log}:\n{_log_tail(node_log)}",
+                  file=sys.stderr)
+            return 1
+        uvloop.run(_watch(args, place, secret, status, output))
     finally:
+        output.close()
         node.send_signal(signal.SIGTERM)
         try:
             node.wait(30)
         except subprocess.TimeoutExpired:
             node.kill()
+            node.wait()
+        logformat.configure(logformat.configured_format(), role="demo")  # off the file
+        demo_log.close()
     return 0

@@ -43,9 +43,12 @@ import socket
 import subprocess
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import IO, BinaryIO
 
 import psutil
 
@@ -185,10 +188,15 @@ class HAProxyProcess:
 
     Files in `runtime_dir`: `haproxy.cfg` (rendered and checked on every
     start and reload), `haproxy.state` (server states across reloads),
-    `haproxy.log` (HAProxy's stdout and stderr, unless `inherit_output`), and
-    the master CLI socket. The stats socket is wherever `settings` says.
+    `haproxy.log` (HAProxy's stdout and stderr, unless `on_line` takes them),
+    and the master CLI socket. The stats socket is wherever `settings` says.
     `runtime_dir` must be ours alone, and files are renamed into place from
     random names, never written through a link (supervisor/private.py).
+
+    `on_line`, when given, gets each line HAProxy writes (its request log and
+    its own diagnostics) and the master's pid, from a reader thread, instead
+    of `haproxy.log`: the supervisor relays them into its own log, in its
+    format (supervisor/services.py).
     """
 
     def __init__(
@@ -197,7 +205,7 @@ class HAProxyProcess:
         runtime_dir: str | os.PathLike[str],
         *,
         haproxy: str | None = None,
-        inherit_output: bool = False,
+        on_line: Callable[[str, int], None] | None = None,
     ) -> None:
         self.runtime_dir = Path(os.path.abspath(runtime_dir))  # a link there is refused
         self.config_path = self.runtime_dir / CONFIG_NAME
@@ -205,7 +213,8 @@ class HAProxyProcess:
         self.log_path = self.runtime_dir / LOG_NAME
         self.master_socket = self.runtime_dir / MASTER_SOCKET_NAME
         check_path("master socket", str(self.master_socket), unix_socket=True)
-        self.inherit_output = inherit_output
+        self.on_line = on_line
+        self._recent_lines: deque[str] = deque(maxlen=20)  # for errors, when relayed
         self._haproxy = haproxy
         self.settings = self._prepare(settings)
         self._proc: subprocess.Popen[bytes] | None = None
@@ -266,18 +275,42 @@ class HAProxyProcess:
                     "-f", str(self.config_path)]
             log_offset = 0
             with contextlib.ExitStack() as stack:
-                out = None
-                if not self.inherit_output:
+                out: BinaryIO | int = subprocess.PIPE
+                if self.on_line is None:
                     out = stack.enter_context(open_log(self.log_path))
                     log_offset = os.fstat(out.fileno()).st_size
                 self._proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                    argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                     cwd=self.runtime_dir, process_group=0,
                 )
+            if self.on_line is not None:
+                self._recent_lines.clear()
+                assert self._proc.stdout is not None
+                threading.Thread(target=self._relay,
+                                 args=(self._proc.stdout, self.on_line, self._proc.pid),
+                                 name="haproxy-output", daemon=True).start()
             self._owner_pid = os.getpid()
             _running.add(self)
             self._wait_ready(timeout, log_offset)
             return self
+
+    def _relay(self, output: IO[bytes], on_line: Callable[[str, int], None], pid: int) -> None:
+        """Hand each line HAProxy writes to `on_line`, until its last process closes it.
+
+        The master and its workers share the pipe, so EOF comes when every
+        one of them is gone. A failing `on_line` loses that line, never the
+        ones after it: HAProxy must not block on a full pipe.
+        """
+        with output:
+            for raw in output:
+                line = raw.decode(errors="replace").rstrip("\n")
+                if not line:
+                    continue
+                self._recent_lines.append(line)
+                try:
+                    on_line(line, pid)
+                except Exception:
+                    log.exception("relaying a line of haproxy's output failed")
 
     def _wait_ready(self, timeout: float, log_offset: int) -> None:
         """Wait for `_ready()`, or for the master's exit (a bind failure, say), or time out.
@@ -489,8 +522,9 @@ class HAProxyProcess:
         _running.discard(self)
 
     def _log_tail(self, offset: int = 0, lines: int = 20) -> str:
-        if self.inherit_output:
-            return "see the supervisor's stderr for haproxy's messages"
+        if self.on_line is not None:
+            tail = list(self._recent_lines)[-lines:]
+            return "haproxy's last lines:\n" + ("\n".join(tail) if tail else "(none)")
         try:
             with open(self.log_path, "rb") as log_file:
                 log_file.seek(offset)

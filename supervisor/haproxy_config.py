@@ -16,7 +16,7 @@ from pathlib import Path
 from haproxy.check import check
 from haproxy.errors import HAProxyConfigError, HAProxyError
 from haproxy.render import render
-from haproxy.settings import LOG_LEVELS, HAProxySettings
+from haproxy.settings import LOG_FORMATS, LOG_LEVELS, HAProxySettings
 from supervisor.private import write_private
 from supervisor.settings import NodeSettings
 
@@ -41,6 +41,13 @@ def _default_stats_socket() -> str:
     return str(runtime_dir(Settings.from_env(allow_anonymous=True)) / STATS_SOCKET_NAME)
 
 
+def _default_log_format() -> str:
+    """OG_LOG_FORMAT, as the node's own HAProxy would log."""
+    from gateway.config import Settings
+
+    return str(Settings.env_value("log_format"))
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command's flags, on its subparser of `oddsgate`."""
     node = NodeSettings()  # the declared defaults, not the environment's
@@ -61,6 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--maxconn", type=int, default=100_000, help="players, node-wide")
     parser.add_argument("--server-maxconn", type=int, help="players per worker (default: none)")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    parser.add_argument("--log-format", choices=LOG_FORMATS,
+                        help="request log layout (default: OG_LOG_FORMAT, else text)")
     parser.add_argument("--output", "-o", help="write to FILE instead of stdout")
     parser.add_argument("--check", action="store_true", help="run `haproxy -c` on the result")
     parser.add_argument("--haproxy", help="haproxy binary for --check")
@@ -77,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
             stats_socket=args.stats_socket or _default_stats_socket(),
             state_file=args.state_file, maxconn=args.maxconn,
             server_maxconn=args.server_maxconn, log_level=args.log_level,
+            log_format=args.log_format or _default_log_format(),
         )
         text = render(settings)
         if args.check:

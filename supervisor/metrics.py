@@ -48,18 +48,20 @@ from prometheus_client.utils import floatToGoString
 
 from gateway.counters import STATS, Kind, Stat
 from gateway.fleet import LATENCY_BOUNDS_S, FleetTable, SlotView, WorkerState
+from supervisor.node import Phase
 
 log = logging.getLogger("oddsgate.metrics")
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerInfo:
-    """What the supervisor knows of one worker slot."""
+    """What the supervisor knows of one worker index."""
 
     index: int
-    pid: int | None  # None while no process runs in the slot
-    restarts: int
+    pid: int | None  # None while no process runs for it
+    restarts: int  # restarts after unplanned exits since the node started: only grows
     draining: bool
+    phase: str | None = None  # the supervisor's Phase of it (supervisor/node.py)
 
 
 def _families() -> dict[str, list[Stat]]:
@@ -80,17 +82,23 @@ def _family(kind: Kind, name: str, doc: str, labels: list[str]) -> Metric:
     return GaugeMetricFamily(name, doc, labels=labels)
 
 
-def _process_figures(pid: int) -> tuple[int, float, int] | None:
-    """(resident bytes, cpu seconds, open fds) of a live pid; None if it is gone."""
+def _process_figures(pid: int) -> tuple[int, float, int, int] | None:
+    """(resident bytes, cpu seconds, open fds, fd limit) of a live pid; None if it is gone.
+
+    The fd limit is the soft RLIMIT_NOFILE the process runs with (what its
+    accept() fails at), read with prlimit(2), which needs no privilege for a
+    process of our own user.
+    """
     try:
         process = psutil.Process(pid)
         with process.oneshot():
             rss = process.memory_info().rss
             cpu = process.cpu_times()
             fds = process.num_fds()
+        fd_limit = process.rlimit(psutil.RLIMIT_NOFILE)[0]
     except (psutil.Error, OSError):
         return None
-    return rss, cpu.user + cpu.system, fds
+    return rss, cpu.user + cpu.system, fds, fd_limit
 
 
 class FleetCollector(Collector):
@@ -177,7 +185,8 @@ class FleetCollector(Collector):
         # when a slot was read mid-observation.
         family = HistogramMetricFamily(
             "oddsgate_fanout_latency_seconds",
-            "Time from an event's receipt to its hand-off to every follower, all workers.",
+            "Time from an event's publish (its ts) to its frames written to every follower, "
+            "all workers.",
         )
         family.add_metric([], buckets, sum_value=sum_ns / 1e9)
         return family
@@ -196,16 +205,30 @@ class FleetCollector(Collector):
                                   labels=["worker"])
         fds = GaugeMetricFamily("oddsgate_worker_open_fds",
                                 "Open file descriptors of the worker process.", labels=["worker"])
+        max_fds = GaugeMetricFamily(
+            "oddsgate_worker_max_fds",
+            "The worker process's file descriptor limit (soft RLIMIT_NOFILE).",
+            labels=["worker"])
+        phase = GaugeMetricFamily(
+            "oddsgate_worker_phase",
+            "1 for the supervisor's phase of the worker (failed: left down after a crash loop).",
+            labels=["worker", "phase"])
         for info in workers:
             worker = str(info.index)
             restarts.add_metric([worker], info.restarts)
             draining.add_metric([worker], 1 if info.draining else 0)
+            if info.phase is not None:
+                for candidate in Phase:
+                    phase.add_metric([worker, candidate.value],
+                                     1 if candidate.value == info.phase else 0)
             figures = _process_figures(info.pid) if info.pid is not None else None
             if figures is not None:
                 rss.add_metric([worker], figures[0])
                 cpu.add_metric([worker], figures[1])
                 fds.add_metric([worker], figures[2])
-        yield from (restarts, draining, rss, cpu, fds)
+                if figures[3] != psutil.RLIM_INFINITY:
+                    max_fds.add_metric([worker], figures[3])
+        yield from (restarts, draining, phase, rss, cpu, fds, max_fds)
 
     def _node_metrics(self) -> Iterator[Metric]:
         yield GaugeMetricFamily("oddsgate_breaker_open",

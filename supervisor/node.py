@@ -41,6 +41,7 @@ from haproxy.errors import HAProxyError
 from supervisor.agent import AgentServer
 from supervisor.control import ControlServer
 from supervisor.haproxy import read_servers
+from supervisor.sdnotify import Notifier
 from supervisor.settings import NodeSettings
 
 log = logging.getLogger("oddsgate.supervisor")
@@ -48,6 +49,11 @@ log = logging.getLogger("oddsgate.supervisor")
 READY_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
 MONITOR_INTERVAL_S = 0.1
+
+
+def about(index: int, pid: int | None = None) -> dict[str, int]:
+    """A log line's fields naming the worker it is about (supervisor/logformat.py)."""
+    return {"worker": index} if pid is None else {"worker": index, "worker_pid": pid}
 
 
 class Phase(StrEnum):
@@ -84,7 +90,8 @@ class WorkerHandle:
     current: Incarnation | None = None
     retired: list[Incarnation] = field(default_factory=list)
     phase: Phase = Phase.STARTING
-    restart_times: list[float] = field(default_factory=list)
+    restart_times: list[float] = field(default_factory=list)  # within the crash-loop window
+    restarts_total: int = 0  # every restart after an unplanned exit, for /metrics
     restart_at: float | None = None
     backoff_s: float = 0.0
     predecessor: Incarnation | None = None  # the process a reload is replacing
@@ -99,7 +106,8 @@ class WorkerHandle:
 
 class Supervisor:
     def __init__(self, settings: NodeSettings, worker_env: dict[str, str],
-                 runtime_dir: Path, breaker: Breaker | None = None) -> None:
+                 runtime_dir: Path, breaker: Breaker | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.worker_env = worker_env  # OG_* for every worker (Redis URL, secret, ...)
         self.runtime_dir = runtime_dir
@@ -114,6 +122,8 @@ class Supervisor:
         self._stop = asyncio.Event()
         self._reload_lock = asyncio.Lock()
         self.extra_services: list = []  # started after the workers, stopped before them
+        self.notifier = notifier or Notifier(None)  # systemd's Type=notify (sdnotify.py)
+        self.announced_ready = False
 
     # -- lifecycle --------------------------------------------------------
 
@@ -149,6 +159,8 @@ class Supervisor:
         self.stopping = True
         deadline = time.monotonic() + self.settings.shutdown_deadline_s
         log.info("shutting down: draining %d connections", self.connections())
+        self.notifier.send("STOPPING=1",
+                           f"STATUS=draining {self.connections()} players before exit")
         for worker in self.workers:
             self._request_drain(worker, retire=True)
         while time.monotonic() < deadline and self.connections() > 0:
@@ -185,7 +197,7 @@ class Supervisor:
         if worker.operator_drain:  # a drained worker's replacement is drained too
             self._request_drain(worker)
         log.info("worker %d started (pid %d, slot %d, port %d)", worker.index, proc.pid, slot,
-                 worker.port)
+                 worker.port, extra=about(worker.index, proc.pid))
         return incarnation
 
     def _view(self, incarnation: Incarnation | None):
@@ -211,6 +223,7 @@ class Supervisor:
     async def _terminate(self, incarnation: Incarnation, grace_s: float = STOP_GRACE_S) -> None:
         incarnation.retiring = True
         if not incarnation.alive:
+            self._release(incarnation)
             return
         with contextlib.suppress(ProcessLookupError):
             incarnation.proc.send_signal(signal.SIGTERM)
@@ -218,10 +231,23 @@ class Supervisor:
             await asyncio.wait_for(incarnation.proc.wait(), grace_s)
         except TimeoutError:
             log.warning("worker pid %d ignored SIGTERM for %.0fs; killing", incarnation.pid,
-                        grace_s)
+                        grace_s, extra={"worker_pid": incarnation.pid})
             with contextlib.suppress(ProcessLookupError):
                 incarnation.proc.kill()
             await incarnation.proc.wait()
+        self._release(incarnation)
+
+    def _release(self, incarnation: Incarnation) -> None:
+        """Clear the slot of a process that exited, once reaped.
+
+        Its last words (state READY or STOPPING, a heartbeat that no longer
+        moves, its players) would otherwise stay in the table until another
+        process takes the slot: /metrics would show a dead worker whose
+        heartbeat grows stale, and the node's counts would include it. Only
+        while the slot still holds that pid: a successor may have claimed it.
+        """
+        if self._view(incarnation) is not None:
+            self.table.worker_writer(incarnation.slot).reset()
 
     async def _terminate_all(self) -> None:
         incarnations = [inc for w in self.workers for inc in [w.current, *w.retired] if inc]
@@ -245,6 +271,7 @@ class Supervisor:
                 self.decide_breaker()
                 await self._check_workers()
                 self._update_auto_drain()
+                self._notify_systemd()
             except Exception:
                 log.exception("monitor pass failed")
             await asyncio.sleep(MONITOR_INTERVAL_S)
@@ -252,6 +279,9 @@ class Supervisor:
     async def _check_workers(self) -> None:
         now = time.monotonic()
         for worker in self.workers:
+            for inc in worker.retired:
+                if not inc.alive:
+                    self._release(inc)
             worker.retired = [inc for inc in worker.retired if inc.alive]
             inc = worker.current
             if worker.phase is Phase.FAILED or self.stopping:
@@ -268,7 +298,8 @@ class Supervisor:
             if view is None or view.state == WorkerState.STARTING:
                 if now - inc.started > READY_TIMEOUT_S:
                     log.error("worker %d (pid %d) not ready after %.0fs; killing it",
-                              worker.index, inc.pid, READY_TIMEOUT_S)
+                              worker.index, inc.pid, READY_TIMEOUT_S,
+                              extra=about(worker.index, inc.pid))
                     inc.proc.kill()
                 continue
             if worker.phase is Phase.STARTING and view.state == WorkerState.READY:
@@ -276,7 +307,8 @@ class Supervisor:
                 worker.backoff_s = 0.0
             if view.heartbeat_age_s(time.time_ns()) > self.settings.heartbeat_timeout_s:
                 log.error("worker %d (pid %d) heartbeat stopped %.1fs ago; killing it",
-                          worker.index, inc.pid, view.heartbeat_age_s(time.time_ns()))
+                          worker.index, inc.pid, view.heartbeat_age_s(time.time_ns()),
+                          extra=about(worker.index, inc.pid))
                 inc.proc.kill()
 
     def _on_exit(self, worker: WorkerHandle, inc: Incarnation) -> None:
@@ -284,6 +316,7 @@ class Supervisor:
         how = f"signal {-code}" if code is not None and code < 0 else f"exit code {code}"
         worker.last_exit = how
         worker.current = None
+        self._release(inc)
         now = time.monotonic()
         worker.restart_times = [t for t in worker.restart_times
                                 if now - t < self.settings.crash_loop_window_s]
@@ -291,20 +324,42 @@ class Supervisor:
             worker.phase = Phase.FAILED
             log.error("worker %d died (%s) after %d restarts in %.0fs: crash loop, leaving it "
                       "failed (oddsgate reload tries again)", worker.index, how,
-                      len(worker.restart_times), self.settings.crash_loop_window_s)
+                      len(worker.restart_times), self.settings.crash_loop_window_s,
+                      extra=about(worker.index, inc.pid))
             if all(w.phase is Phase.FAILED for w in self.workers):
                 log.critical("every worker failed; stopping the node")
                 self.gave_up = True
                 self._stop.set()
             return
         worker.restart_times.append(now)
+        worker.restarts_total += 1
         worker.backoff_s = min(self.settings.restart_backoff_max_s,
                                max(self.settings.restart_backoff_s, worker.backoff_s * 2))
         worker.restart_at = now + (worker.backoff_s if len(worker.restart_times) > 1 else 0.0)
         worker.phase = Phase.RESTARTING
         self.table.supervisor_writer(inc.slot).count_restart()
         log.error("worker %d (pid %d) died (%s); restarting in %.1fs", worker.index, inc.pid,
-                  how, worker.restart_at - now)
+                  how, worker.restart_at - now, extra=about(worker.index, inc.pid))
+
+    def _notify_systemd(self) -> None:
+        """READY=1 once every worker came up or was given up on, one at least serving.
+
+        The services (HAProxy) were started before the monitor ran, so ready
+        means players can connect. Then a STATUS line while it changes.
+        """
+        if self.stopping or not self.notifier.enabled:
+            return
+        serving = sum(1 for w in self.workers if w.phase in (Phase.READY, Phase.DRAINING))
+        failed = sum(1 for w in self.workers if w.phase is Phase.FAILED)
+        status = (f"{serving} of {self.n} workers serving"
+                  + (f", {failed} failed" if failed else "")
+                  + f"; {self.connections()} players")
+        if not self.announced_ready:
+            if serving == 0 or serving + failed < self.n:
+                return
+            self.announced_ready = self.notifier.send("READY=1", f"STATUS={status}")
+            return
+        self.notifier.status(status)
 
     def _update_auto_drain(self) -> None:
         """Connection thresholds with hysteresis: drain above, ready below a lower mark."""
@@ -327,16 +382,18 @@ class Supervisor:
             if not limits:
                 if worker.auto_drain:
                     worker.auto_drain = False
-                    log.info("worker %d back to ready (%d connections)", worker.index, count)
+                    log.info("worker %d back to ready (%d connections)", worker.index, count,
+                             extra=about(worker.index))
                 continue
             limit = min(limits)
             if not worker.auto_drain and count > limit:
                 worker.auto_drain = True
                 log.warning("worker %d over its threshold (%d > %.0f): no new players",
-                            worker.index, count, limit)
+                            worker.index, count, limit, extra=about(worker.index))
             elif worker.auto_drain and count < limit * s.drain_recover_share:
                 worker.auto_drain = False
-                log.info("worker %d back under its threshold (%d): ready", worker.index, count)
+                log.info("worker %d back under its threshold (%d): ready", worker.index, count,
+                         extra=about(worker.index))
 
     # -- what HAProxy and operators see -----------------------------------
 
@@ -543,7 +600,8 @@ class Supervisor:
                 ready = await self._wait_ready(new, READY_TIMEOUT_S)
                 worker.predecessor = None
                 if not ready:
-                    log.error("reload: worker %d's successor did not become ready", worker.index)
+                    log.error("reload: worker %d's successor did not become ready", worker.index,
+                              extra=about(worker.index, new.pid))
                     await self._terminate(new)
                     worker.current = old
                     worker.phase = Phase.READY if old and old.alive else Phase.RESTARTING
@@ -559,7 +617,8 @@ class Supervisor:
                             and self._view(old).connections > 0:
                         await asyncio.sleep(0.05)
                     await self._terminate(old)
-                log.info("reload: worker %d now pid %d", worker.index, new.pid)
+                log.info("reload: worker %d now pid %d", worker.index, new.pid,
+                         extra=about(worker.index, new.pid))
             return True, "all workers replaced"
 
 

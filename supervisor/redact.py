@@ -6,8 +6,10 @@ connect as that player until it expires. It travels as `?token=` or as the
 debug logging, or an exception message quoting a URL, would carry it. Rather
 than trusting every call site (ours and websockets'), the CLI installs one
 filter on the process's log handlers that rewrites each record before it is
-formatted. HAProxy's request log is redacted by its own log-format (see
-haproxy/oddsgate.cfg.tmpl).
+formatted, its structured fields (`extra=`, which the JSON format writes
+out, supervisor/logformat.py) included. HAProxy's request log is redacted
+by its own log-format (see haproxy/render.py), and again here when the
+supervisor relays it.
 """
 
 from __future__ import annotations
@@ -23,6 +25,15 @@ MARKER = "REDACTED"
 _ASSIGNMENT = re.compile(r"(?i)(token|og_session)(\s*=\s*\"?)([^\s&;,\"'<>]+)")
 # A JWT wherever it appears (three base64url parts, the first a JSON header).
 _JWT = re.compile(r"eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")
+# What every LogRecord holds before `extra=` adds to it: anything else is a field.
+STANDARD_ATTRIBUTES = frozenset(
+    logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+
+def record_fields(record: logging.LogRecord) -> dict[str, object]:
+    """The attributes `extra=` added to `record`: its structured fields."""
+    return {key: value for key, value in record.__dict__.items()
+            if key not in STANDARD_ATTRIBUTES}
 
 
 def redact(text: str) -> str:
@@ -50,6 +61,11 @@ class RedactTokens(logging.Filter):
             record.exc_text = redact(record.exc_text)
         if record.stack_info:
             record.stack_info = redact(record.stack_info)
+        for key, value in record_fields(record).items():
+            if isinstance(value, str):
+                clean = redact(value)
+                if clean != value:
+                    setattr(record, key, clean)
         return True
 
 

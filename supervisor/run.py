@@ -16,21 +16,31 @@ from supervisor.metrics import MetricsServer, WorkerInfo, fleet_registry
 from supervisor.node import Phase, Supervisor
 from supervisor.private import private_dir
 from supervisor.runtime import redis_for, runtime_dir
+from supervisor.sdnotify import Notifier
 from supervisor.services import AggregatorService, HAProxyService
 from supervisor.settings import NodeSettings
 
 log = logging.getLogger("oddsgate.run")
 
 
-def haproxy_settings(node: NodeSettings, runtime) -> HAProxySettings:
+def haproxy_settings(node: NodeSettings, runtime, log_format: str = "text") -> HAProxySettings:
     host, port = node.bind
     return HAProxySettings.for_workers(
         node.worker_count, node.base_port, bind_host=host, bind_port=port,
         agent_port=node.agent_port, stats_socket=str(runtime / STATS_SOCKET_NAME),
+        log_format=log_format,
     )
 
 
-def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Supervisor:
+def worker_info(supervisor: Supervisor) -> list[WorkerInfo]:
+    """What /metrics shows of each worker beside its slot's figures."""
+    return [WorkerInfo(w.index, w.current.pid if w.current else None, w.restarts_total,
+                       w.operator_drain or w.auto_drain, w.phase.value)
+            for w in supervisor.workers]
+
+
+def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str,
+                     notifier: Notifier | None = None) -> Supervisor:
     runtime = runtime_dir(worker)
     if node.haproxy:  # refused now, in one line, rather than once the workers are up
         private_dir(runtime / "haproxy")
@@ -39,19 +49,16 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str) -> Su
         env["OG_ALLOW_ANONYMOUS"] = "1"
     breaker = Breaker(worker.breaker_trip_share, worker.breaker_recover_share,
                       worker.breaker_min_players)
-    supervisor = Supervisor(node, env, runtime, breaker)
+    supervisor = Supervisor(node, env, runtime, breaker, notifier)
     if node.aggregate:
         supervisor.extra_services.append(AggregatorService(redis_url, worker.region))
     if node.haproxy:
         supervisor.extra_services.append(
-            HAProxyService(haproxy_settings(node, runtime), runtime / "haproxy"))
+            HAProxyService(haproxy_settings(node, runtime, worker.log_format),
+                           runtime / "haproxy"))
     if node.metrics_port:
         registry = fleet_registry(
-            supervisor.table,
-            lambda: [WorkerInfo(w.index, w.current.pid if w.current else None,
-                                len(w.restart_times), w.operator_drain or w.auto_drain)
-                     for w in supervisor.workers],
-            supervisor.n,
+            supervisor.table, lambda: worker_info(supervisor), supervisor.n,
             worker_of_slot=lambda slot: slot % supervisor.n,
         )
         supervisor.extra_services.insert(
@@ -70,8 +77,9 @@ def run_node(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"OG_PARTITION_MAP={worker.partition_map!r}: partition map: {exc}")\
             from None
+    notifier = Notifier.from_environment()  # before any child could inherit NOTIFY_SOCKET
     with redis_for(worker) as url:
-        supervisor = build_supervisor(node, worker, url)
+        supervisor = build_supervisor(node, worker, url, notifier)
         code = uvloop.run(supervisor.run())
     failed = [w.index for w in supervisor.workers if w.phase is Phase.FAILED]
     if failed:

@@ -6,17 +6,48 @@ import asyncio
 import logging
 from pathlib import Path
 
+import orjson
+
 from haproxy.settings import HAProxySettings
+from supervisor import logformat
 from supervisor.haproxy import HAProxyProcess
 
 log = logging.getLogger("oddsgate.services")
+haproxy_log = logging.getLogger("oddsgate.haproxy")
+
+# HAProxy's own diagnostics start with their severity; its request log lines
+# (and the raw copies of server state changes) carry none and are INFO.
+_DIAGNOSTIC_LEVELS = {"[NOTICE]": logging.INFO, "[WARNING]": logging.WARNING,
+                      "[ALERT]": logging.ERROR, "[EMERG]": logging.CRITICAL}
+
+
+def relay_haproxy_line(line: str, pid: int | None = None) -> None:
+    """One line of HAProxy's output into this process's log, in its format.
+
+    A JSON request line (OG_LOG_FORMAT=json, haproxy/render.py) becomes a
+    record whose fields are the line's and whose message is the request and
+    its status; any other line is the message as HAProxy wrote it. HAProxy
+    redacted the request already; the log's redaction filter runs again.
+    """
+    level, message, fields = logging.INFO, line, {}
+    if line.startswith("{"):
+        try:
+            parsed = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            parsed = None
+        if isinstance(parsed, dict):
+            fields = parsed
+            message = f"{parsed.get('request', '')} {parsed.get('status', '')}".strip()
+    else:
+        level = _DIAGNOSTIC_LEVELS.get(line.split(" ", 1)[0], logging.INFO)
+    logformat.emit(haproxy_log, level, message, fields, role="haproxy", pid=pid)
 
 
 class HAProxyService:
     """Starts HAProxy with the rendered file, and restarts it if it dies."""
 
     def __init__(self, settings: HAProxySettings, runtime_dir: Path) -> None:
-        self.process = HAProxyProcess(settings, runtime_dir, inherit_output=True)
+        self.process = HAProxyProcess(settings, runtime_dir, on_line=relay_haproxy_line)
         self.stats_socket = self.process.settings.stats_socket
         self._watch: asyncio.Task | None = None
         self._stopping = False

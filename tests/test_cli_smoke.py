@@ -243,7 +243,8 @@ def test_demo(home: Path) -> None:
     done = oddsgate(home, "demo", "--duration", "2", "--clients", "3", "--port", port,
                     timeout=90, OG_WORKERS="1", OG_RUNTIME_DIR=str(home / "demo"), **ports)
     assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
-    assert "demo: node up" in done.stdout
+    assert "oddsgate demo: a node on this machine" in done.stdout  # the header
+    assert "oddsgate.supervisor" not in done.stdout + done.stderr  # the node's log: a file
     reports = [line for line in done.stdout.splitlines() if line.startswith("t=")]
     assert reports and all("violations=0" in line for line in reports), done.stdout
     # every market is published before the demo's players follow it: no reset

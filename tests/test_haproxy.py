@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import orjson
 import psutil
 import pytest
 
@@ -302,6 +303,21 @@ def test_rendered_config_passes_haproxy_check_without_warnings(tmp_path: Path) -
     assert not any(line in ("daemon", "master-worker") for line in lines)
 
 
+def test_json_log_format_renders_and_passes_haproxy_check(tmp_path: Path) -> None:
+    """OG_LOG_FORMAT=json: the same redaction, inside a JSON object; `haproxy -c` clean."""
+    (tmp_path / "state").write_text("1\n")
+    text = [line for line in code_lines(render(settings(tmp_path)))
+            if line.startswith("log-format ")]
+    config = render(settings(tmp_path, log_format="json"))
+    check(config, haproxy=HAPROXY, strict=True)
+    (line,) = [line for line in code_lines(config) if line.startswith("log-format ")]
+    assert line.startswith('log-format "{\\"accept_ts\\":%Ts.%ms,') and line.endswith('}"')
+    redaction = "regsub(\\\"([?&;])([^=&;]*[%][^=&;]*|token|og_session)=[^&;]*\\\""
+    assert redaction in line and redaction in text[0]
+    with pytest.raises(ValueError, match="log_format='xml'"):
+        render(settings(tmp_path, log_format="xml"))
+
+
 def test_ipv6_addresses_render_in_brackets(tmp_path: Path) -> None:
     config = render(settings(tmp_path, bind_host="::1", worker_host="::1", agent_host="::1"))
     check(config, haproxy=HAPROXY)
@@ -398,6 +414,41 @@ def test_request_log_never_holds_a_session_token(node: Node) -> None:
     assert not [s for s in secrets if s in text], text[-2000:]
     assert '"GET /who?topic=odds:1&token=REDACTED HTTP/1.1"' in text  # the rest is kept
     assert "tok%65n=REDACTED" in text and "TOKEN=REDACTED" in text
+
+
+def test_json_request_log_is_relayed_one_object_a_line_without_tokens(tmp_path: Path) -> None:
+    """OG_LOG_FORMAT=json: HAProxy writes JSON request lines, handed to `on_line` (the
+    supervisor's relay) instead of haproxy.log; still no session token in them."""
+    backend, agent = Backend("b0"), Agent()
+    lines: list[tuple[str, int]] = []
+    proc = HAProxyProcess(node_settings(tmp_path, [backend], agent, log_format="json"),
+                          tmp_path / "run", haproxy=HAPROXY,
+                          on_line=lambda line, pid: lines.append((line, pid)))
+    try:
+        proc.start()
+        master = proc.pid
+        for path in ["/who?topic=odds:1&token=QUERY-SECRET", '/who?q="x\\y"&tok%65n=ESC']:
+            conn = http.client.HTTPConnection("127.0.0.1", proc.settings.bind_port, timeout=5)
+            try:
+                conn.request("GET", path, headers={"Cookie": "og_session=COOKIE-SECRET"})
+                conn.getresponse().read()
+            finally:
+                conn.close()
+        until(lambda: sum(line.startswith("{") for line, _ in lines) >= 2, timeout=5)
+    finally:
+        proc.stop(timeout=2.0)
+        backend.close()
+        agent.close()
+    text = "\n".join(line for line, _ in lines)
+    assert not [s for s in ("QUERY-SECRET", "ESC", "COOKIE-SECRET") if s in text], text
+    requests = [orjson.loads(line) for line, _ in lines if line.startswith("{")]
+    assert [r["request"] for r in requests] == [
+        "GET /who?topic=odds:1&token=REDACTED HTTP/1.1",
+        'GET /who?q="x\\y"&tok%65n=REDACTED HTTP/1.1']
+    assert {r["backend"] for r in requests} == {"gateway"}
+    assert all(isinstance(r[k], int) for r in requests for k in ("status", "Ta", "bytes"))
+    assert {pid for _, pid in lines} == {master}
+    assert not proc.log_path.exists()  # nothing went to the file
 
 
 def test_agent_drain_moves_only_the_drained_servers_keys(node: Node) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import resource
 import socket
 import subprocess
 import urllib.request
@@ -16,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.counters import STATS
 from gateway.fleet import LATENCY_BOUNDS_S, FleetTable, WorkerField, WorkerState
 from supervisor.metrics import FleetCollector, MetricsServer, WorkerInfo, fleet_registry
+from supervisor.node import Phase
 
 
 @pytest.fixture
@@ -79,9 +81,9 @@ def _samples(family, name: str | None = None) -> dict[tuple, float]:
 def registry(table):
     _fill(table)
     workers = [
-        WorkerInfo(0, os.getpid(), restarts=0, draining=False),
-        WorkerInfo(1, None, restarts=3, draining=False),
-        WorkerInfo(2, _vanished_pid(), restarts=1, draining=True),
+        WorkerInfo(0, os.getpid(), restarts=0, draining=False, phase="ready"),
+        WorkerInfo(1, None, restarts=3, draining=False, phase="failed"),
+        WorkerInfo(2, _vanished_pid(), restarts=1, draining=True, phase="draining"),
     ]
     return fleet_registry(table, lambda: workers, 3)
 
@@ -115,6 +117,8 @@ def test_names_types_and_labels(registry):
         "oddsgate_worker_resident_memory_bytes": "gauge",
         "oddsgate_worker_cpu_seconds": "counter",
         "oddsgate_worker_open_fds": "gauge",
+        "oddsgate_worker_max_fds": "gauge",
+        "oddsgate_worker_phase": "gauge",
         "oddsgate_breaker_open": "gauge",
         "oddsgate_breaker_trips": "counter",
         "oddsgate_workers_configured": "gauge",
@@ -157,6 +161,11 @@ def test_values(registry):
         (("worker", "0"),): 0, (("worker", "1"),): 3, (("worker", "2"),): 1}
     assert _samples(families["oddsgate_worker_draining"]) == {
         (("worker", "0"),): 0, (("worker", "1"),): 0, (("worker", "2"),): 1}
+    phases = _samples(families["oddsgate_worker_phase"])
+    assert len(phases) == 3 * len(Phase)
+    assert {labels for labels, value in phases.items() if value == 1} == {
+        (("phase", "ready"), ("worker", "0")), (("phase", "failed"), ("worker", "1")),
+        (("phase", "draining"), ("worker", "2"))}
     assert _samples(families["oddsgate_breaker_open"]) == {(): 1}
     assert _samples(families["oddsgate_breaker_trips"]) == {(): 4}
     assert _samples(families["oddsgate_workers_configured"]) == {(): 3}
@@ -165,10 +174,18 @@ def test_values(registry):
 def test_process_figures_skip_a_vanished_pid(registry):
     families = _scrape(registry)
     for name in ("oddsgate_worker_resident_memory_bytes", "oddsgate_worker_cpu_seconds",
-                 "oddsgate_worker_open_fds"):
+                 "oddsgate_worker_open_fds", "oddsgate_worker_max_fds"):
         samples = _samples(families[name])
         assert set(samples) == {(("worker", "0"),)}, name  # no pid, vanished pid: left out
         assert samples[(("worker", "0"),)] > 0
+
+
+def test_fd_limit_is_the_processs_own_soft_limit(registry):
+    """What `FD usage near the limit` divides by (deploy/prometheus/alerts.yml)."""
+    families = _scrape(registry)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    assert _samples(families["oddsgate_worker_max_fds"]) == {(("worker", "0"),): soft}
+    assert _samples(families["oddsgate_worker_open_fds"])[(("worker", "0"),)] < soft
 
 
 def test_fanout_latency_histogram(registry):

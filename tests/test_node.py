@@ -224,6 +224,21 @@ async def test_reload_under_a_steady_feed_with_500_players(node, feed, redis_ser
     await _close(players)
 
 
+def test_metrics_show_only_live_workers_after_kills_and_a_reload(node) -> None:
+    """The slots of processes that exited (kill -9, the stalled worker, the reload's
+    predecessors) are cleared: one fresh heartbeat per worker, what the stale-heartbeat
+    alert (deploy/prometheus/alerts.yml) relies on."""
+    families = {f.name: f for f in text_string_to_metric_families(node.metrics())}
+    ages = [s.value for s in families["oddsgate_worker_heartbeat_age_seconds"].samples]
+    assert len(ages) == node.workers and max(ages) < 3, ages
+    restarts = {s.labels["worker"]: s.value for s in
+                families["oddsgate_worker_restarts"].samples}
+    assert restarts == {"0": 1, "1": 1}  # the stalled one and the killed one; reloads don't count
+    phases = {(s.labels["worker"], s.labels["phase"]) for s in
+              families["oddsgate_worker_phase"].samples if s.value == 1}
+    assert phases == {("0", "ready"), ("1", "ready")}
+
+
 def test_cli_status_json_and_exit_codes(node, tmp_path) -> None:
     status = node.cli("status", "--json")
     assert status.returncode == 0 and '"workers"' in status.stdout
