@@ -37,3 +37,43 @@ async def test_a_region_killed_under_500_players_moves_them_all_without_a_reset(
     assert moved >= 200  # about half of them started on region A
     assert figures["resumed"] == moved and figures["fresh_prices"] == moved, figures
     assert figures["failovers"] == moved
+
+
+@pytest.mark.timeout(120)
+async def test_a_region_drained_for_a_deploy_sends_its_players_to_the_other(tmp_path) -> None:
+    """`oddsgate drain --region` on region A's node: its players get `reconnect`
+    reason `region_drain`, move to region B (the welcome names it) and resume
+    there without a reset; `--wait` returns 0 once A holds no player."""
+    import asyncio
+    import os
+    import subprocess
+    import sys
+
+    from client.odds import OddsClient
+    from tests.conftest import ROOT
+
+    regions = start_regions(tmp_path, free_port_range(2))
+    try:
+        a, b = regions.urls
+        players = [OddsClient([a, b], token=regions.status["token"]) for _ in range(20)]
+        for player in players:
+            await player.connect()
+            await player.subscribe(TOPICS)
+        assert {p.region for p in players} == {regions.names[0]}
+        env = {**os.environ, "OG_RUNTIME_DIR": str(regions.runtime / "region-0")}
+        drained = await asyncio.to_thread(
+            subprocess.run, [sys.executable, "-m", "supervisor.cli", "drain", "--region",
+                             "--wait", "--timeout", "30"],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert drained.returncode == 0, drained.stderr
+        for player in players:
+            await player.wait_resumed(1, timeout=15)
+        events = [p.stats.events for p in players]
+        await asyncio.sleep(1.5)  # prices go on, from region B
+        for player, before in zip(players, events, strict=True):
+            assert player.region == regions.names[1] and player.stats.failovers == 1
+            assert player.stats.resets == 0 and player.violations == []
+            assert player.stats.events > before
+            await player.close()
+    finally:
+        regions.stop()
