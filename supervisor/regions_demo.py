@@ -52,6 +52,8 @@ class Region:
     port: int
     proc: subprocess.Popen | None = None
     pids: list[int] = field(default_factory=list)
+    aggregator_pid: int | None = None
+    metrics_port: int = 0
 
     @property
     def ws_url(self) -> str:
@@ -83,7 +85,9 @@ class Region:
         with contextlib.suppress(ControlUnavailable, OSError, TimeoutError):
             status = request(self.control, {"cmd": "status"}, timeout=5)
             pids += [w["pid"] for w in status["workers"] if w["pid"]]
-            pids += [s["pid"] for s in status.get("services", {}).values() if s.get("pid")]
+            services = status.get("services", {})
+            pids += [s["pid"] for s in services.values() if s.get("pid")]
+            self.aggregator_pid = (services.get("aggregator") or {}).get("pid")
         with contextlib.suppress(redis.RedisError, OSError):
             client = redis.Redis.from_url(self.redis_url)
             pids.append(int(client.info("server")["process_id"]))
@@ -92,6 +96,7 @@ class Region:
 
 
 def _start_region(region: Region, secret: str, workers: int, others: list[Region]) -> None:
+    region.metrics_port = free_port()
     env = {**os.environ,
            # the player shell may open WebSockets to the other regions (its ?regions=)
            "OG_SHELL_CONNECT_SRC": " ".join(f"ws://127.0.0.1:{o.port}" for o in others),
@@ -102,7 +107,7 @@ def _start_region(region: Region, secret: str, workers: int, others: list[Region
            "OG_WORKERS": str(workers),
            "OG_BASE_PORT": str(free_port_range(workers)),
            "OG_AGENT_PORT": str(free_port()),
-           "OG_METRICS_PORT": str(free_port())}
+           "OG_METRICS_PORT": str(region.metrics_port)}
     env.pop("OG_REDIS_URL", None)  # the region's own embedded Redis
     log = open(region.runtime / "node.log", "ab")  # noqa: SIM115
     region.proc = subprocess.Popen([sys.executable, "-m", "supervisor.cli", "run", "--haproxy"],
@@ -192,7 +197,10 @@ def run_regions_demo(args: argparse.Namespace) -> int:
         if args.status_file:
             write_private(Path(args.status_file), orjson.dumps({
                 "regions": [{"name": r.name, "ws_url": r.ws_url, "http_url": r.http_url,
-                             "pids": r.pids} for r in regions],
+                             "pids": r.pids, "aggregator_pid": r.aggregator_pid,
+                             "runtime_dir": str(r.runtime),
+                             "metrics_url": f"http://127.0.0.1:{r.metrics_port}/metrics"}
+                            for r in regions],
                 "token": token}, option=orjson.OPT_INDENT_2))
         shell_regions = ",".join(r.ws_url for r in regions)
         print(f"demo: {len(regions)} regions serving; logs in {base}", flush=True)

@@ -187,7 +187,7 @@ class Player:
             f"{self.name}-{self.connections}", player=self.name, write=self._write,
             scheduler=runner.hub.fanout, write_frame=self._write_frame,
             on_pressure=lambda s: runner.perform(runner.hub.pressure_changed(s)))
-        self._write(protocol.welcome(self.session.conn_id, "n", 0, 1000))
+        self._write(protocol.welcome(self.session.conn_id, "n", 0, 1000, "r"))
         return self.session
 
     def _write(self, payload: bytes) -> None:

@@ -323,8 +323,9 @@ def parsed(data: bytes) -> object:
 
 
 def test_welcome_frame() -> None:
-    assert parsed(protocol.welcome("c-1", "node-a", 3, 20_000)) == {
+    assert parsed(protocol.welcome("c-1", "node-a", 3, 20_000, "eu-west")) == {
         "type": "welcome", "conn": "c-1", "node": "node-a", "worker": 3, "heartbeat_ms": 20_000,
+        "region": "eu-west",
     }
 
 

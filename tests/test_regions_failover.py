@@ -12,12 +12,15 @@ get there within the drill's 5 s.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from aggregator.providers import default_markets
 from bench.failover import drill, start_regions
 from gateway.topics import PartitionMap, topic_for_market
 from supervisor.embedded_redis import free_port_range
+from tests.conftest import eventually, http_get
 
 TOPICS = sorted({topic_for_market(PartitionMap.load(None), *map(int, m.market.split(":")))
                  for m in default_markets()})
@@ -69,11 +72,63 @@ async def test_a_region_drained_for_a_deploy_sends_its_players_to_the_other(tmp_
         for player in players:
             await player.wait_resumed(1, timeout=15)
         events = [p.stats.events for p in players]
-        await asyncio.sleep(1.5)  # prices go on, from region B
+        await eventually(lambda: all(p.stats.events > before  # prices go on, from B
+                                     for p, before in zip(players, events, strict=True)),
+                         timeout=15)
         for player, before in zip(players, events, strict=True):
             assert player.region == regions.names[1] and player.stats.failovers == 1
             assert player.stats.resets == 0 and player.violations == []
             assert player.stats.events > before
             await player.close()
     finally:
+        regions.stop()
+
+
+@pytest.mark.timeout(120)
+async def test_players_moving_to_a_region_behind_are_held_then_replayed(tmp_path) -> None:
+    """Region B's aggregator stalls (SIGSTOP) while region A goes on; A is then
+    killed. A's players resume in B at seqs B has not published: B holds them
+    (OG_LAG_WAIT_MS) and, once its aggregator goes on, replays from there: no
+    reset, no violation."""
+    import asyncio
+    import os
+    import signal
+
+    from client.odds import OddsClient
+
+    regions = start_regions(tmp_path, free_port_range(2))
+    stalled = regions.status["regions"][1]["aggregator_pid"]
+    assert stalled
+    try:
+        a, b = regions.urls
+        players = [OddsClient([a, b], token=regions.status["token"]) for _ in range(20)]
+        for player in players:
+            await player.connect()
+            await player.subscribe(TOPICS)
+            await player.wait_synced(TOPICS, timeout=15)
+        os.kill(stalled, signal.SIGSTOP)
+        held = {p: p.resume_points() for p in players}
+        await asyncio.sleep(1.0)  # region A publishes on; B does not
+        assert any(p.resume_points() != held[p] for p in players), "A published nothing"
+        regions.kill(0)
+        await asyncio.sleep(0.5)  # A's players are held in B, ahead of it
+        os.kill(stalled, signal.SIGCONT)  # B catches up (before the 2 s lag wait ends)
+        for player in players:
+            await player.wait_resumed(1, timeout=15)
+        events = [p.stats.events for p in players]
+        await eventually(lambda: all(p.stats.events > before  # prices go on, from B
+                                     for p, before in zip(players, events, strict=True)),
+                         timeout=15)
+        metrics = http_get(regions.status["regions"][1]["metrics_url"])[2].decode()
+        held = [line for line in metrics.splitlines()
+                if line.startswith('oddsgate_resumes_total{kind="held"')]
+        assert held and sum(float(line.split()[-1]) for line in held) > 0, held
+        for player, before in zip(players, events, strict=True):
+            assert player.region == regions.names[1]
+            assert player.stats.resets == 0 and player.violations == []
+            assert player.stats.events > before
+            await player.close()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(stalled, signal.SIGCONT)
         regions.stop()
