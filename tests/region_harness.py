@@ -53,7 +53,7 @@ class TwinFeed:
             keys = topic_keys(update.topic)
             results = await asyncio.gather(*(script(keys=keys, args=args)
                                              for script in self.scripts))
-            answers = {(_text(epoch), int(seq)) for epoch, seq in results}
+            answers = {(_text(epoch), int(seq)) for epoch, seq, _published in results}
             if len(answers) != 1:
                 raise AssertionError(f"regions disagree on {update.topic}: {answers}")
             [(epoch, seq)] = answers
