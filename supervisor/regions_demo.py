@@ -149,6 +149,8 @@ async def _players(args: argparse.Namespace, regions: list[Region], secret: str,
     started = time.monotonic()
     last = 0
     while not stop.is_set():
+        if args.duration is not None and time.monotonic() - started >= args.duration:
+            break
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
         events = sum(p.stats.events for p in players)
@@ -213,7 +215,8 @@ def run_regions_demo(args: argparse.Namespace) -> int:
             # A region lost (killed by a drill, or crashed) is reported, never a reason
             # to stop the others: surviving it is what they are for.
             reported: set[str] = set()
-            while not stop.is_set():
+            ends = None if args.duration is None else time.monotonic() + args.duration
+            while not stop.is_set() and (ends is None or time.monotonic() < ends):
                 for r in regions:
                     if r.proc is not None and r.proc.poll() is not None \
                             and r.name not in reported:

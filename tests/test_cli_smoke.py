@@ -105,7 +105,7 @@ def one_line(done: subprocess.CompletedProcess, code: int) -> str:
 
 
 COMMANDS = ["run", "status", "drain", "undrain", "reload", "haproxy-config", "worker", "feed",
-            "token", "config", "demo"]
+            "aggregate", "providers", "token", "config", "demo"]
 
 
 def test_help_lists_every_command_and_each_has_its_own(home: Path) -> None:
@@ -115,7 +115,9 @@ def test_help_lists_every_command_and_each_has_its_own(home: Path) -> None:
               if line.startswith("    ") and line.split()[0] in COMMANDS]
     assert listed == COMMANDS
     for command, flag in [("feed", "--spike-after"), ("haproxy-config", "--agent-port"),
-                          ("drain", "--wait"), ("demo", "--clients")]:
+                          ("drain", "--wait"), ("demo", "--clients"), ("drain", "--region"),
+                          ("aggregate", "--rebuild"), ("providers", "--region"),
+                          ("demo", "--status-file")]:
         done = oddsgate(home, command, "--help")
         assert done.returncode == 0, done.stderr
         assert done.stdout.startswith(f"usage: oddsgate {command} ") and flag in done.stdout
@@ -126,6 +128,7 @@ def test_bad_usage_exits_2_with_the_commands_name(home: Path) -> None:
                          (["-v", "feed", "--count", "x"], "oddsgate feed: error: argument --count"),
                          (["haproxy-config", "--bind", "nowhere"],
                           "oddsgate haproxy-config: error: argument --bind"),
+                         (["providers"], "oddsgate providers: error: the following arguments"),
                          (["nonsense"], "oddsgate: error: argument command")]:
         done = oddsgate(home, *args)
         assert done.returncode == 2, (args, done.stderr)
@@ -249,3 +252,30 @@ def test_demo(home: Path) -> None:
     assert reports and all("violations=0" in line for line in reports), done.stdout
     # every market is published before the demo's players follow it: no reset
     assert all(" resets=0 " in line for line in reports), done.stdout
+
+
+def test_aggregate_and_providers_say_what_is_wrong_in_one_line(home: Path) -> None:
+    done = oddsgate(home, "aggregate")
+    assert done.returncode == 2 and done.stderr.strip() == (
+        "oddsgate: OG_REDIS_URL: the region's Redis is required (or --redis-url)")
+    done = oddsgate(home, "aggregate", OG_REDIS_URL="redis://127.0.0.1:1", OG_STREAM="Bad!")
+    assert done.returncode == 2 and "OG_STREAM='Bad!'" in done.stderr
+    done = oddsgate(home, "providers", "--region", "nowhere")
+    assert done.returncode == 2
+    assert done.stderr.strip() == "oddsgate: --region 'nowhere': expected NAME=REDIS_URL"
+
+
+@pytest.mark.skipif(not (has_haproxy and has_redis), reason="needs haproxy and redis-server")
+@pytest.mark.timeout(150)
+def test_demo_with_two_regions(home: Path) -> None:
+    port = free_port_range(2)
+    done = oddsgate(home, "demo", "--regions", "2", "--duration", "6", "--clients", "4",
+                    "--port", str(port), timeout=120, OG_RUNTIME_DIR=str(home / "rd"))
+    assert done.returncode == 0, (done.stdout[-2000:], done.stderr[-3000:])
+    assert "demo: 2 regions serving" in done.stdout
+    assert f"eu-west: ws://127.0.0.1:{port}/ws" in done.stdout
+    assert f"eu-central: ws://127.0.0.1:{port + 1}/ws" in done.stdout
+    reports = [line for line in done.stdout.splitlines() if line.startswith("t=")]
+    assert reports, done.stdout
+    assert all("violations=0" in line and " resets=0 " in line for line in reports), reports
+    assert "eu-west:2p(up) eu-central:2p(up)" in reports[0], reports
