@@ -119,7 +119,8 @@ class Params:
                     + self.spike_s + 4)
         if scenarios[0] == "saturation":
             step = self.saturation_settle_s + self.saturation_measure_s
-            return 2.5 + self.saturation_connections / 1200 + self.warmup_s + 5 * step + 10
+            # the ladder, then up to 3 bisection probes (a 2x gap to 10%)
+            return 2.5 + self.saturation_connections / 1200 + self.warmup_s + 8 * step + 10
         if scenarios[0] == "connect":
             counts = [c for c in self.connect_counts if fd_limit is None or c <= fd_limit]
             if node:  # one stage as large as HAProxy's descriptors allow

@@ -103,6 +103,7 @@ def saturation_lines(results: list[Result]) -> list[str]:
             continue
         f = r.figures
         steps = "; ".join(
+            f"{'bisect ' if s.get('phase') == 'bisect' else ''}"
             f"x{s['multiplier']:g} {_num(s['events_per_s'])} ev/s: p99 "
             f"{_num((s['latency_ms'] or {}).get('p99_ms'), 1)} ms, "
             f"{_pct(s.get('delivered_share'))} delivered"

@@ -10,6 +10,13 @@ window is long enough for 10,000 deliveries (at most 5 s), since a p99 over
 a few thousand is decided by one unlucky burst. The
 highest step that held is the result, with deliveries per second per server
 core; every step is kept for the plots.
+
+A doubling ladder only says the maximum lies between the last step held and
+the first missed, a factor of 2 (or 4) apart. So after a miss the rate is
+bisected (geometrically) between those two until they are within
+`BISECT_WITHIN` of each other: the highest rate held is then known to 10%.
+Probes are measured and confirmed like steps; when every step held, the
+ladder's top is reported as a lower bound and nothing is bisected.
 """
 
 from __future__ import annotations
@@ -24,6 +31,16 @@ NAME = "saturation"
 MIN_DELIVERED_SHARE = 0.95
 MIN_SAMPLES = 10_000  # deliveries a step's window should hold, up to MAX_WINDOW_S
 MAX_WINDOW_S = 5.0
+BISECT_WITHIN = 1.10  # stop when the first rate missed is within 10% of the highest held
+BISECT_MAX_PROBES = 5  # a 4x gap needs 4; a bound on a noisy machine that flip-flops
+
+
+def next_probe(held_multiplier: float, missed_multiplier: float) -> float | None:
+    """The multiplier to try between the highest held and the lowest missed; None
+    once they are within BISECT_WITHIN (the geometric middle: rates are ratios)."""
+    if missed_multiplier <= held_multiplier * BISECT_WITHIN:
+        return None
+    return round((held_multiplier * missed_multiplier) ** 0.5, 3)
 
 
 def held(fig: dict, limit_ms: float) -> bool:
@@ -46,7 +63,8 @@ def phase(h: Harness, system: System, f: Fanout) -> Result:
     best: dict | None = None
     stop_reason = f"every step held (up to x{p.saturation_steps[-1]:g})"
     per_event = sum(h.universe.shares[t] * n for t, n in f.followers.items())
-    for multiplier in p.saturation_steps:
+
+    def step(multiplier: float, label: str) -> dict:
         rate = p.rate * multiplier
         f.feed.call("set_rate", rate=rate)
         time.sleep(p.saturation_settle_s)
@@ -60,19 +78,41 @@ def phase(h: Harness, system: System, f: Fanout) -> Result:
             fig["confirmed"] = True
         fig["rate_target"] = round(rate, 1)
         fig["multiplier"] = multiplier
+        fig["phase"] = label
         fig["limited_by"] = limited_by(fig, system.workers())
         steps.append(fig)
         lat = fig["latency_ms"]
-        h.log(f"    x{multiplier:g}: {fig['events_per_s']:.0f} ev/s, "
+        h.log(f"    {label} x{multiplier:g}: {fig['events_per_s']:.0f} ev/s, "
               f"{fig['deliveries_per_s']:.0f} deliveries/s "
               f"({fig.get('delivered_share') or 0:.0%}), p99 {lat['p99_ms']} ms, "
               f"server {fig['server_cores']:.2f} cores, machine {fig['machine_cores_busy']:.2f}")
+        return fig
+
+    missed: dict | None = None
+    for multiplier in p.saturation_steps:
+        fig = step(multiplier, "ladder")
         if not held(fig, p.p99_limit_ms):
-            stop_reason = (f"x{multiplier:g} did not hold: p99 {lat['p99_ms']} ms, "
-                           f"delivered {fig.get('delivered_share')}, limited by "
-                           f"{fig['limited_by']}")
+            missed = fig
             break
         best = fig
+    if missed is not None and best is not None:
+        for _ in range(BISECT_MAX_PROBES):
+            probe = next_probe(best["multiplier"], missed["multiplier"])
+            if probe is None:
+                break
+            fig = step(probe, "bisect")
+            if held(fig, p.p99_limit_ms):
+                best = fig
+            else:
+                missed = fig
+    if missed is not None:
+        lat = missed["latency_ms"]
+        stop_reason = (f"x{missed['multiplier']:g} did not hold: p99 {lat['p99_ms']} ms, "
+                       f"delivered {missed.get('delivered_share')}, limited by "
+                       f"{missed['limited_by']}")
+        if best is not None:
+            stop_reason += (f"; the highest held, x{best['multiplier']:g}, is within "
+                            f"{missed['multiplier'] / best['multiplier'] - 1:.0%} of it")
     result.notes.append(stop_reason)
     summary = dict(best) if best else {}
     if best:
@@ -89,7 +129,8 @@ def phase(h: Harness, system: System, f: Fanout) -> Result:
 
 
 def _compact(fig: dict) -> dict:
-    keys = ("multiplier", "rate_target", "events_per_s", "deliveries_per_s", "delivered_share",
+    keys = ("multiplier", "phase", "rate_target", "events_per_s", "deliveries_per_s",
+            "delivered_share",
             "latency_ms", "server_cores", "server_cpu_s_per_million",
             "deliveries_per_server_cpu_s", "loadgen_cores", "loadgen_max_core",
             "machine_cores_busy", "other_cores", "violations_total", "limited_by")
