@@ -52,12 +52,20 @@ def server_name(index: int) -> str:
 
 
 def server_lines(settings: HAProxySettings) -> list[str]:
-    """One `server` line per worker; the shared options are on the template's default-server."""
-    return [
-        f"    server {server_name(i)} {address(settings.worker_host, port)} id {i + 1} "
-        f'agent-send "{server_name(i)}\\n"'
-        for i, port in enumerate(settings.worker_ports)
-    ]
+    """One `server` line per worker; the shared options are on the template's default-server.
+
+    Behind several nodes each line names its node's agent (agent-addr and
+    agent-port override the default-server's), and asks it about the worker
+    by the node-local name its agent knows.
+    """
+    lines = []
+    for s in settings.servers():
+        line = (f"    server {s.name} {address(s.host, s.port)} id {s.id} "
+                f'agent-send "{s.agent_name}\\n"')
+        if s.agent_port is not None:
+            line += f" agent-addr {s.agent_host} agent-port {s.agent_port}"
+        lines.append(line)
+    return lines
 
 
 def load_template(path: str | os.PathLike[str] | None = None) -> str:
@@ -100,7 +108,7 @@ def render(settings: HAProxySettings, template: str | None = None) -> str:
         "server_maxconn": (f" maxconn {settings.server_maxconn}"
                            if settings.server_maxconn is not None else ""),
         "servers": "\n".join(server_lines(settings)),
-        "worker_count": str(len(settings.worker_ports)),
+        "worker_count": str(sum(1 for _ in settings.servers())),
     }
     try:
         return Template(text).substitute(values)

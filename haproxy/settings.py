@@ -12,12 +12,74 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 
 LOG_LEVELS = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
 LOG_FORMATS = ("text", "json")  # the request log's layout (haproxy/render.py)
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes with the NUL on Linux
 _HOST_CHARS = re.compile(r"^[A-Za-z0-9._:-]+$")
+_NODE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,18}[a-z0-9])?")
+NODE_ID_STRIDE = 1000  # server ids: node number x 1000 + worker index + 1
+
+
+@dataclass(frozen=True)
+class NodeTarget:
+    """One `oddsgate run` node behind a shared HAProxy (issue 14: several nodes).
+
+    `number` (1-64) fixes its servers' ids, hence their places on the hash
+    ring: give every node its own and never renumber one, or players move.
+    Its agent answers for its own workers by their node-local names (`w<i>`).
+    """
+
+    name: str
+    host: str
+    base_port: int
+    workers: int
+    agent_port: int
+    number: int
+
+    @classmethod
+    def parse(cls, text: str) -> NodeTarget:
+        """`NAME=HOST:BASE_PORT:WORKERS:AGENT_PORT:NUMBER` (the --node flag)."""
+        name, sep, rest = text.partition("=")
+        parts = rest.rsplit(":", 4)
+        if not sep or len(parts) != 5:
+            raise ValueError(f"--node {text!r}: expected NAME=HOST:BASE_PORT:WORKERS:"
+                             "AGENT_PORT:NUMBER")
+        host, *numbers = parts
+        try:
+            base_port, workers, agent_port, number = (int(n) for n in numbers)
+        except ValueError:
+            raise ValueError(f"--node {text!r}: ports, workers and number are integers") from None
+        return cls(name, host.strip("[]"), base_port, workers, agent_port, number)
+
+    def validate(self) -> None:
+        if not isinstance(self.name, str) or not _NODE_NAME.fullmatch(self.name):
+            raise ValueError(f"node name {self.name!r}: 1-20 of [a-z0-9-]")
+        _check_host(f"node {self.name} host", self.host)
+        _check_port(f"node {self.name} base_port", self.base_port)
+        _check_port(f"node {self.name} agent_port", self.agent_port)
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) \
+                or not 1 <= self.workers < NODE_ID_STRIDE:
+            raise ValueError(f"node {self.name}: workers={self.workers!r}, need 1-999")
+        _check_port(f"node {self.name} last worker port", self.base_port + self.workers - 1)
+        if isinstance(self.number, bool) or not isinstance(self.number, int) \
+                or not 1 <= self.number <= 64:
+            raise ValueError(f"node {self.name}: number={self.number!r}, need 1-64")
+
+
+@dataclass(frozen=True)
+class Server:
+    """One `server` line: a worker, where its agent is, what the agent calls it."""
+
+    name: str
+    host: str
+    port: int
+    id: int
+    agent_name: str
+    agent_host: str | None = None  # None: the template's default-server's
+    agent_port: int | None = None
 
 
 @dataclass(kw_only=True)
@@ -50,6 +112,31 @@ class HAProxySettings:
     log_format: str = "text"
     #: where a reload saves server states for the new worker; None: not carried
     state_file: str | None = None
+    #: several nodes behind this HAProxy; empty: the one node of worker_* and agent_*
+    nodes: list[NodeTarget] = field(default_factory=list)
+
+    def servers(self) -> Iterator[Server]:
+        """Every worker HAProxy balances over, with its fixed id and its agent."""
+        if not self.nodes:
+            for i, port in enumerate(self.worker_ports):
+                yield Server(f"w{i}", self.worker_host, port, i + 1, f"w{i}")
+            return
+        for node in self.nodes:
+            for i in range(node.workers):
+                yield Server(f"{node.name}-w{i}", node.host, node.base_port + i,
+                             node.number * NODE_ID_STRIDE + i + 1, f"w{i}",
+                             node.host, node.agent_port)
+
+    @classmethod
+    def for_nodes(cls, nodes: list[NodeTarget], **kwargs: object) -> HAProxySettings:
+        """Settings for HAProxy in front of several nodes (the first one's agent is the
+        default-server's; every server line names its own)."""
+        if not nodes:
+            raise ValueError("--node: need at least one node")
+        first = nodes[0]
+        return cls(nodes=list(nodes), worker_host=first.host,
+                   worker_ports=[first.base_port + i for i in range(first.workers)],
+                   agent_host=first.host, agent_port=first.agent_port, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
     def for_workers(cls, workers: int, base_port: int, **kwargs: object) -> HAProxySettings:
@@ -60,6 +147,8 @@ class HAProxySettings:
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field; render() calls this."""
+        if self.nodes:
+            self._validate_nodes()
         if not isinstance(self.worker_ports, list | tuple) or not self.worker_ports:
             raise ValueError("worker_ports: need at least one worker")
         for name in ("bind_port", "agent_port"):
@@ -89,6 +178,24 @@ class HAProxySettings:
         if self.log_format not in LOG_FORMATS:
             raise ValueError(f"log_format={self.log_format!r}: not one of "
                              f"{', '.join(LOG_FORMATS)}")
+
+
+    def _validate_nodes(self) -> None:
+        names, numbers, endpoints = set(), set(), set()
+        for node in self.nodes:
+            node.validate()
+            if node.name in names:
+                raise ValueError(f"node {node.name}: named twice")
+            if node.number in numbers:
+                raise ValueError(f"node {node.name}: number {node.number} taken by another "
+                                 "node (it places the servers on the hash ring)")
+            names.add(node.name)
+            numbers.add(node.number)
+            for port in [*range(node.base_port, node.base_port + node.workers),
+                         node.agent_port]:
+                if (node.host, port) in endpoints:
+                    raise ValueError(f"node {node.name}: {address(node.host, port)} used twice")
+                endpoints.add((node.host, port))
 
 
 def check_path(name: str, value: object, *, unix_socket: bool = False) -> None:

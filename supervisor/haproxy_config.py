@@ -16,7 +16,7 @@ from pathlib import Path
 from haproxy.check import check
 from haproxy.errors import HAProxyConfigError, HAProxyError
 from haproxy.render import render
-from haproxy.settings import LOG_FORMATS, LOG_LEVELS, HAProxySettings
+from haproxy.settings import LOG_FORMATS, LOG_LEVELS, HAProxySettings, NodeTarget
 from supervisor.private import write_private
 from supervisor.settings import NodeSettings
 
@@ -70,24 +70,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     parser.add_argument("--log-format", choices=LOG_FORMATS,
                         help="request log layout (default: OG_LOG_FORMAT, else text)")
+    parser.add_argument("--node", action="append", type=_node, metavar="NAME=HOST:BASE:N:AGENT:NUM",
+                        help="a node behind this HAProxy (repeat for each; its workers on "
+                        "BASE..BASE+N-1, its agent on AGENT, NUM 1-64 fixing its place on the "
+                        "hash ring); replaces --workers/--base-port/--worker-host/--agent-*")
     parser.add_argument("--output", "-o", help="write to FILE instead of stdout")
     parser.add_argument("--check", action="store_true", help="run `haproxy -c` on the result")
     parser.add_argument("--haproxy", help="haproxy binary for --check")
+
+
+def _node(text: str) -> NodeTarget:
+    try:
+        return NodeTarget.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
     """0 done; 2 a setting or a config HAProxy refuses; 1 HAProxy missing or a file unwritable."""
     try:
         bind_host, bind_port = args.bind
-        settings = HAProxySettings.for_workers(
-            args.workers, args.base_port, worker_host=args.worker_host,
-            bind_host=bind_host, bind_port=bind_port,
-            agent_host=args.agent_host, agent_port=args.agent_port,
-            stats_socket=args.stats_socket or _default_stats_socket(),
-            state_file=args.state_file, maxconn=args.maxconn,
-            server_maxconn=args.server_maxconn, log_level=args.log_level,
-            log_format=args.log_format or _default_log_format(),
-        )
+        common = {"bind_host": bind_host, "bind_port": bind_port,
+                  "stats_socket": args.stats_socket or _default_stats_socket(),
+                  "state_file": args.state_file, "maxconn": args.maxconn,
+                  "server_maxconn": args.server_maxconn, "log_level": args.log_level,
+                  "log_format": args.log_format or _default_log_format()}
+        if args.node:
+            settings = HAProxySettings.for_nodes(args.node, **common)
+        else:
+            settings = HAProxySettings.for_workers(
+                args.workers, args.base_port, worker_host=args.worker_host,
+                agent_host=args.agent_host, agent_port=args.agent_port, **common)
         text = render(settings)
         if args.check:
             check(text, haproxy=args.haproxy)
