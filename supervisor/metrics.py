@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 import psutil
@@ -239,6 +240,59 @@ class FleetCollector(Collector):
                                   value=self.table.breaker_trips())
         yield GaugeMetricFamily("oddsgate_workers_configured", "Worker processes configured.",
                                 value=self.workers_configured)
+
+
+class AggregatorCollector(Collector):
+    """The region's aggregator when this node hosts it (supervisor/services.py).
+
+    Its process state from the supervisor; its progress from the status it
+    writes to Redis every second (aggregator/service.py), which the service
+    reads for this: a status that stops changing ages in
+    `oddsgate_aggregator_status_age_seconds`. The input and publish counts
+    are the aggregator process's own, so they restart from zero with it.
+    """
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+
+    def collect(self) -> Iterable[Metric]:
+        s = self.service
+        status = s.status or {}
+        yield GaugeMetricFamily("oddsgate_aggregator_up",
+                                "1 while the region's aggregator process runs on this node.",
+                                value=1 if s.pid is not None else 0)
+        yield GaugeMetricFamily("oddsgate_aggregator_diverged",
+                                "1 once the aggregator stopped on a late input or a corrupt "
+                                "input log (exit 4): the region needs a rebuild.",
+                                value=1 if s.diverged else 0)
+        yield CounterMetricFamily("oddsgate_aggregator_restarts_total",
+                                  "Times the supervisor restarted the aggregator.",
+                                  value=s.restarts)
+        yield CounterMetricFamily("oddsgate_aggregator_inputs_total",
+                                  "Provider messages merged and priced (this process).",
+                                  value=status.get("inputs") or 0)
+        yield CounterMetricFamily("oddsgate_aggregator_published_total",
+                                  "Events published (this process).",
+                                  value=status.get("published") or 0)
+        yield CounterMetricFamily("oddsgate_aggregator_late_inputs_total",
+                                  "Inputs that arrived after their place was published.",
+                                  value=sum((status.get("late") or {}).values()))
+        yield GaugeMetricFamily("oddsgate_aggregator_excluded_providers",
+                                "Providers the merge no longer waits for (silent too long).",
+                                value=len(status.get("excluded") or ()))
+        latency = GaugeMetricFamily(
+            "oddsgate_aggregator_input_to_publish_seconds",
+            "Input timestamp to publish acknowledged, over the last events.",
+            labels=["quantile"])
+        for q, key in (("0.5", "input_to_publish_ms_p50"), ("0.99", "input_to_publish_ms_p99")):
+            ms = status.get(key)
+            latency.add_metric([q], ms / 1000 if ms is not None else float("nan"))  # none yet
+        yield latency
+        yield GaugeMetricFamily("oddsgate_aggregator_status_age_seconds",
+                                "Since the aggregator's status was last read (it writes it "
+                                "every second).",
+                                value=time.monotonic() - s.status_at if s.status_at
+                                else float("inf"))
 
 
 def fleet_registry(

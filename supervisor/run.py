@@ -12,7 +12,7 @@ from gateway.config import ConfigError, Settings
 from gateway.topics import PartitionMap
 from haproxy.settings import HAProxySettings
 from supervisor.haproxy_config import STATS_SOCKET_NAME
-from supervisor.metrics import MetricsServer, WorkerInfo, fleet_registry
+from supervisor.metrics import AggregatorCollector, MetricsServer, WorkerInfo, fleet_registry
 from supervisor.node import Phase, Supervisor
 from supervisor.private import private_dir
 from supervisor.runtime import redis_for, runtime_dir
@@ -50,8 +50,9 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str,
     breaker = Breaker(worker.breaker_trip_share, worker.breaker_recover_share,
                       worker.breaker_min_players)
     supervisor = Supervisor(node, env, runtime, breaker, notifier)
-    if node.aggregate:
-        supervisor.extra_services.append(AggregatorService(redis_url, worker.region))
+    aggregator = AggregatorService(redis_url, worker.region) if node.aggregate else None
+    if aggregator is not None:
+        supervisor.extra_services.append(aggregator)
     if node.haproxy:
         supervisor.extra_services.append(
             HAProxyService(haproxy_settings(node, runtime, worker.log_format),
@@ -61,6 +62,8 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str,
             supervisor.table, lambda: worker_info(supervisor), supervisor.n,
             worker_of_slot=lambda slot: slot % supervisor.n,
         )
+        if aggregator is not None:
+            registry.register(AggregatorCollector(aggregator))
         supervisor.extra_services.insert(
             0, MetricsServer(node.metrics_host, node.metrics_port, registry))
     return supervisor

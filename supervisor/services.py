@@ -98,7 +98,12 @@ class AggregatorService:
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
         self.diverged = False
+        # Its latest status (aggregator.service's status key), read every second for
+        # /metrics; `status_at` the monotonic time it was read (0: never).
+        self.status: dict = {}
+        self.status_at = 0.0
         self._watch: asyncio.Task | None = None
+        self._poll: asyncio.Task | None = None
         self._stopping = False
 
     @property
@@ -123,6 +128,31 @@ class AggregatorService:
     async def start(self) -> None:
         await self._launch()
         self._watch = asyncio.create_task(self._supervise())
+        self._poll = asyncio.create_task(self._follow_status())
+
+    async def _follow_status(self, interval_s: float = 1.0) -> None:
+        import time
+
+        import orjson
+        import redis.asyncio as aioredis
+
+        from aggregator.service import status_key
+        from aggregator.settings import AggregatorSettings
+
+        stream = AggregatorSettings.from_env().stream
+        client = aioredis.Redis.from_url(self.redis_url)
+        try:
+            while not self._stopping:
+                try:
+                    raw = await client.get(status_key(stream))
+                    if raw is not None:
+                        self.status = orjson.loads(raw)
+                        self.status_at = time.monotonic()
+                except Exception as exc:  # /metrics shows the status ageing
+                    log.debug("aggregator status unreadable: %s", exc)
+                await asyncio.sleep(interval_s)
+        finally:
+            await client.aclose()
 
     async def _supervise(self) -> None:
         from aggregator.service import EXIT_DIVERGED
@@ -149,8 +179,9 @@ class AggregatorService:
 
     async def stop(self) -> None:
         self._stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
+        for task in (self._watch, self._poll):
+            if task is not None:
+                task.cancel()
         if self.proc is not None and self.proc.returncode is None:
             self.proc.terminate()
             try:

@@ -171,7 +171,8 @@ def observed(redis_server, tmp_path_factory) -> Iterator[Observed]:
     notify.bind(str(runtime / "notify.sock"))
     notify.settimeout(10)
     node = start_node(redis_server.url, runtime / "run", OG_LOG_FORMAT="json",
-                      NOTIFY_SOCKET=str(runtime / "notify.sock"))
+                      NOTIFY_SOCKET=str(runtime / "notify.sock"),
+                      OG_AGGREGATE="1")  # the region's aggregator too: its metrics
     try:
         metrics: dict[str, set[str]] = {}
         families: dict[str, str] = {}
@@ -357,6 +358,20 @@ FIRING: dict[str, dict] = {
                    f'oddsgate_worker_open_fds{{{T}, worker="1"}}': "500x40",
                    f'oddsgate_worker_max_fds{{{T}, worker="1"}}': "1000x40"},
         "at": "6m", "labels": {"instance": "n1:9100", "worker": "0"}},
+    "OddsgateAggregatorDiverged": {
+        "series": {f"oddsgate_aggregator_diverged{{{T}}}": "0 1x20"},
+        "at": "1m", "labels": {"instance": "n1:9100", "job": "oddsgate"}},
+    "OddsgateAggregatorDown": {
+        "series": {f"oddsgate_aggregator_up{{{T}}}": "1 0x20",
+                   f"oddsgate_aggregator_diverged{{{T}}}": "0x20"},
+        "at": "2m", "labels": {"instance": "n1:9100", "job": "oddsgate"}, "quiet_at": "30s"},
+    "OddsgateAggregatorSlow": {
+        "series": {f'oddsgate_aggregator_input_to_publish_seconds{{{T}, quantile="0.99"}}':
+                   "2x40",
+                   f'oddsgate_aggregator_input_to_publish_seconds{{{T}, quantile="0.5"}}':
+                   "0.1x40"},
+        "at": "6m", "labels": {"instance": "n1:9100", "job": "oddsgate", "quantile": "0.99"},
+        "quiet_at": "3m"},
     "OddsgateWebhookDeadLettersGrowing": {
         "series": {f"og_webhook_dead_letters{{{T}}}": "0+1x200"},
         "at": "20m", "labels": {"instance": "n1:9100"}, "quiet_at": "14m"},

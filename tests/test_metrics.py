@@ -288,3 +288,40 @@ async def test_the_server_serves_the_registry_and_frees_its_port(registry):
     with socket.socket() as again:  # the port is free once stopped
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
+
+
+def test_the_aggregator_collector_reports_its_process_and_its_status() -> None:
+    import math
+    import time as _time
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from supervisor.metrics import AggregatorCollector
+
+    service = SimpleNamespace(pid=1234, diverged=False, restarts=2, status_at=_time.monotonic(),
+                              status={"inputs": 500, "published": 40,
+                                      "late": {"atlas": 1, "beacon": 2},
+                                      "excluded": ["cobalt"], "input_to_publish_ms_p50": 80.0,
+                                      "input_to_publish_ms_p99": None})
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AggregatorCollector(service))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(generate_latest(registry).decode())
+               for s in f.samples}
+    assert samples[("oddsgate_aggregator_up", ())] == 1
+    assert samples[("oddsgate_aggregator_diverged", ())] == 0
+    assert samples[("oddsgate_aggregator_restarts_total", ())] == 2
+    assert samples[("oddsgate_aggregator_inputs_total", ())] == 500
+    assert samples[("oddsgate_aggregator_late_inputs_total", ())] == 3
+    assert samples[("oddsgate_aggregator_excluded_providers", ())] == 1
+    assert samples[("oddsgate_aggregator_input_to_publish_seconds", (("quantile", "0.5"),))] \
+        == 0.08
+    assert math.isnan(
+        samples[("oddsgate_aggregator_input_to_publish_seconds", (("quantile", "0.99"),))])
+    assert samples[("oddsgate_aggregator_status_age_seconds", ())] < 5
+    service.pid, service.diverged, service.status_at = None, True, 0.0
+    text = generate_latest(registry).decode()
+    assert "oddsgate_aggregator_up 0.0" in text and "oddsgate_aggregator_diverged 1.0" in text
+    assert "oddsgate_aggregator_status_age_seconds +Inf" in text
