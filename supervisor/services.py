@@ -139,7 +139,10 @@ class AggregatorService:
         from aggregator.service import status_key
         from aggregator.settings import AggregatorSettings
 
-        stream = AggregatorSettings.from_env().stream
+        try:
+            stream = AggregatorSettings.from_env().stream
+        except ValueError:
+            return  # the aggregator itself says why, exit 2, in the log
         client = aioredis.Redis.from_url(self.redis_url)
         try:
             while not self._stopping:
