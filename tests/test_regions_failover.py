@@ -84,7 +84,7 @@ async def test_a_region_drained_for_a_deploy_sends_its_players_to_the_other(tmp_
         regions.stop()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 async def test_players_moving_to_a_region_behind_are_held_then_replayed(tmp_path) -> None:
     """Region B's aggregator stalls (SIGSTOP) while region A goes on; A is then
     killed. A's players resume in B at seqs B has not published: B holds them
@@ -96,7 +96,8 @@ async def test_players_moving_to_a_region_behind_are_held_then_replayed(tmp_path
 
     from client.odds import OddsClient
 
-    regions = start_regions(tmp_path, free_port_range(2))
+    # A loaded machine may take seconds to catch region B up: hold long enough.
+    regions = start_regions(tmp_path, free_port_range(2), env={"OG_LAG_WAIT_MS": "15000"})
     stalled = regions.status["regions"][1]["aggregator_pid"]
     assert stalled
     try:
@@ -114,11 +115,11 @@ async def test_players_moving_to_a_region_behind_are_held_then_replayed(tmp_path
         await asyncio.sleep(0.5)  # A's players are held in B, ahead of it
         os.kill(stalled, signal.SIGCONT)  # B catches up (before the 2 s lag wait ends)
         for player in players:
-            await player.wait_resumed(1, timeout=15)
+            await player.wait_resumed(1, timeout=30)
         events = [p.stats.events for p in players]
         await eventually(lambda: all(p.stats.events > before  # prices go on, from B
                                      for p, before in zip(players, events, strict=True)),
-                         timeout=15)
+                         timeout=30)
         metrics = http_get(regions.status["regions"][1]["metrics_url"])[2].decode()
         held = [line for line in metrics.splitlines()
                 if line.startswith('oddsgate_resumes_total{kind="held"')]
