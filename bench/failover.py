@@ -102,7 +102,8 @@ def _rank(values: list[float], q: float) -> float | None:
     return round(ordered[max(0, math.ceil(q * len(ordered)) - 1)], 1)
 
 
-async def drill(regions: Regions, players: int, topics: list[str]) -> dict:
+async def drill(regions: Regions, players: int, topics: list[str], *,
+                after_kill_s: float = AFTER_KILL_S) -> dict:
     """Players on both regions, region A killed; the figures of the move."""
     token = regions.status["token"]
     a, b = regions.urls
@@ -121,7 +122,7 @@ async def drill(regions: Regions, players: int, topics: list[str]) -> dict:
     fresh_ms: dict[int, float] = {}
     killed = time.monotonic()
     regions.kill(0)
-    while time.monotonic() - killed < AFTER_KILL_S and len(fresh_ms) < len(on_a):
+    while time.monotonic() - killed < after_kill_s and len(fresh_ms) < len(on_a):
         now = time.monotonic()
         for c in on_a:
             key = id(c)
