@@ -160,6 +160,14 @@ class Aggregator:
         idle_s = self.settings.provider_idle_ms / 1000
         for provider, heard in self._heard.items():
             if now - heard > idle_s and provider not in self.merger.excluded:
+                # Silent for us is not silent in the log: this process may have
+                # stood still (a pause, a stopped VM) or its last read may have
+                # been answered with another provider's first entry. Only a copy
+                # holding nothing unread is a provider that went quiet; excluding
+                # one with a backlog would make its next messages late.
+                if await self.log.last_pseq(provider) > self._read_after[provider]:
+                    self._heard[provider] = now
+                    continue
                 log.warning("provider %s silent for %.1fs: no longer waited for",
                             provider, now - heard)
                 self.merger.exclude(provider)

@@ -162,3 +162,37 @@ async def test_a_corrupt_input_log_entry_stops_the_region_with_a_clear_error(reg
     running = Running(urls["a"], "a")
     assert await asyncio.wait_for(running.task, 5) == EXIT_DIVERGED
     await running.redis.aclose()
+
+
+async def test_a_provider_with_unread_messages_is_never_excluded(regions) -> None:
+    """Regression: a read answered with only one provider's entries (the aggregator
+    stood still while blocked in XREAD: SIGSTOP, a paused VM) made every other
+    provider look silent; excluded, their backlog then came in late and the region
+    stopped as diverged. Silence is judged on the copy, not on this process's reads."""
+    urls, clients = regions
+    log = InputLog(clients["a"])
+    first, *others = SETTINGS.provider_names()
+    await log.append([ProviderMessage(p, 1, 1000, "heartbeat") for p in (first, *others)])
+    redis = aioredis.Redis.from_url(urls["a"])
+    aggregator = Aggregator(redis, replace(SETTINGS, provider_idle_ms=100),
+                            PartitionMap.load(None), "a")
+    await aggregator.restore()
+    await aggregator.step(block_ms=10)
+    # Every provider goes on writing; this process stands still for a while...
+    await log.append([ProviderMessage(p, seq, 1000 * seq, "heartbeat")
+                      for p in (first, *others) for seq in range(2, 6)])
+    await asyncio.sleep(0.3)
+    real_read = aggregator.log.read
+
+    async def first_only(after, count=2000, block_ms=None):  # ...and wakes to one entry
+        return [m for m in await real_read(after, count, block_ms) if m.provider == first][:1]
+
+    aggregator.log.read = first_only  # type: ignore[method-assign]
+    await aggregator.step(block_ms=10)
+    assert aggregator.merger.excluded == ()
+    aggregator.log.read = real_read  # type: ignore[method-assign]
+    for _ in range(3):  # the backlog comes in: nothing of it is late
+        await aggregator.step(block_ms=10)
+    assert not aggregator.merger.diverged
+    assert sum(aggregator.merger.late.values()) == 0
+    await redis.aclose()

@@ -98,8 +98,11 @@ async def test_players_moving_to_a_region_behind_are_held_then_replayed(tmp_path
 
     from client.odds import OddsClient
 
-    # A loaded machine may take seconds to catch region B up: hold long enough.
-    regions = start_regions(tmp_path, free_port_range(2), env={"OG_LAG_WAIT_MS": "15000"})
+    # B stays a region that serves while its aggregator is stopped (its /healthz
+    # would otherwise fail after 1.5 s and A's players could not come in), and
+    # holds their resumes long enough for a loaded machine.
+    regions = start_regions(tmp_path, free_port_range(2),
+                            env={"OG_LAG_WAIT_MS": "15000", "OG_REGION_STALE_AFTER_MS": "20000"})
     stalled = regions.status["regions"][1]["aggregator_pid"]
     assert stalled
     try:
@@ -114,18 +117,17 @@ async def test_players_moving_to_a_region_behind_are_held_then_replayed(tmp_path
         await asyncio.sleep(2.0)  # region A publishes on; B does not
         assert any(p.resume_points() != held[p] for p in players), "A published nothing"
         regions.kill(0)
-        await asyncio.sleep(0.5)  # A's players are held in B, ahead of it
-        os.kill(stalled, signal.SIGCONT)  # B catches up (before the 2 s lag wait ends)
-        for player in players:
+        for player in players:  # resumed in B (`subscribed`), and held there: B is behind
             await player.wait_resumed(1, timeout=30)
-        events = [p.stats.events for p in players]
-        await eventually(lambda: all(p.stats.events > before  # prices go on, from B
-                                     for p, before in zip(players, events, strict=True)),
-                         timeout=30)
         metrics = http_get(regions.status["regions"][1]["metrics_url"])[2].decode()
         held = [line for line in metrics.splitlines()
                 if line.startswith('oddsgate_resumes_total{kind="held"')]
         assert held and sum(float(line.split()[-1]) for line in held) > 0, held
+        os.kill(stalled, signal.SIGCONT)  # B catches up (well before the lag wait ends)
+        events = [p.stats.events for p in players]
+        await eventually(lambda: all(p.stats.events > before  # prices go on, from B
+                                     for p, before in zip(players, events, strict=True)),
+                         timeout=30)
         for player, before in zip(players, events, strict=True):
             assert player.region == regions.names[1]
             assert player.stats.resets == 0 and player.violations == []
