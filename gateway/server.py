@@ -403,7 +403,8 @@ class Worker:
         return self._connection_class(PlayerProtocol.adopt(protocol), server, **kwargs)
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        """Answer a request the parser let through: GET or HEAD, no body (wsprotocol.py).
+        """Answer a request the parser let through (wsprotocol.py): GET or HEAD without a
+        body, or a POST with the body it read (gateway.http.RequestWithBody).
 
         HEAD gets GET's status and headers without the body; it never
         reaches /ws (a HEAD cannot upgrade: 405 in the parser).
