@@ -7,6 +7,8 @@ line naming the variable instead of answering 503 to every click later.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
 from dataclasses import dataclass
 
@@ -109,7 +111,5 @@ class AttributionSettings(EnvSettings):
         keys = self.keys
         if keys is None:
             return None
-        import hashlib
-        import hmac
         return hmac.new(keys.signing[1], b"oddsgate client address hash",
                         hashlib.sha256).digest()

@@ -280,6 +280,7 @@ class Worker:
             write_limit=(s.high_watermark_bytes, s.low_watermark_bytes),
             create_connection=self._create_connection,
         )
+        self.routes.attribution.start()  # follows og:links for /t/ (attribution/linksync.py)
         self._watch_task = asyncio.create_task(self._watch_pressure())
         self._heartbeat_task = asyncio.create_task(self.liveness.heartbeat())
         if s.region_stale_after_ms > 0:
@@ -393,6 +394,7 @@ class Worker:
         for task in (self._watch_task, self._heartbeat_task, self._region_task):
             if task is not None:
                 task.cancel()
+        await self.routes.attribution.stop()
         await self.broker.close()
 
     # -- HTTP and the handshake -------------------------------------------
