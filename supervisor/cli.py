@@ -161,6 +161,18 @@ def _feed(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _links_flags(parser: argparse.ArgumentParser) -> None:
+    from attribution import links_cli
+
+    links_cli.add_arguments(parser)
+
+
+def _links(args: argparse.Namespace) -> int:
+    from attribution.links_cli import run
+
+    return run(args)
+
+
 def _aggregate_flags(parser: argparse.ArgumentParser) -> None:
     from aggregator.cli import add_aggregate_arguments
 
@@ -303,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=1, help="with --regions: workers per region")
     demo.add_argument("--seed", type=int, default=7, help="with --regions: the providers' seed")
     demo.set_defaults(func=_demo)
+
+    links = sub.add_parser("links", help="add, pause, resume or list tracking links (/t/)",
+                           flags=_links_flags)
+    links.set_defaults(func=_links)
     return parser
 
 
