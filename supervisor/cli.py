@@ -5,10 +5,11 @@ HAProxy), `status`, `drain`, `undrain`, `reload` (deploy scripts, through
 the node's control socket), `haproxy-config` (render the HAProxy file),
 `worker` (one gateway worker), `feed` (the synthetic feed), `aggregate` (a
 region's aggregator), `providers` (the synthetic providers), `token` (mint a
-session token), `config` (every setting), `demo` (a node with live traffic).
+session token), `keys` (operator API keys for conversions), `config` (every
+setting), `demo` (a node with live traffic).
 One argparse tree holds them all (`build_parser()`); the flags of
-`haproxy-config` and `feed` are declared beside their code
-(supervisor/haproxy_config.py, feed/synthetic/cli.py).
+`haproxy-config`, `feed` and `keys` are declared beside their code
+(supervisor/haproxy_config.py, feed/synthetic/cli.py, attribution/keys_cli.py).
 
 Exit codes: 0 done; 1 failed (a drain or reload that did not complete in
 its timeout, a node whose workers all failed); 2 bad usage or
@@ -197,6 +198,18 @@ def _providers(args: argparse.Namespace) -> int:
     return run_providers(args)
 
 
+def _keys_flags(parser: argparse.ArgumentParser) -> None:
+    from attribution.keys_cli import add_arguments
+
+    add_arguments(parser)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from attribution.keys_cli import run
+
+    return run(args)
+
+
 class _Subcommand(argparse.ArgumentParser):
     """A subcommand's parser; `flags`, if given, adds its flags when that subcommand is used.
 
@@ -295,6 +308,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--topics", help="comma-separated topic prefixes the token allows")
     token.add_argument("--secret", help="HS256 secret (default OG_JWT_SECRET)")
     token.set_defaults(func=_token)
+
+    keys = sub.add_parser("keys", help="add, list or revoke operator API keys (conversions)",
+                          flags=_keys_flags)
+    keys.set_defaults(func=_keys)
 
     config = sub.add_parser("config", help="list every setting, its env var and default")
     config.set_defaults(func=_config)
