@@ -7,7 +7,7 @@ a GET or HEAD without a body. These routes answer the rest: `/healthz`,
 reads from Redis, gateway/ratelimit.py), the player shell, the token
 check of `/ws`, whose claims go back to the worker for the player's handler,
 and the attribution endpoints (`/t/{code}`, `/admin/...`), which
-attribution/edge.py answers.
+attribution/edge.py answers, and `POST /v1/conversions` (attribution/intake.py).
 """
 
 from __future__ import annotations
@@ -21,13 +21,21 @@ from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
 from attribution.edge import AttributionEdge
+from attribution.intake import ConversionIntake
 from attribution.settings import AttributionSettings
 from gateway import protocol
 from gateway.auth import AuthError, Claims, TokenVerifier, token_from_request
 from gateway.broker import RedisBroker
 from gateway.config import Settings
 from gateway.errors import ErrorCode
-from gateway.http import error_response, json_response, rate_limited, request_body, response
+from gateway.http import (
+    CONVERSIONS_PATH,
+    error_response,
+    json_response,
+    rate_limited,
+    request_body,
+    response,
+)
 from gateway.hub import Hub
 from gateway.ratelimit import ClientBuckets, client_key, retry_after_s
 from gateway.session import RateLimiter
@@ -62,9 +70,10 @@ class HttpRoutes:
         self.attribution = AttributionEdge(
             attribution or AttributionSettings.from_env(), settings.redis_url,
             broker.commands, reconnect_delay=settings.redis_reconnect_s)
+        self.conversions = ConversionIntake(self.attribution.settings, broker.commands)
 
     async def answer(self, conn: ServerConnection, request: Request) -> Response | Claims:
-        """The response to a GET (or HEAD), or the claims of a player let in on /ws."""
+        """The response to a GET, HEAD or POST, or the claims of a player let in on /ws."""
         url = urlsplit(request.path)
         path, query = url.path, parse_qs(url.query)
         if path == "/ws":
@@ -87,6 +96,8 @@ class HttpRoutes:
             if refused is not None:
                 return refused
             return await self._snapshot(request, query, claims)
+        if path == CONVERSIONS_PATH:  # POST only (gateway/http.py)
+            return await self.conversions.answer(request.headers, request_body(request))
         if self.attribution.handles(path):
             peer = conn.remote_address
             return await self.attribution.answer(request, path, query,
