@@ -330,3 +330,27 @@ def test_a_conversion_through_haproxy(redis_url: str, tmp_path: Path) -> None:
         assert post(node.frontend_port, b" " * (MAX_BODY_BYTES + 1), key)[0] == 413
     finally:
         node.stop()
+
+
+def test_redis_down_is_503_and_the_retry_counts_once(tmp_path: Path) -> None:
+    """Never a lost or a doubled conversion: 503 while Redis is away, then the same id
+    again is taken once."""
+    server = EmbeddedRedis(tmp_path / "redis", port=0, persist=True)
+    server.start()
+    worker = start_worker(server.url, tmp_path, OG_CLICK_KEYS=CLICK_KEYS)
+    try:
+        key = operator_key(server.url, worker.port)
+        body = conversion(mint(KEYS), id="op-outage")
+        server.stop()
+        status, headers, answer = post(worker.port, body, key)
+        assert (status, headers["retry-after"]) == (503, "1")
+        assert orjson.loads(answer)["code"] == "unavailable"
+        assert worker.alive()
+        server.start()
+        wait_for(lambda: post(worker.port, body, key)[0] == 202)
+        assert post(worker.port, body, key)[0] == 202
+        assert [r["id"] for r in stream(server.url)] == ["op-outage"]
+        assert "Traceback" not in worker.log()
+    finally:
+        worker.stop()
+        server.stop()
