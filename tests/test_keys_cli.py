@@ -100,3 +100,22 @@ def test_the_redis_url_comes_from_og_redis_url(
     client = redis.Redis.from_url(redis_url)
     assert client.hexists(OPERATOR_KEYS, "from-env")
     client.close()
+
+
+def test_without_a_node_the_default_socket_is_one_line_and_exit_1(tmp_path) -> None:
+    """As a new user runs it: no OG_REDIS_URL, no node, so the embedded socket is absent."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path),
+           "XDG_RUNTIME_DIR": str(tmp_path), "LANG": "C.UTF-8"}
+    done = subprocess.run([sys.executable, "-m", "supervisor.cli", "keys", "list"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith(
+        f"oddsgate keys: cannot reach Redis at unix://{tmp_path}/oddsgate/redis/redis.sock: ")
