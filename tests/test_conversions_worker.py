@@ -354,3 +354,19 @@ def test_redis_down_is_503_and_the_retry_counts_once(tmp_path: Path) -> None:
     finally:
         worker.stop()
         server.stop()
+
+
+def test_a_body_that_never_arrives_is_cut_off_by_the_handshake_timeout(worker_factory) -> None:
+    """A client announcing more than it sends holds a connection only as long as a slow
+    WebSocket handshake would: the worker closes it, answering nothing."""
+    worker = worker_factory(OG_CLICK_KEYS=CLICK_KEYS, OG_HANDSHAKE_TIMEOUT_S="0.5")
+    with socket.create_connection(("127.0.0.1", worker.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/conversions HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n"
+                     b'{"id":')
+        try:
+            answer = sock.recv(65536)  # a timeout here fails the test: it must close
+        except ConnectionResetError:  # an abort may reach us as a reset
+            answer = b""
+        assert answer == b""
+    assert worker.alive()
+    assert call(worker.port, "GET", "/healthz")[0] == 200
