@@ -44,11 +44,17 @@ class AttributionEdge:
         load_patterns()
         self._task = asyncio.get_running_loop().create_task(self.sync.run())
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+    async def stop(self, grace_s: float = 2.0) -> None:
+        """End the follower; a worker's stop never waits on it longer than `grace_s`."""
+        task = self._task
+        if task is None:
+            return
+        self.sync.stopping = True
+        task.cancel()
+        done, _ = await asyncio.wait({task}, timeout=grace_s)
+        if task in done:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                task.result()
 
     def handles(self, path: str) -> bool:
         return path.startswith(self.PREFIXES)

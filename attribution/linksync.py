@@ -29,16 +29,20 @@ class LinkSync:
         self.cache = cache
         self.reconnect_delay = reconnect_delay
         self.reloads = 0
+        self.stopping = False
 
     async def run(self) -> None:
-        """Follow the links until cancelled."""
-        while True:
+        """Follow the links until cancelled (after `stopping` is set: a cancel that
+        redis-py turns into an error mid-read must still end the loop)."""
+        while not self.stopping:
             client = aioredis.Redis.from_url(self.url)
             try:
                 await self._follow(client)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self.stopping:
+                    return
                 log.warning("link changes not followed (%s); reloading in %.1f s",
                             exc, self.reconnect_delay)
             finally:
@@ -63,7 +67,7 @@ class LinkSync:
             self.cache.finish_reload(raw)
             self.reloads += 1
             log.info("links loaded: %d", len(self.cache.links))
-            while True:
+            while not self.stopping:
                 message = await pubsub.get_message(ignore_subscribe_messages=True,
                                                    timeout=None)
                 if message is not None and message["type"] == "message":
