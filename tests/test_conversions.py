@@ -166,8 +166,14 @@ def test_a_genuine_fresh_id_goes_on_to_the_index() -> None:
     assert info.kid == "k1"
 
 
-@pytest.mark.parametrize("click_id", ["", "c", "not-a-click-id" * 3, mint(KEYS)[:-1] + "A",
-                                      mint(ClickKeys.parse("k1:another-secret-entirely-1"))])
+def altered(click_id: str) -> str:
+    """`click_id` with one character of its MAC changed (never to itself)."""
+    return click_id[:-2] + ("x" if click_id[-2] != "x" else "y") + click_id[-1]
+
+
+@pytest.mark.parametrize("click_id", ["", "c", "not-a-click-id" * 3, altered(mint(KEYS)),
+                                      mint(ClickKeys.parse("k1:another-secret-entirely-1"))],
+                         ids=["empty", "short", "no-shape", "altered", "other-secret"])
 def test_forged_ids_are_decided_without_redis(click_id: str) -> None:
     assert check_click_id(click_id, KEYS, NOW_NS, WINDOW_S) == \
         Attribution(None, Reason.FORGED_CLICK)
