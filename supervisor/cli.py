@@ -5,11 +5,12 @@ HAProxy), `status`, `drain`, `undrain`, `reload` (deploy scripts, through
 the node's control socket), `haproxy-config` (render the HAProxy file),
 `worker` (one gateway worker), `feed` (the synthetic feed), `aggregate` (a
 region's aggregator), `providers` (the synthetic providers), `token` (mint a
-session token), `keys` (operator API keys for conversions), `config` (every
-setting), `demo` (a node with live traffic).
-One argparse tree holds them all (`build_parser()`); the flags of
-`haproxy-config`, `feed` and `keys` are declared beside their code
-(supervisor/haproxy_config.py, feed/synthetic/cli.py, attribution/keys_cli.py).
+session token), `keys` (operator API keys for conversions), `links`
+(tracking links), `config` (every setting), `demo` (a node with live
+traffic). One argparse tree holds them all (`build_parser()`); the flags of
+`haproxy-config`, `feed`, `keys` and `links` are declared beside their code
+(supervisor/haproxy_config.py, feed/synthetic/cli.py, attribution/keys_cli.py,
+attribution/links_cli.py).
 
 Exit codes: 0 done; 1 failed (a drain or reload that did not complete in
 its timeout, a node whose workers all failed); 2 bad usage or
