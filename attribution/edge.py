@@ -39,10 +39,13 @@ class AttributionEdge:
         self.admin = AdminApi(settings.admin_key, AsyncLinkStore(commands),
                               self.tracking.timing)
         self._task: asyncio.Task | None = None
+        self._warm: asyncio.Task | None = None
 
     def start(self) -> None:
         load_patterns()
-        self._task = asyncio.get_running_loop().create_task(self.sync.run())
+        loop = asyncio.get_running_loop()
+        self._task = loop.create_task(self.sync.run())
+        self._warm = loop.create_task(self.recorder.warm())
 
     async def stop(self, grace_s: float = 2.0) -> None:
         """End the follower; a worker's stop never waits on it longer than `grace_s`."""
