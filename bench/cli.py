@@ -56,7 +56,9 @@ QUICK_LEAVES_OUT = {("steady", "python-socketio"): "the slowest peer; in the ful
                     ("connect", NODE): "in the full run only (the quick run's 2 minutes)",
                     ("shell", "oddsgate"): "in the full run only (the quick run's 2 minutes)",
                     ("spike", "oddsgate"): "in the full run only (the quick run's 2 minutes)",
-                    ("failover", "oddsgate"): "in the full run only (the quick run's 2 minutes)"}
+                    ("failover", "oddsgate"): "in the full run only (the quick run's 2 minutes)",
+                    ("clicks", "oddsgate"): "in the full run only (the quick run's 2 minutes); "
+                                            "`--quick --scenario clicks` runs a short one"}
 FULL_PLAN = {
     "steady": ["oddsgate", NODE, *PEERS],
     "saturation": ["oddsgate", *PEERS],
@@ -68,6 +70,7 @@ FULL_PLAN = {
     "drain": [NODE],
     "shell": ["oddsgate"],
     "failover": ["oddsgate"],
+    "clicks": ["oddsgate"],
 }
 QUIET_CORES = 0.25  # other work below which `--wait-quiet` starts a run
 QUICK_BUDGET_S = 112

@@ -129,6 +129,8 @@ class Params:
             return 6.0 + max(counts, default=0) / 1000
         if scenarios[0] == "subscribe":
             return 8.0 + 2 * self.subscribe_conns / self.subscribe_per_s
+        if scenarios[0] == "clicks":  # bench.scenarios.clicks: start, 4 phases, stop
+            return 10.0 + (9.0 + 2 * 3.0 if self.quick else 40.0 + 2 * 10.0)
         if scenarios[0] == "shell":  # ~0.5 s a loopback load, ~2.3 s a throttled one
             return 4.0 + 2 * self.shell_loads * 0.5 + self.shell_mobile_loads * 2.3
         return 0.0

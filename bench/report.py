@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from bench.harness import Result
-from bench.scenarios import failover, shell, spike
+from bench.scenarios import clicks, failover, shell, spike
 from bench.systems import NODE
 
 TARGETS = {
@@ -362,6 +362,28 @@ def _verdict(value: float | None, target: float, higher_is_better: bool) -> str:
     return f"**missed**, {ratio:.1f}x off"
 
 
+def clicks_lines(results: list[Result]) -> list[str]:
+    """Tracking-link redirects through HAProxy (bench.scenarios.clicks)."""
+    runs = _pick(results, clicks.NAME)
+    if not runs:
+        return []
+    rows = ["| storm offered/s | achieved/s | redirects/s per worker core | worker us p50 "
+            "| p99 | client ms p50 | p99 | full speed/s | static HAProxy/s | ratio "
+            "| clicks lost |", "|" + "---|" * 11]
+    for r in runs:
+        f = r.figures
+        worker, client = f.get("worker_us") or {}, f.get("client_ms") or {}
+        rows.append("| " + " | ".join([
+            _num(f.get("storm_rps_offered")), _num(f.get("storm_rps_achieved")),
+            _num(f.get("redirects_per_worker_core_s")), _num(worker.get("p50_us"), 1),
+            _num(worker.get("p99_us"), 1), _num(client.get("p50"), 1),
+            _num(client.get("p99"), 1), _num(f.get("full_speed_rps")),
+            _num(f.get("static_haproxy_rps")), _num(f.get("ratio_to_static"), 2),
+            _num(f.get("clicks_lost"))]) + " |")
+    return [*rows, "", f"Targets: worker p99 well under 1 ms; ratio to a static HAProxy "
+            f"redirect at least {clicks.RATIO_TARGET}; no click lost."]
+
+
 def failover_lines(results: list[Result]) -> list[str]:
     """The regions' failover drill (bench.scenarios.failover) and the aggregator's cost."""
     runs = _pick(results, failover.NAME)
@@ -573,6 +595,7 @@ def render(machine: dict, params: dict, results: list[Result], mode: str,
         *(["## Drain", "", *drain, ""] if (drain := drain_lines(results)) else []),
         *(["## Player shell", "", *shell, ""] if (shell := shell_lines(results)) else []),
         *(["## Region failover", "", *fo, ""] if (fo := failover_lines(results)) else []),
+        *(["## Tracking-link clicks", "", *cl, ""] if (cl := clicks_lines(results)) else []),
         "## oddsgate against its targets", "", *target_lines(results), "",
         *floor_lines(machine, results), "",
     ]

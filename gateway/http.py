@@ -7,7 +7,10 @@ returns None (go on with the upgrade) once the token checks out, or 401.
 Before that, the request head is judged here (`judge_request`, asked by the
 parser in gateway/wsprotocol.py): websockets' own parser takes any method as
 GET and drops requests with a body without a word, so the rules of what a
-worker serves live in one plain function.
+worker serves live in one plain function. The few paths that take a body
+(POST /v1/conversions, the admin API under /admin/) are named here too
+(`allowed_methods`), so the parser knows how many bytes to read before any
+route runs.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from urllib.parse import urlsplit
 
 import orjson
 from websockets.datastructures import Headers
-from websockets.http11 import Response
+from websockets.http11 import Request, Response
 
 from gateway.errors import ErrorCode
 
@@ -71,6 +74,18 @@ WS_PATH = "/ws"
 SERVER_HEADER = "oddsgate"
 ALLOW_PLAIN = "GET, HEAD"
 ALLOW_WS = "GET"  # a HEAD cannot upgrade, so /ws answers GET only
+# The operator's back office posts conversions (PROTOCOL.md §10); nothing reads them back here.
+CONVERSIONS_PATH = "/v1/conversions"
+ALLOW_CONVERSIONS = "POST"
+# The admin HTTP API (attribution links): reads with GET, changes with POST.
+ADMIN_PREFIX = "/admin/"
+ALLOW_ADMIN = "GET, HEAD, POST"
+# Methods whose request carries content a route reads (RFC 9110 §9.3.3).
+BODY_METHODS = frozenset({"POST"})
+# The largest body read (PROTOCOL.md §10: 413 over 16 KiB). A conversion is a few
+# hundred bytes, a link under 3 KB; a bound keeps a worker's memory per
+# connection small whatever a client announces.
+MAX_BODY_BYTES = 16 * 1024
 
 _TOKEN = re.compile(r"[-!#$%&'*+.^_`|~0-9A-Za-z]+")  # RFC 9110 §5.6.2: method names
 _VERSION = re.compile(r"HTTP/[0-9]\.[0-9]")
@@ -92,6 +107,7 @@ class Verdict:
     message: str = ""
     allow: str | None = None
     upgrade: bool = False
+    body_length: int = 0  # bytes of content to read before the route runs (a POST's)
 
     @property
     def serve(self) -> bool:
@@ -109,19 +125,34 @@ SERVE = Verdict()
 SERVE_UPGRADE = Verdict(upgrade=True)
 
 
+def allowed_methods(path: str) -> str:
+    """The `Allow` of a path: the one table of which method goes where."""
+    if path == WS_PATH:
+        return ALLOW_WS
+    if path == CONVERSIONS_PATH:
+        return ALLOW_CONVERSIONS
+    if path.startswith(ADMIN_PREFIX):
+        return ALLOW_ADMIN
+    return ALLOW_PLAIN
+
+
 def judge_request(method: str, target: str, version: str, headers: Headers) -> Verdict:
     """Serve or refuse one request head, without sockets (the parser asks this).
 
     The worker serves GET and HEAD without a body, one request per
-    connection. Order matters: a malformed head is 400 whatever it asks; a
-    method the target does not allow is 405 before any look at a body (its
-    body is never read either way); a body is refused, since no endpoint
-    takes one. Method names are case-sensitive (RFC 9110 §9.1): `get` is not
-    GET. Transfer-Encoding next to Content-Length is ambiguous framing (the
-    request-smuggling shape) and HTTP/1.0 has no transfer codings, so both
-    are 400; otherwise a transfer coding is 501, as RFC 9112 §6.1 asks of a
-    server that does not implement it. A non-zero Content-Length is 413: the
-    request is well framed, its content is just larger than the none this
+    connection, and POST with a body of at most MAX_BODY_BYTES on the paths
+    that take one (`allowed_methods`). Order matters: a malformed head is 400
+    whatever it asks; a method the target does not allow is 405 before any
+    look at a body (its body is never read either way). Method names are
+    case-sensitive (RFC 9110 §9.1): `get` is not GET. Transfer-Encoding next
+    to Content-Length is ambiguous framing (the request-smuggling shape) and
+    HTTP/1.0 has no transfer codings, so both are 400; otherwise a transfer
+    coding is 501, as RFC 9112 §6.1 asks of a server that does not implement
+    it: a body comes with a Content-Length or not at all. A POST without one
+    is 411 (RFC 9110 §15.5.12), since the length is what lets the worker
+    refuse an oversized body before reading it. A Content-Length over what
+    the method takes (none for GET and HEAD, MAX_BODY_BYTES for POST) is
+    413: the request is well framed, its content is just larger than this
     server takes, and the connection closes instead of reading it.
     HTTP/1.0 is served for plain requests; the WebSocket upgrade needs
     HTTP/1.1 (RFC 6455 §4.1), so /ws over 1.0 is 505, as websockets itself
@@ -136,22 +167,34 @@ def judge_request(method: str, target: str, version: str, headers: Headers) -> V
     path = _target_path(target)
     if path is None:
         return Verdict(400, "bad request target")
-    allow = ALLOW_WS if path == WS_PATH else ALLOW_PLAIN
+    allow = allowed_methods(path)
     if method not in allow.split(", "):
         return Verdict(405, f"{method[:16]} not allowed here; {allow} only", allow)
+    takes_body = method in BODY_METHODS
     if "Transfer-Encoding" in headers:
         if "Content-Length" in headers:
             return Verdict(400, "both Transfer-Encoding and Content-Length")
         if version == "HTTP/1.0":
             return Verdict(400, "Transfer-Encoding in an HTTP/1.0 request")
-        return Verdict(501, "transfer codings are not implemented; requests have no body")
+        return Verdict(501, "transfer codings are not implemented; send a Content-Length"
+                       if takes_body else
+                       "transfer codings are not implemented; requests have no body")
     lengths = {part.strip() for value in headers.get_all("Content-Length")
                for part in value.split(",")}
+    length = 0
+    framed = bool(lengths)
     if lengths:
         if len(lengths) > 1 or not all(_DIGITS.fullmatch(v) for v in lengths):
             return Verdict(400, "bad Content-Length")
-        if int(lengths.pop()) > 0:
-            return Verdict(413, "requests to this server have no body")
+        length = int(lengths.pop())
+    if takes_body:
+        if not framed:
+            return Verdict(411, f"{method} needs a Content-Length")
+        if length > MAX_BODY_BYTES:
+            return Verdict(413, f"body over {MAX_BODY_BYTES} bytes")
+        return Verdict(body_length=length)
+    if length > 0:
+        return Verdict(413, "requests to this server have no body")
     if path == WS_PATH:
         if version != "HTTP/1.1":
             return Verdict(505, "the WebSocket upgrade needs HTTP/1.1")
@@ -167,6 +210,23 @@ def _target_path(target: str) -> str | None:
     if target.startswith(("http://", "https://")):
         return urlsplit(target).path or "/"
     return None
+
+
+@dataclass
+class RequestWithBody(Request):
+    """websockets' handshake Request, plus the content of a POST.
+
+    websockets' Request has no body ("isn't useful in the context of this
+    library"); the parser (gateway/wsprotocol.py) reads exactly the
+    Content-Length that `judge_request` admitted and hands it on here.
+    """
+
+    body: bytes = b""
+
+
+def request_body(request: Request) -> bytes:
+    """The content a request carried: empty for a GET, a HEAD, or a bodiless POST."""
+    return request.body if isinstance(request, RequestWithBody) else b""
 
 
 def without_body(answer: Response) -> Response:

@@ -62,16 +62,27 @@ def client_key(claims: Claims | None, peer: str | None, forwarded_for: list[str]
     """Whom a request counts against: `player:<sub>`, else `addr:<address>`."""
     if claims is not None and not claims.anonymous:
         return "player:" + claims.player
-    address = _address(peer)
-    if address is not None and address.is_loopback and forwarded_for:
-        forwarded = _address(forwarded_for[-1].rsplit(",", 1)[-1].strip())
-        if forwarded is not None:
-            address = forwarded
+    address = client_address(peer, forwarded_for)
     if address is None:
         return "addr:" + (peer or "unknown")
     if address.version == 6:
         return "addr:" + str(ipaddress.IPv6Network((address, 64), strict=False))
     return "addr:" + str(address)
+
+
+def client_address(peer: str | None, forwarded_for: list[str]
+                   ) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The client's address: the peer, or X-Forwarded-For's last entry from a loopback
+    peer (HAProxy's); None when the peer is not an address (a unix socket, say).
+
+    One rule for every use (snapshot buckets, click records), see the module docstring.
+    """
+    address = _address(peer)
+    if address is not None and address.is_loopback and forwarded_for:
+        forwarded = _address(forwarded_for[-1].rsplit(",", 1)[-1].strip())
+        if forwarded is not None:
+            address = forwarded
+    return address
 
 
 def _address(text: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -4,8 +4,10 @@ websockets hands every request to the worker's `process_request` before
 upgrading; the parser (gateway/wsprotocol.py) has already refused what is not
 a GET or HEAD without a body. These routes answer the rest: `/healthz`,
 `/v1/topics`, `/v1/snapshot` (rate limited per client and on this worker's
-reads from Redis, gateway/ratelimit.py), the player shell, and the token
-check of `/ws`, whose claims go back to the worker for the player's handler.
+reads from Redis, gateway/ratelimit.py), the player shell, the token
+check of `/ws`, whose claims go back to the worker for the player's handler,
+and the attribution endpoints (`/t/{code}`, `/admin/...`), which
+attribution/edge.py answers, and `POST /v1/conversions` (attribution/intake.py).
 """
 
 from __future__ import annotations
@@ -18,12 +20,22 @@ from urllib.parse import parse_qs, urlsplit
 from websockets.asyncio.server import ServerConnection
 from websockets.http11 import Request, Response
 
+from attribution.edge import AttributionEdge
+from attribution.intake import ConversionIntake
+from attribution.settings import AttributionSettings
 from gateway import protocol
 from gateway.auth import AuthError, Claims, TokenVerifier, token_from_request
 from gateway.broker import RedisBroker
 from gateway.config import Settings
 from gateway.errors import ErrorCode
-from gateway.http import error_response, json_response, rate_limited, response
+from gateway.http import (
+    CONVERSIONS_PATH,
+    error_response,
+    json_response,
+    rate_limited,
+    request_body,
+    response,
+)
 from gateway.hub import Hub
 from gateway.ratelimit import ClientBuckets, client_key, retry_after_s
 from gateway.session import RateLimiter
@@ -37,7 +49,8 @@ class HttpRoutes:
     def __init__(self, settings: Settings, pmap: PartitionMap, verifier: TokenVerifier,
                  hub: Hub, broker: RedisBroker, *, accepting: Callable[[], bool],
                  draining: Callable[[], bool],
-                 region_fresh: Callable[[], bool] = lambda: True) -> None:
+                 region_fresh: Callable[[], bool] = lambda: True,
+                 attribution: AttributionSettings | None = None) -> None:
         self.pmap = pmap
         self.verifier = verifier
         self.hub = hub  # its loaded channels answer snapshots from memory
@@ -53,9 +66,14 @@ class HttpRoutes:
                                               settings.snapshot_rate_limit_clients)
         self.snapshot_reads = RateLimiter(settings.snapshot_redis_reads_per_s,
                                           settings.snapshot_redis_reads_per_s)
+        # tracking links and the admin API; started and stopped with the worker
+        self.attribution = AttributionEdge(
+            attribution or AttributionSettings.from_env(), settings.redis_url,
+            broker.commands, reconnect_delay=settings.redis_reconnect_s)
+        self.conversions = ConversionIntake(self.attribution.settings, broker.commands)
 
     async def answer(self, conn: ServerConnection, request: Request) -> Response | Claims:
-        """The response to a GET (or HEAD), or the claims of a player let in on /ws."""
+        """The response to a GET, HEAD or POST, or the claims of a player let in on /ws."""
         url = urlsplit(request.path)
         path, query = url.path, parse_qs(url.query)
         if path == "/ws":
@@ -78,6 +96,13 @@ class HttpRoutes:
             if refused is not None:
                 return refused
             return await self._snapshot(request, query, claims)
+        if path == CONVERSIONS_PATH:  # POST only (gateway/http.py)
+            return await self.conversions.answer(request.headers, request_body(request))
+        if self.attribution.handles(path):
+            peer = conn.remote_address
+            return await self.attribution.answer(request, path, query,
+                                                 peer[0] if peer else None,
+                                                 request_body(request))
         return self.static_site.respond(path, request.headers)
 
     def _authenticate(self, request: Request, query: dict) -> Claims | Response:

@@ -280,6 +280,7 @@ class Worker:
             write_limit=(s.high_watermark_bytes, s.low_watermark_bytes),
             create_connection=self._create_connection,
         )
+        self.routes.attribution.start()  # follows og:links for /t/ (attribution/linksync.py)
         self._watch_task = asyncio.create_task(self._watch_pressure())
         self._heartbeat_task = asyncio.create_task(self.liveness.heartbeat())
         if s.region_stale_after_ms > 0:
@@ -393,6 +394,7 @@ class Worker:
         for task in (self._watch_task, self._heartbeat_task, self._region_task):
             if task is not None:
                 task.cancel()
+        await self.routes.attribution.stop()
         await self.broker.close()
 
     # -- HTTP and the handshake -------------------------------------------
@@ -403,7 +405,8 @@ class Worker:
         return self._connection_class(PlayerProtocol.adopt(protocol), server, **kwargs)
 
     async def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        """Answer a request the parser let through: GET or HEAD, no body (wsprotocol.py).
+        """Answer a request the parser let through (wsprotocol.py): GET or HEAD without a
+        body, or a POST with the body it read (gateway.http.RequestWithBody).
 
         HEAD gets GET's status and headers without the body; it never
         reaches /ws (a HEAD cannot upgrade: 405 in the parser).

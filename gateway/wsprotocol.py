@@ -8,8 +8,10 @@ GET), sends nothing at all when a request has a body or a transfer coding
 request as WebSocket frames, which fails the connection before the first
 answer leaves. `PlayerProtocol` reads the request head itself, asks
 `gateway.http.judge_request` whether to serve it, and either answers the
-refusal at once (405 with `Allow`, 400, 413, 501, 505) or hands the
-request on. A plain request is the connection's only one: whatever
+refusal at once (405 with `Allow`, 400, 411, 413, 501, 505) or hands the
+request on, with its body when it is a POST that takes one (exactly
+Content-Length bytes, read within the handshake timeout that covers the
+whole request). A plain request is the connection's only one: whatever
 follows it is read and dropped while the answer is prepared, and the
 answer says `Connection: close`, so pipelining is refused explicitly and
 the first answer still arrives. Only a WebSocket upgrade goes on to frame
@@ -36,7 +38,7 @@ from websockets.http11 import Request, parse_headers, parse_line
 from websockets.protocol import CONNECTING, Protocol
 from websockets.server import ServerProtocol
 
-from gateway.http import Verdict, judge_request
+from gateway.http import BODY_METHODS, RequestWithBody, Verdict, judge_request
 
 
 class PlayerProtocol(ServerProtocol):
@@ -112,7 +114,17 @@ class PlayerProtocol(ServerProtocol):
         if not verdict.serve:
             self.refuse(verdict, InvalidMessage(f"{method[:16]} {target[:80]}: {verdict.message}"))
             return None
-        self.events.append(Request(target, headers, method, version))
+        if method not in BODY_METHODS:
+            self.events.append(Request(target, headers, method, version))
+            return verdict
+        try:
+            body = yield from self.reader.read_exact(verdict.body_length)
+        except EOFError as exc:  # nobody is left to answer
+            gone = InvalidMessage("connection closed during the request body")
+            gone.__cause__ = exc
+            self.abandon(gone)
+            return None
+        self.events.append(RequestWithBody(target, headers, method, version, body=bytes(body)))
         return verdict
 
     def recv_frame(self, frame: Frame) -> None:

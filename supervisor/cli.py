@@ -5,10 +5,12 @@ HAProxy), `status`, `drain`, `undrain`, `reload` (deploy scripts, through
 the node's control socket), `haproxy-config` (render the HAProxy file),
 `worker` (one gateway worker), `feed` (the synthetic feed), `aggregate` (a
 region's aggregator), `providers` (the synthetic providers), `token` (mint a
-session token), `config` (every setting), `demo` (a node with live traffic).
-One argparse tree holds them all (`build_parser()`); the flags of
-`haproxy-config` and `feed` are declared beside their code
-(supervisor/haproxy_config.py, feed/synthetic/cli.py).
+session token), `keys` (operator API keys for conversions), `links`
+(tracking links), `config` (every setting), `demo` (a node with live
+traffic). One argparse tree holds them all (`build_parser()`); the flags of
+`haproxy-config`, `feed`, `keys` and `links` are declared beside their code
+(supervisor/haproxy_config.py, feed/synthetic/cli.py, attribution/keys_cli.py,
+attribution/links_cli.py).
 
 Exit codes: 0 done; 1 failed (a drain or reload that did not complete in
 its timeout, a node whose workers all failed); 2 bad usage or
@@ -161,6 +163,18 @@ def _feed(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _links_flags(parser: argparse.ArgumentParser) -> None:
+    from attribution import links_cli
+
+    links_cli.add_arguments(parser)
+
+
+def _links(args: argparse.Namespace) -> int:
+    from attribution.links_cli import run
+
+    return run(args)
+
+
 def _aggregate_flags(parser: argparse.ArgumentParser) -> None:
     from aggregator.cli import add_aggregate_arguments
 
@@ -183,6 +197,18 @@ def _providers(args: argparse.Namespace) -> int:
     from aggregator.cli import run_providers
 
     return run_providers(args)
+
+
+def _keys_flags(parser: argparse.ArgumentParser) -> None:
+    from attribution.keys_cli import add_arguments
+
+    add_arguments(parser)
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from attribution.keys_cli import run
+
+    return run(args)
 
 
 class _Subcommand(argparse.ArgumentParser):
@@ -284,6 +310,10 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--secret", help="HS256 secret (default OG_JWT_SECRET)")
     token.set_defaults(func=_token)
 
+    keys = sub.add_parser("keys", help="add, list or revoke operator API keys (conversions)",
+                          flags=_keys_flags)
+    keys.set_defaults(func=_keys)
+
     config = sub.add_parser("config", help="list every setting, its env var and default")
     config.set_defaults(func=_config)
 
@@ -303,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=1, help="with --regions: workers per region")
     demo.add_argument("--seed", type=int, default=7, help="with --regions: the providers' seed")
     demo.set_defaults(func=_demo)
+
+    links = sub.add_parser("links", help="add, pause, resume or list tracking links (/t/)",
+                           flags=_links_flags)
+    links.set_defaults(func=_links)
     return parser
 
 

@@ -37,7 +37,8 @@ def redis_for(settings: Settings) -> Iterator[str]:
         return
     redis_dir = runtime_dir(settings) / "redis"
     try:
-        embedded = EmbeddedRedis(redis_dir)
+        # persistent: clicks answered with a 302 must survive a restart of this Redis
+        embedded = EmbeddedRedis(redis_dir, persist=True)
     except ValueError as exc:  # a socket path too long for sun_path
         raise ConfigError(f"OG_RUNTIME_DIR: {exc}") from None
     with embedded:

@@ -109,7 +109,27 @@ def test_restart_keeps_data_when_persistent(tmp_path: Path) -> None:
         assert client.get("k") == b"v"  # redis-py reconnects on its own
         assert client.xlen("s") == 1
         client.close()
-        assert "appendonly yes" in server.config_path.read_text().splitlines()
+        lines = server.config_path.read_text().splitlines()
+        assert "appendonly yes" in lines and "appendfsync everysec" in lines
+
+
+def test_a_nodes_own_redis_keeps_clicks_across_its_restart(short_dir: Path) -> None:
+    """The embedded Redis a node runs (OG_REDIS_URL empty) appends every write and
+    fsyncs each second, as the README's Tracking links section says clicks rely on."""
+    from gateway.config import Settings
+    from supervisor.runtime import redis_for
+
+    settings = Settings.from_env({"OG_RUNTIME_DIR": str(short_dir)}, allow_anonymous=True)
+    with redis_for(settings) as url:
+        lines = (short_dir / "redis" / "redis.conf").read_text().splitlines()
+        assert "appendonly yes" in lines and "appendfsync everysec" in lines
+        client = redis.Redis.from_url(url)
+        client.xadd("og:clicks", {"c": "{}"})
+        client.close()
+    with redis_for(settings) as url:
+        client = redis.Redis.from_url(url)
+        assert client.xlen("og:clicks") == 1
+        client.close()
 
 
 def test_restart_without_persistence_starts_empty(tmp_path: Path) -> None:

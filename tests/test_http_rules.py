@@ -15,9 +15,12 @@ from gateway.auth import ANONYMOUS, Claims
 from gateway.http import (
     ALLOW_PLAIN,
     ALLOW_WS,
+    MAX_BODY_BYTES,
     SERVE,
+    RequestWithBody,
     judge_request,
     rate_limited,
+    request_body,
     response,
     without_body,
 )
@@ -79,6 +82,61 @@ def test_a_method_is_judged_before_its_body() -> None:
 ])
 def test_a_body_is_refused(headers: list[tuple[str, str]], status: int) -> None:
     assert judge(headers=[("Host", "x"), *headers]).status == status
+
+
+# -- the paths that take a body (POST /v1/conversions, the admin API) ------------------
+
+
+@pytest.mark.parametrize("target", ["/v1/conversions", "/admin/links", "/admin/links/abc",
+                                    "http://example.com/v1/conversions"])
+@pytest.mark.parametrize("length", [0, 1, MAX_BODY_BYTES])
+def test_post_with_a_content_length_up_to_16_kib_is_served(target: str, length: int) -> None:
+    verdict = judge("POST", target, headers=[("Host", "x"), ("Content-Length", str(length))])
+    assert verdict.serve and verdict.body_length == length and not verdict.upgrade
+    assert MAX_BODY_BYTES == 16 * 1024
+
+
+@pytest.mark.parametrize("target", ["/v1/conversions", "/admin/links"])
+def test_post_over_16_kib_is_413_before_reading(target: str) -> None:
+    verdict = judge("POST", target, headers=[("Content-Length", str(MAX_BODY_BYTES + 1))])
+    assert verdict.status == 413
+    assert verdict.message == "body over 16384 bytes"
+
+
+@pytest.mark.parametrize("target", ["/v1/conversions", "/admin/links"])
+def test_post_without_content_length_is_411(target: str) -> None:
+    assert judge("POST", target).status == 411
+
+
+@pytest.mark.parametrize(("headers", "status"), [
+    ([("Transfer-Encoding", "chunked")], 501),
+    ([("Transfer-Encoding", "chunked"), ("Content-Length", "5")], 400),
+    ([("Content-Length", "5"), ("Content-Length", "6")], 400),
+    ([("Content-Length", "x")], 400),
+])
+def test_post_bodies_are_framed_by_content_length_only(
+        headers: list[tuple[str, str]], status: int) -> None:
+    assert judge("POST", "/v1/conversions", headers=headers).status == status
+
+
+@pytest.mark.parametrize(("method", "target", "allow"), [
+    ("GET", "/v1/conversions", "POST"),
+    ("HEAD", "/v1/conversions", "POST"),
+    ("PUT", "/v1/conversions", "POST"),
+    ("post", "/v1/conversions", "POST"),
+    ("DELETE", "/admin/links", "GET, HEAD, POST"),
+    ("POST", "/t/abc", "GET, HEAD"),
+    ("POST", "/v1/conversions/x", "GET, HEAD"),
+    ("POST", "/admin", "GET, HEAD"),
+])
+def test_each_path_says_its_own_allow(method: str, target: str, allow: str) -> None:
+    verdict = judge(method, target, headers=[("Content-Length", "2")])
+    assert (verdict.status, verdict.allow) == (405, allow)
+
+
+def test_get_on_the_admin_api_keeps_the_no_body_rule() -> None:
+    assert judge("GET", "/admin/links") == SERVE
+    assert judge("GET", "/admin/links", headers=[("Content-Length", "3")]).status == 413
 
 
 def test_transfer_encoding_in_http_1_0_is_faulty_framing() -> None:
@@ -187,6 +245,60 @@ def test_a_refused_request_is_answered_at_once_and_its_body_dropped() -> None:
     proto.receive_data(b"more body")
     proto.receive_eof()
     assert proto.state is CLOSED
+
+
+def post(body: bytes, length: int | None = None, target: str = "/v1/conversions") -> bytes:
+    n = len(body) if length is None else length
+    return (f"POST {target} HTTP/1.1\r\nHost: x\r\nContent-Length: {n}\r\n\r\n").encode() + body
+
+
+def test_a_post_is_handed_on_with_exactly_its_body() -> None:
+    proto = protocol()
+    proto.receive_data(post(b'{"a":1}') + b"GET / HTTP/1.1\r\n\r\n")  # then a pipelined one
+    [request] = proto.events_received()
+    assert isinstance(request, RequestWithBody)
+    assert (request.method, request.path, request.body) == ("POST", "/v1/conversions",
+                                                           b'{"a":1}')
+    assert request_body(request) == b'{"a":1}'
+    assert written(proto) == b""  # the route answers, then the connection closes
+
+
+def test_a_body_arriving_in_pieces_is_waited_for() -> None:
+    proto = protocol()
+    proto.receive_data(post(b"", length=6))
+    assert proto.events_received() == []
+    proto.receive_data(b"abc")
+    assert proto.events_received() == []
+    proto.receive_data(b"def")
+    [request] = proto.events_received()
+    assert request.body == b"abcdef"
+
+
+def test_a_peer_gone_mid_body_ends_closed_without_a_request() -> None:
+    proto = protocol()
+    proto.receive_data(post(b"abc", length=10))
+    proto.receive_eof()
+    assert proto.events_received() == []
+    assert proto.state is CLOSED and proto.data_to_send() == [b""]
+
+
+def test_a_get_has_no_body_for_the_route() -> None:
+    proto = protocol()
+    proto.receive_data(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    [request] = proto.events_received()
+    assert request_body(request) == b""
+
+
+@pytest.mark.parametrize(("raw", "status"), [
+    (post(b"", length=MAX_BODY_BYTES + 1), b"413"),
+    (b"POST /v1/conversions HTTP/1.1\r\nHost: x\r\n\r\n", b"411"),
+    (b"POST /healthz HTTP/1.1\r\nContent-Length: 2\r\n\r\nab", b"405"),
+])
+def test_refused_posts_are_answered_without_reading_the_body(raw: bytes, status: bytes) -> None:
+    proto = protocol()
+    proto.receive_data(raw)
+    assert written(proto).startswith(b"HTTP/1.1 " + status + b" ")
+    assert proto.events_received() == []
 
 
 @pytest.mark.parametrize(("raw", "status"), [

@@ -108,6 +108,33 @@ def test_a_body_on_ws_is_refused_before_the_upgrade(http_worker: WorkerProcess) 
     assert parse(answer)[0] == 413
 
 
+@pytest.mark.parametrize(("method", "target", "allow"), [
+    ("GET", "/v1/conversions", "POST"),
+    ("PUT", "/v1/conversions", "POST"),
+    ("DELETE", "/admin/links", "GET, HEAD, POST"),
+    ("POST", "/t/some-link", "GET, HEAD"),
+])
+def test_paths_that_take_a_post_say_so_in_allow(http_worker: WorkerProcess, method: str,
+                                                target: str, allow: str) -> None:
+    status, headers, _ = ask(http_worker.port, method, target, "Content-Length: 2\r\n", b"{}")
+    assert (status, headers["allow"]) == (405, allow)
+
+
+def test_a_post_body_is_read_whole_or_refused_before_reading(
+        http_worker: WorkerProcess) -> None:
+    # read whole: the route answers (401 without an operator key), not the parser
+    status, headers, _ = ask(http_worker.port, "POST", "/v1/conversions",
+                             "Content-Length: 2\r\n", b"{}")
+    assert (status, headers["www-authenticate"]) == (401, "Bearer")
+    status, _, _ = ask(http_worker.port, "POST", "/v1/conversions",
+                       "Content-Length: 16385\r\n", b"x" * 100)
+    assert status == 413  # answered without waiting for the 16385 bytes
+    assert ask(http_worker.port, "POST", "/v1/conversions")[0] == 411
+    # the rules of every other request stand: a GET with a body is still 413
+    assert ask(http_worker.port, "GET", "/admin/links", "Content-Length: 2\r\n",
+               b"{}")[0] == 413
+
+
 def test_transfer_encoding_is_501(http_worker: WorkerProcess) -> None:
     status, _, _ = ask(http_worker.port, "GET", "/healthz", "Transfer-Encoding: chunked\r\n",
                        b"5\r\nhello\r\n0\r\n\r\n")

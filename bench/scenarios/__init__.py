@@ -2,14 +2,16 @@
 
 `steady`, `spike` and `saturation` are fan-out sessions, each on its own
 population (bench.scenarios.session.SESSIONS); `connect`, `subscribe`,
-`drain` and `shell` each `run(harness, system)`. All return Results.
+`drain`, `shell`, `failover` and `clicks` (tracking links) each
+`run(harness, system)`. All return Results.
 """
 
-from bench.scenarios import connect, drain, failover, shell, subscribe
+from bench.scenarios import clicks, connect, drain, failover, shell, subscribe
 from bench.scenarios.session import SESSIONS
 
 SCENARIOS = ["steady", "saturation", "spike", "connect", "subscribe", "drain", "shell",
-             "failover"]
-STANDALONE = {module.NAME: module.run for module in (connect, subscribe, drain, shell, failover)}
+             "failover", "clicks"]
+STANDALONE = {module.NAME: module.run for module in (connect, subscribe, drain, shell, failover,
+                                                    clicks)}
 
 __all__ = ["SCENARIOS", "SESSIONS", "STANDALONE"]

@@ -1,0 +1,112 @@
+"""The worker's admin HTTP API for links, behind `Authorization: Bearer <OG_ADMIN_KEY>`.
+
+| request | answer |
+| --- | --- |
+| `GET /admin/links` | 200 `{"links":[link, ...]}` sorted by code |
+| `POST /admin/links` (a link as JSON) | 201 the link; 400 naming the bad field; 409 taken |
+| `POST /admin/links/{code}/pause` or `/resume` | 200 the link; 404 unknown |
+| `GET /admin/clicks/timing` | this worker's own time per click (p50/p99), for the bench |
+
+With OG_ADMIN_KEY empty the whole API answers 404, as if it did not exist:
+an unset key must not mean an open door. The key is compared in constant
+time. `AdminApi.answer` takes the body as bytes; the worker's request
+parsing reads it (gateway/wsprotocol.py).
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+from collections.abc import Callable
+
+import orjson
+from websockets.datastructures import Headers
+from websockets.http11 import Response
+
+from attribution.link_store import AsyncLinkStore, LinkConflict, LinkExists, UnknownLink
+from attribution.links import Link, LinkError
+from gateway.http import json_response
+
+PREFIX = "/admin/"
+_ACTION = re.compile(r"/admin/links/([A-Za-z0-9_-]{1,64})/(pause|resume)")
+
+
+def _error(status: int, code: str, message: str, field: str | None = None,
+           headers: list[tuple[str, str]] | None = None) -> Response:
+    body: dict = {"type": "error", "code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return json_response(status, body, cache="no-store", headers=headers or [])
+
+
+def _ok(status: int, body: dict) -> Response:
+    return json_response(status, body, cache="no-store")
+
+
+class AdminApi:
+    def __init__(self, admin_key: str, store: AsyncLinkStore,
+                 timing: Callable[[], dict]) -> None:
+        self._key = admin_key.encode()
+        self.store = store
+        self.timing = timing
+
+    def authorized(self, headers: Headers) -> bool:
+        value = headers.get("Authorization") or ""
+        scheme, _, token = value.partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                                  self._key)
+
+    async def answer(self, method: str, path: str, headers: Headers, body: bytes) -> Response:
+        if not self._key:
+            return _error(404, "not_found", "no such endpoint")
+        if not self.authorized(headers):
+            return _error(401, "unauthorized", "Authorization: Bearer <admin key> required",
+                          headers=[("WWW-Authenticate", "Bearer")])
+        try:
+            return await self._route(method, path, body)
+        except LinkConflict as exc:
+            return _error(409, "conflict", str(exc))
+        except ConnectionError as exc:
+            return _error(503, "unavailable", f"Redis unavailable: {exc}")
+
+    async def _route(self, method: str, path: str, body: bytes) -> Response:
+        if path == "/admin/links":
+            if method in ("GET", "HEAD"):
+                links = await self.store.all()
+                return _ok(200, {"links": [links[c].to_dict() for c in sorted(links)]})
+            if method == "POST":
+                return await self._add(body)
+            return _error(405, "method_not_allowed", "GET or POST",
+                          headers=[("Allow", "GET, HEAD, POST")])
+        if path == "/admin/clicks/timing":
+            if method in ("GET", "HEAD"):
+                return _ok(200, self.timing())
+            return _error(405, "method_not_allowed", "GET only", headers=[("Allow", "GET, HEAD")])
+        action = _ACTION.fullmatch(path)
+        if action is not None:
+            if method != "POST":
+                return _error(405, "method_not_allowed", "POST only",
+                              headers=[("Allow", "POST")])
+            try:
+                link = await self.store.set_active(action.group(1), action.group(2) == "resume")
+            except UnknownLink as exc:
+                return _error(404, "unknown_link", exc.message, "code")
+            return _ok(200, link.to_dict())
+        return _error(404, "not_found", "no such endpoint")
+
+    async def _add(self, body: bytes) -> Response:
+        try:
+            data = orjson.loads(body) if body else None
+        except orjson.JSONDecodeError:
+            return _error(400, "bad_request", "the body is not JSON", "body")
+        if data is None:
+            return _error(400, "bad_request", "a JSON link is required", "body")
+        try:
+            link = Link.from_dict(data)
+        except LinkError as exc:
+            return _error(400, "bad_request", exc.message, exc.field)
+        try:
+            await self.store.add(link)
+        except LinkExists as exc:
+            return _error(409, "link_exists", exc.message, "code")
+        return _ok(201, link.to_dict())

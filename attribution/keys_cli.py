@@ -1,0 +1,125 @@
+"""`oddsgate keys`: add, list and revoke operator API keys (PROTOCOL.md §10).
+
+`add NAME` prints a new key once, on its last line, and stores only its
+SHA-256 (attribution/operator_keys.py), so the key cannot be shown again:
+an operator who loses it revokes the name and adds another. `list` shows
+names and when they were added, never keys. `revoke NAME` deletes the
+hash; every worker stops taking the key within its cache's refresh time
+(operator_keys.REFRESH_S).
+
+Exit codes as for every `oddsgate` command: 0 done, 1 Redis unreachable
+(one line), 2 bad usage (a bad or taken name on add, an unknown one on
+revoke).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from datetime import UTC, datetime
+from importlib import resources
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from attribution.keys import OPERATOR_KEYS
+from attribution.operator_keys import OPERATOR_KEYS_ADDED, check_name, key_hash, new_key
+
+ADD_SCRIPT = resources.files("attribution").joinpath("operator_key_add.lua").read_text()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `oddsgate keys`, added lazily by supervisor/cli.py."""
+    from feed.synthetic.cli import default_redis_url
+
+    parser.description = __doc__.split("\n\n")[0]
+    parser.add_argument("--redis-url", default=default_redis_url(),
+                        help="redis:// or unix:// URL (default: $OG_REDIS_URL, else the "
+                        "embedded Redis's socket in the node's runtime dir)")
+    actions = parser.add_subparsers(dest="keys_command", required=True)
+    add = actions.add_parser("add", help="make a key for NAME and print it once")
+    add.add_argument("name", type=_name, metavar="NAME")
+    actions.add_parser("list", help="key names and when they were added")
+    revoke = actions.add_parser("revoke", help="delete NAME's key; workers refuse it "
+                                "within seconds")
+    revoke.add_argument("name", type=_name, metavar="NAME")
+
+
+def _name(raw: str) -> str:
+    try:
+        return check_name(raw)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        client = redis.Redis.from_url(args.redis_url, socket_connect_timeout=2.0,
+                                      socket_timeout=10.0)
+    except ValueError as exc:
+        print(f"oddsgate keys: --redis-url: {exc}", file=sys.stderr)
+        return 2
+    try:
+        if args.keys_command == "add":
+            return _add(client, args.name)
+        if args.keys_command == "list":
+            return _list(client)
+        return _revoke(client, args.name)
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"oddsgate keys: cannot reach Redis at {shown_url(args.redis_url)}: {reason}",
+              file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+def _add(client: redis.Redis, name: str) -> int:
+    key = new_key()
+    added = client.eval(ADD_SCRIPT, 2, OPERATOR_KEYS, OPERATOR_KEYS_ADDED,
+                        name, key_hash(key), str(int(time.time())))
+    if not added:
+        print(f"oddsgate keys: {name!r} exists; revoke it first to replace its key",
+              file=sys.stderr)
+        return 2
+    print(f"operator key {name!r} added; it is shown once, store it now:")
+    print(key)
+    return 0
+
+
+def _list(client: redis.Redis) -> int:
+    names = sorted(n.decode() for n in client.hkeys(OPERATOR_KEYS))
+    added = client.hgetall(OPERATOR_KEYS_ADDED)
+    print(f"{'name':40} added (UTC)")
+    for name in names:
+        print(f"{name:40} {_when(added.get(name.encode()))}")
+    return 0
+
+
+def _revoke(client: redis.Redis, name: str) -> int:
+    with client.pipeline(transaction=True) as pipe:
+        pipe.hdel(OPERATOR_KEYS, name)
+        pipe.hdel(OPERATOR_KEYS_ADDED, name)
+        deleted, _ = pipe.execute()
+    if not deleted:
+        print(f"oddsgate keys: no key named {name!r}", file=sys.stderr)
+        return 2
+    print(f"operator key {name!r} revoked")
+    return 0
+
+
+def _when(raw: bytes | None) -> str:
+    if raw is None:
+        return "-"
+    return datetime.fromtimestamp(int(raw), UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def shown_url(url: str) -> str:
+    """`url` with any password replaced, for an error line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

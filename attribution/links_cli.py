@@ -1,0 +1,106 @@
+"""`oddsgate links`: add, pause, resume and list tracking links.
+
+Writes go to Redis through the same store as the admin API
+(attribution/link_store.py), so every worker's cache follows at once.
+Exit codes: 0 done; 2 bad input (one line naming the field); 1 Redis
+unreachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import orjson
+import redis
+
+from attribution.link_store import LinkConflict, LinkStore
+from attribution.links import DEFAULT_CLICK_PARAM, Link, LinkError
+
+DESCRIPTION = ("Tracking links (GET /t/{code}): add one, pause or resume it, list them. "
+               "Redis: --redis-url, else OG_REDIS_URL, else the node's embedded Redis.")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = DESCRIPTION
+    parser.add_argument("--redis-url", help="Redis URL (default OG_REDIS_URL, else the "
+                        "embedded Redis of OG_RUNTIME_DIR)")
+    actions = parser.add_subparsers(dest="links_command", required=True)
+    add = actions.add_parser("add", help="add a link")
+    add.add_argument("code", help="1-64 of A-Z a-z 0-9 _ -: the {code} of /t/{code}")
+    add.add_argument("--partner", required=True)
+    add.add_argument("--campaign", required=True)
+    add.add_argument("--creative", required=True)
+    add.add_argument("--url", required=True, help="destination, http:// or https://")
+    add.add_argument("--subids", action="store_true",
+                     help="pass sub1..sub5 of the tracking URL on to the destination")
+    add.add_argument("--click-param", default=DEFAULT_CLICK_PARAM,
+                     help=f"query parameter of the click id (default {DEFAULT_CLICK_PARAM})")
+    add.add_argument("--paused", action="store_true", help="add it paused (410 until resumed)")
+    for name, what in (("pause", "pause a link: /t/{code} answers 410"),
+                       ("resume", "resume a paused link")):
+        action = actions.add_parser(name, help=what)
+        action.add_argument("code")
+    listing = actions.add_parser("list", help="every link")
+    listing.add_argument("--json", action="store_true", help="one JSON array")
+
+
+def redis_url(args: argparse.Namespace) -> str:
+    if args.redis_url:
+        return args.redis_url
+    from gateway.config import Settings
+    from supervisor.runtime import runtime_path
+
+    settings = Settings.from_env(allow_anonymous=True)
+    if settings.redis_url:
+        return settings.redis_url
+    return f"unix://{runtime_path(settings) / 'redis' / 'redis.sock'}"
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        link = _link(args) if args.links_command == "add" else None
+    except LinkError as exc:
+        print(f"oddsgate links: {exc}", file=sys.stderr)
+        return 2
+    url = redis_url(args)
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
+    try:
+        return _perform(args, LinkStore(client), link)
+    except LinkError as exc:
+        print(f"oddsgate links: {exc}", file=sys.stderr)
+        return 2
+    except LinkConflict as exc:
+        print(f"oddsgate links: {exc}", file=sys.stderr)
+        return 1
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        print(f"oddsgate links: Redis at {url} unreachable: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+
+
+def _link(args: argparse.Namespace) -> Link:
+    return Link.create(args.code, args.partner, args.campaign, args.creative, args.url,
+                       args.click_param, args.subids, not args.paused)
+
+
+def _perform(args: argparse.Namespace, store: LinkStore, link: Link | None) -> int:
+    command = args.links_command
+    if link is not None:
+        store.add(link)
+        print(f"added {link.code} -> {link.url}" + ("" if link.active else " (paused)"))
+    elif command in ("pause", "resume"):
+        changed = store.set_active(args.code, command == "resume")
+        print(f"{changed.code} {'active' if changed.active else 'paused'}")
+    else:
+        links = store.all()
+        ordered = [links[code] for code in sorted(links)]
+        if args.json:
+            print(orjson.dumps([each.to_dict() for each in ordered]).decode())
+        else:
+            for each in ordered:
+                print(f"{each.code:20} {'active' if each.active else 'paused':7} "
+                      f"{each.partner:12} {each.campaign:14} {each.creative:14} "
+                      f"{'subids' if each.subids else '-':7} {each.click_param:10} {each.url}")
+    return 0

@@ -1,0 +1,74 @@
+"""Keeps a worker's LinkCache in step with `og:links` (the shell around linkcache.py).
+
+Its own pub/sub connection to `og:links:changed`, so attribution needs
+nothing of the odds broker. Each (re)connection first waits for Redis to
+confirm the subscription, then reads the whole hash: a change made after
+the read arrives as a message, and one made before it is in the read, so
+none falls between. Any error (Redis gone, restarted) drops the
+connection and starts over after a fixed delay, with a full reload, since
+messages published meanwhile were lost with the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import redis.asyncio as aioredis
+
+from attribution import keys
+from attribution.linkcache import LinkCache
+
+log = logging.getLogger("oddsgate.links")
+CONFIRM_TIMEOUT_S = 5.0
+
+
+class LinkSync:
+    def __init__(self, url: str, cache: LinkCache, *, reconnect_delay: float = 0.5) -> None:
+        self.url = url
+        self.cache = cache
+        self.reconnect_delay = reconnect_delay
+        self.reloads = 0
+        self.stopping = False
+
+    async def run(self) -> None:
+        """Follow the links until cancelled (after `stopping` is set: a cancel that
+        redis-py turns into an error mid-read must still end the loop)."""
+        while not self.stopping:
+            client = aioredis.Redis.from_url(self.url)
+            try:
+                await self._follow(client)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if self.stopping:
+                    return
+                log.warning("link changes not followed (%s); reloading in %.1f s",
+                            exc, self.reconnect_delay)
+            finally:
+                await client.aclose()
+            await asyncio.sleep(self.reconnect_delay)
+
+    async def _follow(self, client: aioredis.Redis) -> None:
+        async with client.pubsub() as pubsub:
+            await pubsub.subscribe(keys.LINKS_CHANGED)
+            while True:
+                confirmed = await pubsub.get_message(timeout=CONFIRM_TIMEOUT_S)
+                if confirmed is None:
+                    raise ConnectionError("subscription not confirmed")
+                if confirmed["type"] == "subscribe":
+                    break
+            self.cache.begin_reload()
+            try:
+                raw = await client.hgetall(keys.LINKS)
+            except BaseException:
+                self.cache.abandon_reload()
+                raise
+            self.cache.finish_reload(raw)
+            self.reloads += 1
+            log.info("links loaded: %d", len(self.cache.links))
+            while not self.stopping:
+                message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                   timeout=None)
+                if message is not None and message["type"] == "message":
+                    self.cache.apply(message["data"])

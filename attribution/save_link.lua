@@ -1,0 +1,15 @@
+-- Store a link and tell every worker, atomically (attribution/link_store.py).
+-- KEYS[1] og:links
+-- ARGV[1] code   ARGV[2] the link's canonical JSON   ARGV[3] channel og:links:changed
+-- ARGV[4] "new": only if the code is free; "swap": only if the stored JSON is ARGV[5]
+-- Returns 1 when saved, 0 when the condition failed (taken, or changed meanwhile).
+-- The message is the link itself, so a worker updates its cache without a read.
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if ARGV[4] == 'new' then
+  if current then return 0 end
+elseif current ~= ARGV[5] then
+  return 0
+end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('PUBLISH', ARGV[3], ARGV[2])
+return 1
