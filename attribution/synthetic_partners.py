@@ -32,6 +32,7 @@ import time
 import urllib.error
 import urllib.request
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
@@ -188,15 +189,20 @@ _OPENER = urllib.request.build_opener(_NoRedirect)
 
 def http_call(method: str, url: str, headers: dict[str, str] | None = None,
               body: bytes | None = None) -> tuple[int, dict[str, str], bytes]:
-    """(status, headers, body) of one request; 599 with the reason when none came back."""
+    """(status, headers, body) of one request, header names in lower case (HAProxy
+    sends them so); 599 with the reason when no answer came back."""
     request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
     try:
         with _OPENER.open(request, timeout=HTTP_TIMEOUT_S) as resp:
-            return resp.status, dict(resp.headers), resp.read()
+            return resp.status, _lower(resp.headers.items()), resp.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), exc.read()
+        return exc.code, _lower(exc.headers.items()), exc.read()
     except (urllib.error.URLError, OSError) as exc:
         return 599, {}, str(exc).encode()
+
+
+def _lower(items: Iterable[tuple[str, str]]) -> dict[str, str]:
+    return {name.lower(): value for name, value in items}
 
 
 def click_id_of(location: str | None) -> str | None:
@@ -239,7 +245,7 @@ async def probe_partners(http_url: str, admin_key: str) -> None:
     code = LINKS[0][0].code
     status, headers_back, _ = await asyncio.to_thread(
         http_call, "HEAD", f"{http_url}/t/{code}", {"User-Agent": "oddsgate-demo-probe"})
-    if status != 302 or click_id_of(headers_back.get("Location")) is None:
+    if status != 302 or click_id_of(headers_back.get("location")) is None:
         raise PartnerTrafficOff(f"GET /t/{code} answered {status}, not a redirect with a "
                                 "click id")
 
@@ -290,7 +296,7 @@ async def drive_partners(http_url: str, redis_url: str, stop: asyncio.Event, *,
                 {"User-Agent": action.user_agent})
             counts.clicks += 1
             counts.answers[f"{action.method} /t {status}"] += 1
-            plan.clicked(action, click_id_of(headers.get("Location")) if status == 302 else None)
+            plan.clicked(action, click_id_of(headers.get("location")) if status == 302 else None)
         else:
             status, _, body = await asyncio.to_thread(
                 http_call, "POST", f"{http_url}/v1/conversions", conversion_headers,
