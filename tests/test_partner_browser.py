@@ -26,7 +26,7 @@ from websockets.http11 import Request
 from gateway.auth import issue_token
 from gateway.static import StaticSite
 from tests.conftest import JWT_SECRET
-from tests.test_shell_browser import WAIT_MS, PageErrors, browser, wait_js  # noqa: F401
+from tests.test_shell_browser import ARTIFACTS, PageErrors, browser, wait_js  # noqa: F401
 
 PARTNER = "acme-7"
 TOPIC = f"stats:{PARTNER}"
@@ -229,6 +229,10 @@ async def test_snapshot_rows_live_update_windows_and_sparkline(server, browser) 
     assert og["violations"] == 0, og["violationList"]
     assert og["held"] == {"epoch": E1, "seq": 16, "hasBase": True}
     assert errors.uncaught == [] and errors.console == []
+    await page.click('button[data-window="today"]')
+    await wait_row(page, "campaign:c7:today", 13)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "partner.png"))
 
 
 async def test_reconnect_resumes_from_the_last_seq_without_reset(server, browser) -> None:  # noqa: F811
