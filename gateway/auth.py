@@ -98,11 +98,17 @@ class TokenVerifier:
 
 
 def issue_token(secret: str, player: str, session_id: str, ttl_s: float = 3600.0,
-                topics: list[str] | None = None) -> str:
-    """A token as the sportsbook's login service would mint it (demo, tests, bench)."""
+                topics: list[str] | None = None, partner: str | None = None) -> str:
+    """A token as the sportsbook's login service would mint it (demo, tests, bench).
+
+    `partner` makes it a partner session (PROTOCOL.md §12): the claim names the
+    partner whose `stats:{partner}` topic the session may follow.
+    """
     claims: dict = {"sub": player, "sid": session_id, "exp": int(time.time() + ttl_s)}
     if topics is not None:
         claims["topics"] = topics
+    if partner is not None:
+        claims["partner"] = partner
     return jwt.encode(claims, secret, algorithm="HS256")
 
 

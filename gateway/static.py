@@ -1,10 +1,19 @@
-"""The player shell over HTTP: `GET /` and `GET /static/<hashed name>` (PROTOCOL.md §6).
+"""The player shell and the partner dashboard over HTTP (PROTOCOL.md §6).
 
-The shell (`gateway/shell/`) is read once, when the worker starts, and every
-response is prepared then: each asset is named by a hash of its content
-(`app.js` is served as `app.<hash>.js`), `index.html` is rewritten to refer to
-those names, and gzip bodies and ETags are computed. A request costs a dict
-lookup and a few headers.
+`GET /` is the player shell (`index.html`), `GET /partner/` the partner
+dashboard (`partner.html`, issue 12), and `GET /static/<hashed name>` their
+assets. The directory (`gateway/shell/`) is read once, when the worker starts,
+and every response is prepared then: each asset is named by a hash of its
+content (`app.js` is served as `app.<hash>.js`), the pages are rewritten to
+refer to those names, and gzip bodies and ETags are computed. A request costs
+a dict lookup and a few headers.
+
+The two pages share one protocol client: the dashboard's module imports the
+shell's (`import ... from "/static/app.js"`). Such an import is rewritten to
+the hashed name like a page's reference, so the importing module's own hash
+covers what it imports: a new app.js gives partner.js a new name too, and an
+immutable cached partner.js can never load against a stale client. Assets
+are therefore hashed in import order (a cycle is refused at load).
 
 Caching: a hashed asset never changes under its name, so it is served
 `public, max-age=31536000, immutable` and a browser never asks for it again; a
@@ -44,6 +53,9 @@ from gateway.http import response
 
 SHELL_DIR = Path(__file__).with_name("shell")
 INDEX = "index.html"
+PARTNER_PAGE = "partner.html"
+# URL path -> the page's file in the directory. Every other file is a hashed asset.
+PAGES = {"/": INDEX, "/partner/": PARTNER_PAGE}
 STATIC_PREFIX = "/static/"
 
 # The shell's budgets (issue 6): first paint on a mobile network. Tests assert them
@@ -85,8 +97,12 @@ REFERRER_POLICY = ("Referrer-Policy", "no-referrer")  # the page URL may carry ?
 _INLINE_SCRIPT = re.compile(r"<script\b(?![^>]*\bsrc=)[^>]*>(.*?)</script>",
                             re.DOTALL | re.IGNORECASE)
 
-# A reference to an asset in index.html: /static/<source name>.
+# A reference to an asset in a page: /static/<source name>.
 _STATIC_REF = re.compile(r"/static/([A-Za-z0-9_][A-Za-z0-9_.\-]*)")
+# A static import in a module: `from "/static/<name>"` (or `import "/static/<name>"`).
+_MODULE_IMPORT = re.compile(
+    r"""(\b(?:from|import)\s*)(["'])/static/([A-Za-z0-9_][A-Za-z0-9_.\-]*)\2""")
+MODULE_SUFFIXES = frozenset({".js", ".mjs"})
 
 
 def content_hash(body: bytes) -> str:
@@ -215,49 +231,79 @@ def _not_modified(headers: list[tuple[str, str]]) -> Response:
 
 
 class StaticSite:
-    """The shell as a worker serves it: `/` and the hashed assets under `/static/`."""
+    """The pages as a worker serves them (`/`, `/partner/`) and the hashed assets
+    under `/static/`."""
 
-    def __init__(self, index: Asset, assets: dict[str, Asset], urls: dict[str, str]) -> None:
-        self.index = index
+    def __init__(self, index: Asset, assets: dict[str, Asset], urls: dict[str, str],
+                 pages: dict[str, Asset] | None = None) -> None:
+        self.index = index  # the player shell, `/`
+        self.pages = pages if pages is not None else {"/": index}  # URL path -> page
         self.assets = assets  # hashed name -> asset
         self.urls = urls  # source name -> URL path, e.g. "app.js" -> "/static/app.<hash>.js"
 
     @classmethod
     def load(cls, directory: Path = SHELL_DIR,
              connect_origins: Iterable[str] = ()) -> StaticSite:
-        """Read the shell, hash its assets and rewrite index.html to their names;
-        `connect_origins` are the other regions' frontends the page may connect to.
+        """Read the pages and assets, hash the assets and rewrite every reference to
+        their names; `connect_origins` are the other regions' frontends the pages may
+        connect to.
 
-        Raises ValueError when index.html refers to a /static/ file the
-        directory lacks (a broken page must stop the worker at start, not be
-        served), and OSError when the directory cannot be read.
+        Raises ValueError when a page or a module refers to a /static/ file the
+        directory lacks, or modules import each other in a cycle (a broken page
+        must stop the worker at start, not be served), and OSError when the
+        directory cannot be read. A page other than index.html may be absent.
         """
+        sources: dict[str, Path] = {}
+        for path in sorted(directory.iterdir()):
+            if path.name in PAGES.values() or not path.is_file() or path.name.startswith("."):
+                continue
+            sources[path.name] = path
         assets: dict[str, Asset] = {}
         urls: dict[str, str] = {}
-        for path in sorted(directory.iterdir()):
-            if path.name == INDEX or not path.is_file() or path.name.startswith("."):
-                continue
+        resolving: list[str] = []
+
+        def url_of(name: str, referrer: str) -> str:
+            """The hashed URL of asset `name`, hashing it (and its imports) first."""
+            if name in urls:
+                return urls[name]
+            if name not in sources:
+                raise ValueError(f"{referrer} refers to /static/{name}, not a file of {directory}")
+            if name in resolving:
+                cycle = " -> ".join([*resolving, name])
+                raise ValueError(f"modules import each other in a cycle: {cycle}")
+            resolving.append(name)
+            path = sources[name]
             body = path.read_bytes()
-            served = hashed_name(path.name, body)
+            if path.suffix in MODULE_SUFFIXES:
+                text = _MODULE_IMPORT.sub(
+                    lambda m: f"{m.group(1)}{m.group(2)}{url_of(m.group(3), name)}{m.group(2)}",
+                    body.decode("utf-8"))
+                body = text.encode("utf-8")
+            resolving.pop()
+            served = hashed_name(name, body)
             assets[served] = Asset.build(STATIC_PREFIX + served, body, path.suffix,
                                          HASHED_CACHE_CONTROL)
-            urls[path.name] = STATIC_PREFIX + served
+            urls[name] = STATIC_PREFIX + served
+            return urls[name]
 
-        def rewrite(match: re.Match[str]) -> str:
-            url = urls.get(match.group(1))
-            if url is None:
-                raise ValueError(f"{INDEX} refers to {match.group(0)}, not a file of {directory}")
-            return url
-
-        html = _STATIC_REF.sub(rewrite, (directory / INDEX).read_text(encoding="utf-8"))
-        index = Asset.build("/", html.encode(), ".html", HTML_CACHE_CONTROL,
-                            security_headers(html, connect_origins))
-        return cls(index, assets, urls)
+        for name in sources:
+            url_of(name, name)
+        pages: dict[str, Asset] = {}
+        for route, filename in PAGES.items():
+            page_path = directory / filename
+            if filename != INDEX and not page_path.exists():
+                continue
+            html = _STATIC_REF.sub(lambda m, f=filename: url_of(m.group(1), f),
+                                   page_path.read_text(encoding="utf-8"))
+            pages[route] = Asset.build(route, html.encode(), ".html", HTML_CACHE_CONTROL,
+                                       security_headers(html, connect_origins))
+        return cls(pages["/"], assets, urls, pages)
 
     def respond(self, path: str, headers: Headers) -> Response:
-        """The answer to GET `path`: the page, an asset, or 404."""
-        if path == "/":
-            return self.index.respond(headers)
+        """The answer to GET `path`: a page, an asset, or 404."""
+        page = self.pages.get(path)
+        if page is not None:
+            return page.respond(headers)
         if path.startswith(STATIC_PREFIX):
             asset = self.assets.get(path[len(STATIC_PREFIX):])
             if asset is not None:

@@ -15,6 +15,13 @@ The node's log (supervisor, workers, HAProxy) goes to `node.log` and the
 demo's own to `demo.log`, both in the runtime directory the header names,
 in OG_LOG_FORMAT; nothing but the header and the status reach the terminal.
 `oddsgate drain --worker 0` with the same OG_RUNTIME_DIR shows players moving.
+
+Partners (issue 12): the header names the partner dashboard (`/partner/`)
+with a partner session token, and when the node answers `/t/` (probed once:
+attribution/synthetic_partners.py) a few synthetic partners click their links
+and convert meanwhile, so the dashboard moves; otherwise one header line says
+why partner traffic is off. The node gets the keys that needs (admin API,
+click ids, client hashes), fresh per demo unless the environment sets them.
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from typing import IO
 import redis.asyncio as aioredis
 import uvloop
 
+from attribution import synthetic_partners
 from client.odds import OddsClient
 from feed.publisher import Publisher
 from feed.synthetic import SyntheticFeed
@@ -82,6 +90,7 @@ class Place:
     port: int
     metrics: str  # the /metrics URL, or "" when OG_METRICS_PORT=0
     redis_url: str
+    admin_key: str = ""  # the node's OG_ADMIN_KEY: the synthetic partners create links
 
     @property
     def players_url(self) -> str:
@@ -98,7 +107,8 @@ def _command() -> str:
     return str(script)
 
 
-def header(place: Place, status: dict, *, players: int, rate: float, shell_url: str) -> str:
+def header(place: Place, status: dict, *, players: int, rate: float, shell_url: str,
+           partner_url: str = "", partner_traffic: str = "") -> str:
     """What runs where, the URLs, the commands to try: printed once, above the status."""
     workers = status["workers"]
     ports = f"{workers[0]['port']}-{workers[-1]['port']}" if len(workers) > 1 \
@@ -112,6 +122,8 @@ def header(place: Place, status: dict, *, players: int, rate: float, shell_url: 
         f"HAProxy on 127.0.0.1:{place.port}, Redis {place.redis_url}",
         f"  players   {place.players_url}",
         f"  shell     {shell_url}",
+        *([f"  partners  {partner_url}"] if partner_url else []),
+        *([f"            {partner_traffic}"] if partner_traffic else []),
         f"  metrics   {place.metrics} ({dashboard})" if place.metrics
         else "  metrics   off (OG_METRICS_PORT=0)",
         f"  logs      {place.runtime / NODE_LOG} (node, workers, HAProxy), "
@@ -217,10 +229,26 @@ async def _watch(args: argparse.Namespace, place: Place, secret: str, status: di
     shell_token = issue_token(secret, "demo-shell", secrets.token_hex(4), 86400.0)
     shell_url = (f"http://127.0.0.1:{args.port}/?token={shell_token}"
                  f"&topics={','.join(topics[:6])}")
-    output.print(header(place, status, players=len(players), rate=args.rate,
-                        shell_url=shell_url))
-    feed_task = asyncio.create_task(feed.run(duration=args.duration))
+    http_url = f"http://127.0.0.1:{args.port}"
+    partner = synthetic_partners.PARTNER_IDS[0]
+    partner_token = issue_token(secret, f"demo-partner-{partner}", secrets.token_hex(4), 86400.0,
+                                partner=partner)
     stop = asyncio.Event()
+    partners_task = None
+    try:
+        await synthetic_partners.probe_partners(http_url, place.admin_key)
+    except synthetic_partners.PartnerTrafficOff as exc:
+        partner_traffic = f"partner traffic off: {exc}"
+    else:
+        partner_traffic = (f"synthetic partners {', '.join(synthetic_partners.PARTNER_IDS)} "
+                           "clicking and converting")
+        partners_task = asyncio.create_task(
+            synthetic_partners.drive_partners(http_url, place.redis_url, stop))
+    output.print(header(place, status, players=len(players), rate=args.rate,
+                        shell_url=shell_url,
+                        partner_url=f"{http_url}/partner/?token={partner_token}",
+                        partner_traffic=partner_traffic))
+    feed_task = asyncio.create_task(feed.run(duration=args.duration))
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
@@ -248,7 +276,9 @@ async def _watch(args: argparse.Namespace, place: Place, secret: str, status: di
         last_events = events
     output.close()
     feed.stop()
-    await asyncio.gather(feed_task, return_exceptions=True)
+    stop.set()
+    await asyncio.gather(feed_task, *([partners_task] if partners_task else []),
+                         return_exceptions=True)
     for player in players:
         await player.close()
     await redis.aclose()
@@ -261,23 +291,37 @@ def _log_tail(path: Path, lines: int = 15) -> str:
         return f"({path}: {exc})"
 
 
+def _attribution_keys() -> dict[str, str]:
+    """The attribution settings the node needs for /t/, conversions and the admin API:
+    the environment's when set, else fresh ones for this demo (every worker of the node
+    gets the same, so any of them verifies a click id another minted)."""
+    env = os.environ
+    fresh = {"OG_ADMIN_KEY": secrets.token_urlsafe(24),
+             "OG_CLICK_KEYS": f"demo:{secrets.token_urlsafe(24)}",
+             "OG_CLIENT_HASH_KEY": secrets.token_urlsafe(24)}
+    return {name: env.get(name) or value for name, value in fresh.items()}
+
+
 def run_demo(args: argparse.Namespace) -> int:
     runtime = private_dir(os.environ.get("OG_RUNTIME_DIR")
                           or f"/tmp/oddsgate-demo-{os.getuid()}")
     secret = os.environ.get("OG_JWT_SECRET") or secrets.token_hex(16)
     node_settings = NodeSettings.from_env()
+    attribution = _attribution_keys()
     place = Place(
         runtime=runtime, port=args.port,
         metrics=(f"http://{node_settings.metrics_host}:{node_settings.metrics_port}/metrics"
                  if node_settings.metrics_port else ""),
-        redis_url=f"unix://{runtime / 'redis' / 'redis.sock'}")
+        redis_url=f"unix://{runtime / 'redis' / 'redis.sock'}",
+        admin_key=attribution["OG_ADMIN_KEY"])
     # The demo's own log lines (the client library's, the feed's) go to a file too:
     # the terminal keeps the header and the status line.
     demo_log = io.TextIOWrapper(open_log(runtime / DEMO_LOG), line_buffering=True)
     logformat.configure(logformat.configured_format(), stream=demo_log, role="demo")
     output = StatusOutput(sys.stdout)
     env = {**os.environ, "OG_RUNTIME_DIR": str(runtime), "OG_JWT_SECRET": secret,
-           "OG_HAPROXY_BIND": f"127.0.0.1:{args.port}", "PYTHONUNBUFFERED": "1"}
+           "OG_HAPROXY_BIND": f"127.0.0.1:{args.port}", "PYTHONUNBUFFERED": "1",
+           **attribution}
     env.pop("OG_REDIS_URL", None)  # the node's own embedded Redis
     node_log = runtime / NODE_LOG
     output.print(f"oddsgate demo: starting a node (its log: {node_log})")

@@ -203,3 +203,12 @@ def test_no_token_anywhere_is_none() -> None:
 def test_a_token_from_the_cookie_verifies() -> None:
     token = issue_token(SECRET, "p1", "s1")
     assert VERIFIER.verify(token_from_request([f"a=b; og_session={token}"], {})).player == "p1"
+
+
+def test_issue_token_partner_claim() -> None:
+    """A partner session (PROTOCOL.md §12) carries `partner`; a player's carries none."""
+    partner = jwt.decode(issue_token(SECRET, "p1", "s1", partner="acme_7"), SECRET,
+                         algorithms=["HS256"])
+    assert partner["partner"] == "acme_7"
+    player = jwt.decode(issue_token(SECRET, "p1", "s1"), SECRET, algorithms=["HS256"])
+    assert "partner" not in player

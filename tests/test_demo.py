@@ -78,12 +78,16 @@ def test_without_a_terminal_a_line_a_second_and_the_logs_in_files(tmp_path: Path
                    f"HAProxy on 127.0.0.1:{port}",
                    f"players   ws://127.0.0.1:{port}/ws",
                    f"shell     http://127.0.0.1:{port}/?token=",
+                   f"partners  http://127.0.0.1:{port}/partner/?token=",
                    f"metrics   http://127.0.0.1:{metrics}/metrics (import deploy/grafana/",
                    f"logs      {runtime / 'node.log'} (node, workers, HAProxy), "
                    f"{runtime / 'demo.log'}",
                    f"try       OG_RUNTIME_DIR={runtime} ",
                    " status\n", " drain --worker 0 ", " reload "]:
         assert wanted in header, (wanted, header)
+    # One line on partner traffic: on where the node answers /t/, else why it is off.
+    assert ("\n            synthetic partners acme, tipster-9, oddsblog clicking" in header) \
+        != ("\n            partner traffic off: " in header), header
     reports = [line for line in stdout.splitlines() if line.startswith("t=")]
     assert len(reports) >= 2 and all("violations=0" in r for r in reports), stdout
     assert all(line.startswith(("oddsgate demo:", "  ", "t=")) for line in stdout.splitlines())

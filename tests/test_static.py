@@ -271,3 +271,92 @@ def test_worker_serves_the_shell_within_budget(worker) -> None:
     status, _, _ = http_get(worker.http + match.group(0), {"If-None-Match": headers["ETag"]})
     assert status == 304
     assert http_get(worker.http + "/static/app.js")[0] == 404
+
+
+# -- the partner dashboard (/partner/, issue 12) ------------------------------------------
+
+HASHED_PARTNER = re.compile(r"/static/partner\.[0-9a-f]{16}\.js")
+
+
+def test_partner_page_refers_to_its_hashed_module_which_imports_the_hashed_client(site) -> None:
+    page = _get(site, "/partner/")
+    assert page.status_code == 200
+    assert page.headers["Cache-Control"] == HTML_CACHE_CONTROL
+    html = page.body.decode()
+    url = site.urls["partner.js"]
+    assert HASHED_PARTNER.fullmatch(url)
+    assert f'<script type="module" src="{url}"></script>' in html
+    # No inline script: the CSP allows its own origin's scripts only.
+    assert _InlineScripts(html).scripts == []
+    assert _script_src(page.headers["Content-Security-Policy"]) == ["'self'"]
+    assert "connect-src 'self'" in page.headers["Content-Security-Policy"]
+    module = _get(site, url)
+    assert module.headers["Cache-Control"] == HASHED_CACHE_CONTROL
+    source = (SHELL_DIR / "partner.js").read_text()
+    # The one shared client: the import names app.js's hashed URL, nothing else changes.
+    assert module.body.decode() == source.replace('from "/static/app.js"',
+                                                  f'from "{site.urls["app.js"]}"')
+    assert 'from "/static/app.js"' in source
+
+
+def test_a_change_to_the_shared_client_renames_the_dashboard_module(site, tmp_path) -> None:
+    """An immutable partner.js must never import a client other than the one it was
+    hashed with: the import is part of its bytes, so a new app.js renames it."""
+    shell = _copy_shell(tmp_path)
+    with (shell / "app.js").open("a") as f:
+        f.write("\n// changed\n")
+    changed = StaticSite.load(shell)
+    assert changed.urls["partner.js"] != site.urls["partner.js"]
+    assert changed.urls["partner.js"] in _get(changed, "/partner/").body.decode()
+    assert changed.urls["app.js"] in _get(changed, changed.urls["partner.js"]).body.decode()
+    # The shell's own page is untouched by the dashboard's module changing.
+    with (shell / "partner.js").open("a") as f:
+        f.write("\n// changed\n")
+    again = StaticSite.load(shell)
+    assert again.urls["app.js"] == changed.urls["app.js"]
+    assert again.index.etag == changed.index.etag
+
+
+def test_imports_of_missing_modules_or_cycles_stop_the_load(tmp_path) -> None:
+    shell = _copy_shell(tmp_path)
+    (shell / "extra.js").write_text('import { x } from "/static/nope.js";\n')
+    with pytest.raises(ValueError, match=r"extra\.js refers to /static/nope\.js"):
+        StaticSite.load(shell)
+    (shell / "extra.js").write_text('import "/static/other.js";\n')
+    (shell / "other.js").write_text('export { y } from "/static/extra.js";\n')
+    with pytest.raises(ValueError, match="cycle"):
+        StaticSite.load(shell)
+
+
+def test_pages_and_unknown_paths(site) -> None:
+    assert _get(site, "/partner/").body == site.pages["/partner/"].body
+    for path in ("/partner", "/partner/index.html", "/static/partner.js", "/partner.html"):
+        assert _get(site, path).status_code == 404, path
+
+
+def test_worker_serves_the_partner_dashboard_within_budget(worker) -> None:
+    status, headers, html = http_get(worker.http + "/partner/?token=x")
+    assert status == 200
+    assert headers["Cache-Control"] == HTML_CACHE_CONTROL
+    assert _script_src(headers["Content-Security-Policy"]) == ["'self'"]
+    assert len(html) <= HTML_MAX_BYTES
+    status, headers, packed = http_get(worker.http + "/partner/", {"Accept-Encoding": "gzip"})
+    assert headers["Content-Encoding"] == "gzip"
+    assert len(packed) <= HTML_MAX_GZIP_BYTES
+    assert gzip.decompress(packed) == html
+
+    match = HASHED_PARTNER.search(html.decode())
+    assert match, html[:500]
+    status, module_headers, module = http_get(worker.http + match.group(0))
+    assert status == 200
+    assert module_headers["Cache-Control"] == HASHED_CACHE_CONTROL
+    assert module.startswith(b"// The oddsgate partner dashboard")
+    imported = HASHED_SCRIPT.search(module.decode())
+    assert imported, "partner.js imports the hashed client"
+    status, headers, client = http_get(worker.http + imported.group(0))
+    assert status == 200 and headers["Cache-Control"] == HASHED_CACHE_CONTROL
+    # Both scripts together within the one script budget of the shell.
+    assert len(module) + len(client) <= SCRIPT_MAX_BYTES
+    status, _, _ = http_get(worker.http + match.group(0),
+                            {"If-None-Match": module_headers["ETag"]})
+    assert status == 304

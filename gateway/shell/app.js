@@ -8,6 +8,8 @@
 //    region URLs, fails over between them as client.odds.RegionRing decides (§8).
 // 3. Board: the DOM. Events mark markets dirty; one animation frame renders them,
 //    so a burst costs one DOM write per market, never one per event.
+//    The partner dashboard (partner.js, /partner/) imports 1 and 2 from this module:
+//    `stats` events (PROTOCOL.md §12) follow the same rules, `key` in `market`'s role.
 // 4. Start-up: URL parameters (token, topics, regions), window.oddsgate for tests and
 //    benches.
 //    index.html's inline bootstrap has already opened the WebSocket (and asked for
@@ -27,6 +29,15 @@ export const MALFORMED = "malformed";
 const isInt = Number.isInteger;
 const isObject = (v) => v !== null && typeof v === "object" && !Array.isArray(v);
 const has = (obj, key) => isObject(obj) && Object.prototype.hasOwnProperty.call(obj, key);
+
+// The event types carrying one row's whole state: odds (§1, a market) and stats (§12, a
+// partner's counters row). Both obey §5 with rowKey() as the unit that supersedes.
+export const EVENT_TYPES = new Set(["odds", "stats"]);
+
+// What a newer event of the same row supersedes: an odds event's market, a stats event's key.
+export function rowKey(event) {
+  return isObject(event) ? (event.type === "stats" ? event.key : event.market) : undefined;
+}
 
 // Topics named by subscribed/unsubscribed/error: a list, one string, or an object's keys.
 function topicNames(topics) {
@@ -97,7 +108,7 @@ export class RuleChecker {
 
   feed(msg) {
     const kind = isObject(msg) ? msg.type : undefined;
-    if (kind === "odds") this.feedEvent(msg);
+    if (EVENT_TYPES.has(kind)) this.feedEvent(msg);
     else if (kind === "batch") for (const ev of msg.events || []) this.feedEvent(ev);
     else if (kind === "snapshot") this.onSnapshot(msg);
     else if (kind === "reset") this.onReset(msg);
@@ -108,12 +119,13 @@ export class RuleChecker {
   }
 
   feedEvent(event) {
-    if (!["topic", "seq", "market", "epoch"].every((k) => has(event, k))) {
+    const market = rowKey(event);
+    if (!["topic", "seq", "epoch"].every((k) => has(event, k)) || market === undefined) {
       this.violate(MALFORMED, String(isObject(event) ? event.topic : undefined),
         "event lacks a field");
       return false;
     }
-    const { topic, seq, market, epoch } = event;
+    const { topic, seq, epoch } = event;
     if (!isInt(seq)) {
       this.violate(MALFORMED, String(topic), `odds seq is not an integer: ${seq}`);
       return false;
@@ -221,7 +233,7 @@ export class RuleChecker {
     }
     const fresh = new Map();
     for (const event of markets) {
-      const market = isObject(event) ? event.market : undefined;
+      const market = rowKey(event);
       const evSeq = isObject(event) ? event.seq : undefined;
       if (typeof market !== "string" || !(isInt(evSeq) || typeof evSeq === "boolean")) {
         this.violate(MALFORMED, topic, "snapshot market lacks a field");
@@ -546,7 +558,7 @@ export class OddsClient {
       return;
     }
     const kind = isObject(msg) ? msg.type : undefined;
-    if (kind === "odds") this.onEvent(msg);
+    if (EVENT_TYPES.has(kind)) this.onEvent(msg);
     else if (kind === "batch") {
       this.stats.batches += 1;
       for (const ev of msg.events || []) this.onEvent(ev);
