@@ -1,0 +1,1 @@
+"""Attribution: links, click records, conversions (issue 12). Shared names in keys.py."""
