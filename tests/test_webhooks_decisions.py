@@ -83,10 +83,11 @@ def test_retry_after_is_honoured_on_429_and_503(status: int) -> None:
     assert policy.decide(status, date, 0, 1000, 1000).due_s == pytest.approx(1300)
 
 
-def test_retry_after_is_not_believed_on_500_nor_beyond_the_cap() -> None:
-    policy = RetryPolicy(base_s=0.1, cap_s=60, rng=random.Random(3))
+def test_retry_after_is_not_believed_on_500_and_past_the_period_makes_a_dead_letter() -> None:
+    policy = RetryPolicy(base_s=0.1, cap_s=60, give_up_after_s=3600, rng=random.Random(3))
     assert policy.decide(500, "120", 0, 1000, 1000).due_s < 1001
-    assert policy.decide(429, "99999", 0, 1000, 1000).due_s == 1060
+    assert policy.decide(429, "600", 0, 1000, 1000).due_s == 1600  # beyond the cap
+    assert policy.decide(429, "99999", 0, 1000, 1000).verdict is Verdict.DEAD
 
 
 def test_parse_retry_after_refuses_garbage() -> None:

@@ -26,6 +26,7 @@ import aiohttp
 import orjson
 import redis.asyncio as aioredis
 from ulid import ULID
+from yarl import URL
 
 from attribution.keys import click_key
 from webhooks.breaker import BreakerState, EndpointBreaker
@@ -207,7 +208,8 @@ class Dispatcher:
                                          endpoint.signing_secrets(started), started)
                 request = self.http.post(endpoint.url, data=item.body, headers=headers)
             else:
-                url = render_postback(endpoint.url, orjson.loads(item.body))
+                # encoded=True: sent as rendered; yarl would otherwise unquote %2F and %3F
+                url = URL(render_postback(endpoint.url, orjson.loads(item.body)), encoded=True)
                 request = self.http.get(url, headers={"webhook-id": item.webhook_id})
             async with request as response:
                 status = response.status

@@ -5,8 +5,9 @@ anything else, a timeout or a refused connection is retried. The delay
 doubles from `base_s` up to `cap_s`, each drawn from [half, all] of its
 value ("equal jitter"), so endpoints that failed together do not all come
 back in the same second, and the first retry is within `base_s`. A server
-that says when to come back (`Retry-After` on 429 and 503) is believed, up
-to `cap_s`. Retries go on until `give_up_after_s` have passed since the
+that says when to come back (`Retry-After` on 429 and 503) is believed,
+even beyond `cap_s` (one asking for more than the retry period left makes
+a dead letter, kept for replay). Retries go on until `give_up_after_s` have passed since the
 first attempt (24 h by default, as the senders partners compare us with
 do), then the delivery becomes a dead letter. 410 Gone is the receiver
 saying the endpoint no longer exists: it is disabled, never retried.
@@ -75,7 +76,7 @@ class RetryPolicy:
         if status in (429, 503):
             asked = parse_retry_after(retry_after, now_s)
             if asked is not None:
-                delay = min(self.cap_s, max(delay, asked))
+                delay = max(delay, asked)
         due = now_s + delay
         if due - first_attempt_s > self.give_up_after_s:
             return Decision(Verdict.DEAD)

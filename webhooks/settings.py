@@ -23,9 +23,9 @@ class WebhookSettings(EnvSettings):
     retry_base_s: float = setting(
         "OG_WEBHOOKS_RETRY_BASE_S", 2.0,
         "first retry within this; each next one waits twice as long, jittered", minimum=0.001)
-    retry_cap_s: float = setting("OG_WEBHOOKS_RETRY_CAP_S", 3600.0,
-                                 "longest wait between two attempts (and for Retry-After)",
-                                 minimum=0.001)
+    retry_cap_s: float = setting(
+        "OG_WEBHOOKS_RETRY_CAP_S", 3600.0,
+        "longest wait between two attempts (a Retry-After may ask for more)", minimum=0.001)
     give_up_after_s: float = setting(
         "OG_WEBHOOKS_GIVE_UP_AFTER_S", 90000.0,
         "a delivery still failing this long after its first attempt becomes a dead letter",
