@@ -170,6 +170,8 @@ class Dispatcher:
             except (aioredis.ConnectionError, aioredis.TimeoutError, OSError) as exc:
                 # the delivery stays due in Redis (its lease ends): nothing is lost
                 log.warning("delivery %s: %s", item.webhook_id, exc)
+            except Exception:  # a bug must not end the lane: the delivery stays due
+                log.exception("delivery %s", item.webhook_id)
             finally:
                 self.in_hand.discard(item.webhook_id)
 
@@ -187,6 +189,11 @@ class Dispatcher:
             return
         now = self.clock()
         if not lane.breaker.allow(now):
+            first = item.delivery["first_attempt_s"]
+            if first is not None and now - first > self.settings.give_up_after_s:
+                await self.store.dead(item, failed_attempt=False)  # its period ran out
+                self.metrics.deliveries.labels(lane.endpoint_id, "dead").inc()
+                return
             await self.store.defer(item.webhook_id, int(lane.breaker.retry_at(now) * 1000))
             return
         wait = lane.bucket.wait_s(now)
