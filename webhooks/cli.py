@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
 import time
 
 import orjson
+from redis.exceptions import RedisError
 
 from gateway.config import ConfigError
+
+log = logging.getLogger("oddsgate.webhooks")
+_STOP_GRACE_S = 5.0
 
 
 def add_webhooks_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,9 +75,26 @@ def _run_dispatcher(url: str) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(url, settings, stop)
+        serving = asyncio.create_task(serve(url, settings, stop))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if serving.done():
+            stopping.cancel()
+            serving.result()  # its error, if it ended on one
+            return
+        done, _ = await asyncio.wait({serving}, timeout=_STOP_GRACE_S)
+        if not done:
+            # Everything is in Redis, each change atomic: leaving now loses nothing (what
+            # was in hand is due again after its lease), so a stuck call never holds a stop.
+            log.warning("dispatcher not stopped after %g s; exiting now", _STOP_GRACE_S)
+            logging.shutdown()
+            os._exit(0)
 
-    uvloop.run(main())
+    try:
+        uvloop.run(main())
+    except (OSError, RedisError) as exc:
+        print(f"oddsgate webhooks run: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
