@@ -307,3 +307,23 @@ async def test_an_endpoint_added_later_gets_events_from_then_on(redis, receivers
     await add_conversion(redis, conversion_record(2, "acme"))
     await eventually(lambda: len(receiver.received) == 1)
     assert orjson.loads(receiver.received[0].body)["data"]["conversion_id"] == "cv_000002"
+
+
+async def test_an_operator_disable_stops_deliveries_and_enable_resumes(redis, receivers,
+                                                                       dispatch) -> None:
+    receiver = await receivers()
+    endpoint = await add_endpoint(redis, "acme", url=receiver.url)
+    dispatcher = await dispatch()
+    await add_conversion(redis, conversion_record(1, "acme"))
+    await eventually(lambda: len(receiver.received) == 1)
+    endpoint.enabled, endpoint.disabled_reason = False, "by an operator"
+    await HookStore(redis).save_endpoint(endpoint)  # what `webhooks disable` writes
+    await eventually(lambda: not dispatcher.endpoints[endpoint.id].enabled)
+    await add_conversion(redis, conversion_record(2, "acme"))
+    await consumed(redis, 2)
+    assert len(receiver.received) == 1 and await redis.zcard(keys.DUE) == 0
+    endpoint.enabled = True
+    await HookStore(redis).save_endpoint(endpoint)
+    await add_conversion(redis, conversion_record(3, "acme"))
+    await eventually(lambda: len(receiver.received) == 2)
+    assert receiver.received[1].event["data"]["partner_seq"] == 2

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import orjson
+import psutil
 import pytest
 import redis.asyncio as aioredis
 from aiohttp import web
@@ -20,6 +21,7 @@ from standardwebhooks import Webhook
 
 from supervisor.embedded_redis import free_port
 from tests.conftest import ROOT, eventually
+from tests.node_harness import start_node
 from tests.webhooks_harness import Received, Receiver, add_conversion, conversion_record
 from webhooks import keys
 from webhooks.store import HookStore
@@ -211,3 +213,39 @@ def test_the_dispatcher_refuses_bad_settings_at_start(redis_url: str) -> None:
     done = oddsgate(redis_url, "run", OG_WEBHOOKS_LEASE_S="1", OG_WEBHOOKS_TIMEOUT_S="10",
                     OG_WEBHOOKS_METRICS_PORT=str(free_port()))
     assert done.returncode == 2 and "OG_WEBHOOKS_LEASE_S" in done.stderr
+
+
+async def test_a_node_with_og_webhooks_supervises_the_dispatcher(redis_url: str, redis,
+                                                                 tmp_path: Path) -> None:
+    receiver = await Receiver().start()
+    try:
+        assert oddsgate(redis_url, "add", "--partner", "acme",
+                        "--url", receiver.url).returncode == 0
+        node = await asyncio.to_thread(
+            start_node, redis_url, tmp_path / "node", 1, OG_WEBHOOKS="1",
+            OG_WEBHOOKS_METRICS_PORT=str(free_port()), **FAST)
+        try:
+            await add_conversion(redis, conversion_record(1, "acme"))
+            await eventually(lambda: len(receiver.received) == 1, timeout=20)
+            first = dispatcher_pid(node.proc.pid)
+            os.kill(first, signal.SIGKILL)
+            await eventually(lambda: dispatcher_pid(node.proc.pid) not in (None, first),
+                             timeout=20)
+            await add_conversion(redis, conversion_record(2, "acme"))
+            await eventually(lambda: len(receiver.received) == 2, timeout=20)
+        finally:
+            await asyncio.to_thread(node.stop)
+        assert [r.event["data"]["partner_seq"] for r in receiver.received] == [1, 2]
+    finally:
+        await receiver.stop()
+
+
+def dispatcher_pid(node_pid: int) -> int | None:
+    """The pid of the node's `oddsgate webhooks run` child, if one runs."""
+    for child in psutil.Process(node_pid).children(recursive=True):
+        try:
+            if "webhooks" in child.cmdline() and child.status() != psutil.STATUS_ZOMBIE:
+                return child.pid
+        except psutil.NoSuchProcess:
+            continue
+    return None

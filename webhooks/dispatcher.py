@@ -275,6 +275,7 @@ class Dispatcher:
     async def _gauges(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
             try:
+                await self.refresh_endpoints()  # disable, enable, rotate-secret: within 1 s
                 self.metrics.dead_letters.set(await self.store.dead_letter_count())
                 for endpoint_id in list(self.endpoints):
                     stats = await self.store.stats(endpoint_id)
