@@ -56,7 +56,8 @@ QUICK_LEAVES_OUT = {("steady", "python-socketio"): "the slowest peer; in the ful
                     ("connect", NODE): "in the full run only (the quick run's 2 minutes)",
                     ("shell", "oddsgate"): "in the full run only (the quick run's 2 minutes)",
                     ("spike", "oddsgate"): "in the full run only (the quick run's 2 minutes)",
-                    ("failover", "oddsgate"): "in the full run only (the quick run's 2 minutes)"}
+                    ("failover", "oddsgate"): "in the full run only (the quick run's 2 minutes)",
+                    ("webhooks", "oddsgate"): "in the full run only (the quick run's 2 minutes)"}
 FULL_PLAN = {
     "steady": ["oddsgate", NODE, *PEERS],
     "saturation": ["oddsgate", *PEERS],
@@ -68,6 +69,7 @@ FULL_PLAN = {
     "drain": [NODE],
     "shell": ["oddsgate"],
     "failover": ["oddsgate"],
+    "webhooks": ["oddsgate"],
 }
 QUIET_CORES = 0.25  # other work below which `--wait-quiet` starts a run
 QUICK_BUDGET_S = 112

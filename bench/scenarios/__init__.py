@@ -5,11 +5,12 @@ population (bench.scenarios.session.SESSIONS); `connect`, `subscribe`,
 `drain` and `shell` each `run(harness, system)`. All return Results.
 """
 
-from bench.scenarios import connect, drain, failover, shell, subscribe
+from bench.scenarios import connect, drain, failover, shell, subscribe, webhooks
 from bench.scenarios.session import SESSIONS
 
 SCENARIOS = ["steady", "saturation", "spike", "connect", "subscribe", "drain", "shell",
-             "failover"]
-STANDALONE = {module.NAME: module.run for module in (connect, subscribe, drain, shell, failover)}
+             "failover", "webhooks"]
+STANDALONE = {module.NAME: module.run for module in (connect, subscribe, drain, shell, failover,
+                                                        webhooks)}
 
 __all__ = ["SCENARIOS", "SESSIONS", "STANDALONE"]
