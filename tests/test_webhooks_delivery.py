@@ -327,3 +327,19 @@ async def test_an_operator_disable_stops_deliveries_and_enable_resumes(redis, re
     await add_conversion(redis, conversion_record(3, "acme"))
     await eventually(lambda: len(receiver.received) == 2)
     assert receiver.received[1].event["data"]["partner_seq"] == 2
+
+
+async def test_a_malformed_record_is_logged_and_passed_over(redis, receivers, dispatch,
+                                                            caplog) -> None:
+    receiver = await receivers()
+    await add_endpoint(redis, "acme", url=receiver.url)
+    await dispatch()
+    await redis.xadd("og:conversions", {"c": b"{not json"})
+    await redis.xadd("og:conversions", {"x": b"no c field"})
+    await add_conversion(redis, conversion_record(3, "acme", kind="refund"))
+    await add_conversion(redis, conversion_record(4, "acme"))
+    await eventually(lambda: len(receiver.received) == 1)
+    await consumed(redis, 4)
+    assert receiver.received[0].event["data"]["partner_seq"] == 1
+    said = [r.getMessage() for r in caplog.records if "gives no event" in r.getMessage()]
+    assert len(said) == 3 and "refund" in said[2]

@@ -120,7 +120,7 @@ class Dispatcher:
                 raise NotAnEvent("no JSON object in field c")
             parts = build_event(conversion, {})
         except (orjson.JSONDecodeError, NotAnEvent) as exc:
-            if "not attributed" not in str(exc):
+            if not getattr(exc, "expected", False):
                 log.warning("conversion %s gives no event: %s", entry_id.decode(), exc)
             await self.store.ack(entry_id)
             return

@@ -21,7 +21,13 @@ CONVERSION_TYPES = ("registration", "ftd", "deposit")
 
 
 class NotAnEvent(ValueError):
-    """A conversion record that gives no event; the message says why."""
+    """A conversion record that gives no event; the message says why.
+
+    `expected`: an unattributed conversion, which is normal and not logged."""
+
+    def __init__(self, message: str, expected: bool = False) -> None:
+        super().__init__(message)
+        self.expected = expected
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ def build_event(conversion: dict, click: dict[str, str]) -> EventParts:
     """The event of an attributed conversion; `click` is its click index hash (may be empty)."""
     attributed = conversion.get("attributed")
     if not isinstance(attributed, dict) or not attributed.get("partner"):
-        raise NotAnEvent("not attributed to a partner")
+        raise NotAnEvent("not attributed to a partner", expected=True)
     kind = conversion.get("type")
     if kind not in CONVERSION_TYPES:
         raise NotAnEvent(f"type {kind!r} is not one of {', '.join(CONVERSION_TYPES)}")
