@@ -187,6 +187,18 @@ def _aggregate(args: argparse.Namespace) -> int:
     return run_aggregate(args)
 
 
+def _webhooks_flags(parser: argparse.ArgumentParser) -> None:
+    from webhooks.cli import add_webhooks_arguments
+
+    add_webhooks_arguments(parser)
+
+
+def _webhooks(args: argparse.Namespace) -> int:
+    from webhooks.cli import run_webhooks
+
+    return run_webhooks(args)
+
+
 def _providers_flags(parser: argparse.ArgumentParser) -> None:
     from aggregator.cli import add_providers_arguments
 
@@ -301,6 +313,10 @@ def build_parser() -> argparse.ArgumentParser:
     providers = sub.add_parser("providers", help="run the synthetic providers into regions",
                                flags=_providers_flags)
     providers.set_defaults(func=_providers)
+
+    webhooks = sub.add_parser("webhooks", help="partner webhooks and postbacks: endpoints, "
+                              "the dispatcher, dead letters", flags=_webhooks_flags)
+    webhooks.set_defaults(func=_webhooks)
 
     token = sub.add_parser("token", help="mint a session token")
     token.add_argument("--player", default="demo-player")

@@ -17,7 +17,7 @@ from supervisor.node import Phase, Supervisor
 from supervisor.private import private_dir
 from supervisor.runtime import redis_for, runtime_dir
 from supervisor.sdnotify import Notifier
-from supervisor.services import AggregatorService, HAProxyService
+from supervisor.services import AggregatorService, HAProxyService, WebhookDispatcherService
 from supervisor.settings import NodeSettings
 
 log = logging.getLogger("oddsgate.run")
@@ -53,6 +53,8 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str,
     aggregator = AggregatorService(redis_url, worker.region) if node.aggregate else None
     if aggregator is not None:
         supervisor.extra_services.append(aggregator)
+    if node.webhooks:
+        supervisor.extra_services.append(WebhookDispatcherService(redis_url))
     if node.haproxy:
         supervisor.extra_services.append(
             HAProxyService(haproxy_settings(node, runtime, worker.log_format),
@@ -75,6 +77,10 @@ def run_node(args: argparse.Namespace) -> int:
         haproxy=True if args.haproxy else None, haproxy_bind=args.bind,
     )
     worker = Settings.from_env(allow_anonymous=True if args.anonymous else None)
+    if node.webhooks:  # a bad OG_WEBHOOKS_* stops the node now, not the dispatcher in a loop
+        from webhooks.settings import WebhookSettings
+
+        WebhookSettings.from_env()
     try:  # every worker would die on it: say so once, now
         PartitionMap.load(worker.partition_map)
     except (OSError, ValueError) as exc:

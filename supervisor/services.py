@@ -192,3 +192,71 @@ class AggregatorService:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+
+
+class WebhookDispatcherService:
+    """The region's webhook dispatcher (`oddsgate webhooks run`) on the node set to host it.
+
+    Restarted when it dies, with a growing backoff. A kill loses nothing:
+    what it was delivering is due again in Redis once its lease ends
+    (webhooks/store.py), and what it had read of the conversions stream
+    without enqueueing is still pending in its consumer group.
+    """
+
+    def __init__(self, redis_url: str, log_path: Path | None = None) -> None:
+        self.redis_url = redis_url
+        self.log_path = log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+        self._watch: asyncio.Task | None = None
+        self._stopping = False
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+
+    async def _launch(self) -> None:
+        import os
+        import sys
+
+        env = {**os.environ, "OG_REDIS_URL": self.redis_url}
+        out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "supervisor.cli", "webhooks", "run", env=env,
+                stdout=out, stderr=asyncio.subprocess.STDOUT if out else None)
+        finally:
+            if out is not None:
+                out.close()
+        log.info("webhook dispatcher started (pid %d)", self.proc.pid)
+
+    async def start(self) -> None:
+        await self._launch()
+        self._watch = asyncio.create_task(self._supervise())
+
+    async def _supervise(self) -> None:
+        backoff = 0.5
+        while not self._stopping and self.proc is not None:
+            code = await self.proc.wait()
+            if self._stopping:
+                return
+            log.error("webhook dispatcher exited with %s; restarting in %.1fs", code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(30.0, backoff * 2)
+            try:
+                await self._launch()
+                self.restarts += 1
+            except OSError as exc:
+                log.error("webhook dispatcher restart failed: %s", exc)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()

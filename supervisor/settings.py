@@ -33,6 +33,9 @@ class NodeSettings(EnvSettings):
     aggregate: bool = setting(
         "OG_AGGREGATE", False, "this node hosts its region's aggregator (`oddsgate aggregate`, "
         "supervised; its settings: OG_STREAM, OG_GENERATION, OG_PROVIDERS, ...)")
+    webhooks: bool = setting(
+        "OG_WEBHOOKS", False, "this node hosts the region's webhook dispatcher (`oddsgate "
+        "webhooks run`, supervised; its settings: OG_WEBHOOKS_*)")
     drain_window_ms: int = setting(
         "OG_DRAIN_WINDOW_MS", 500, "drained players get reconnect.after_ms spread over this",
         minimum=0,

@@ -18,10 +18,13 @@ with `systemd-analyze verify` where that runs.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
 import subprocess
+import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,6 +36,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from haproxy.settings import HAProxySettings
+from supervisor.embedded_redis import free_port
 from supervisor.haproxy import FD_RESERVE, HAProxyProcess
 from supervisor.node import STOP_GRACE_S
 from supervisor.settings import NodeSettings
@@ -53,8 +57,6 @@ pytestmark = pytest.mark.timeout(120)
 # names may be absent from /metrics; once one is exposed, the test says to
 # drop it from here. Any other name must be on a real node's /metrics.
 PENDING_METRICS: dict[str, set[str]] = {
-    "og_webhook_deliveries_total": {"endpoint", "outcome"},  # counter
-    "og_webhook_dead_letters": set(),  # gauge
     "og_redirects_total": set(),  # counter
 }
 # Series Prometheus makes itself (the alerts' scrape-down rule), not /metrics.
@@ -156,6 +158,21 @@ def alert_rules() -> list[dict]:
 # -- the node ----------------------------------------------------------------------
 
 
+def dispatcher_metrics(port: int) -> str:
+    """The supervised dispatcher's /metrics, once it has started and seen its endpoints."""
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                text = r.read().decode()
+            if "og_webhook_deliveries_total{" in text:
+                return text
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the node's webhook dispatcher never served /metrics"
+        time.sleep(0.1)
+
+
 @dataclass
 class Observed:
     node: Node
@@ -170,16 +187,26 @@ def observed(redis_server, tmp_path_factory) -> Iterator[Observed]:
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(runtime / "notify.sock"))
     notify.settimeout(10)
+    # The node hosts the webhook dispatcher (OG_WEBHOOKS=1), whose own /metrics Prometheus
+    # scrapes beside the node's; one endpoint is registered so its series exist.
+    hooks_port = free_port()
+    registered = subprocess.run(
+        [sys.executable, "-m", "supervisor.cli", "webhooks", "add", "--partner", "ops",
+         "--url", "https://ops.example/hook"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "OG_REDIS_URL": redis_server.url}, timeout=30, check=True)
+    assert registered.stdout.splitlines()[-1].startswith("whsec_")
     node = start_node(redis_server.url, runtime / "run", OG_LOG_FORMAT="json",
                       NOTIFY_SOCKET=str(runtime / "notify.sock"),
-                      OG_AGGREGATE="1")  # the region's aggregator too: its metrics
+                      OG_AGGREGATE="1",  # the region's aggregator too: its metrics
+                      OG_WEBHOOKS="1", OG_WEBHOOKS_METRICS_PORT=str(hooks_port))
     try:
         metrics: dict[str, set[str]] = {}
         families: dict[str, str] = {}
-        for family in text_string_to_metric_families(node.metrics()):
-            families[family.name] = family.type
-            for sample in family.samples:
-                metrics.setdefault(sample.name, set()).update(sample.labels)
+        for text in (node.metrics(), dispatcher_metrics(hooks_port)):
+            for family in text_string_to_metric_families(text):
+                families[family.name] = family.type
+                for sample in family.samples:
+                    metrics.setdefault(sample.name, set()).update(sample.labels)
         yield Observed(node, notify, metrics, families)
     finally:
         node.stop()

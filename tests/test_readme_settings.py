@@ -9,10 +9,11 @@ from attribution.settings import AttributionSettings
 from gateway.config import Settings
 from supervisor.settings import NodeSettings
 from tests.conftest import ROOT
+from webhooks.settings import WebhookSettings
 
 
 @pytest.mark.parametrize("settings", [Settings, NodeSettings, AggregatorSettings,
-                                      AttributionSettings],
+                                      AttributionSettings, WebhookSettings],
                          ids=lambda c: c.__name__)
 def test_every_setting_is_in_the_readme_with_its_default(settings) -> None:
     readme = (ROOT / "README.md").read_text()

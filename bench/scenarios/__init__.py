@@ -6,12 +6,12 @@ population (bench.scenarios.session.SESSIONS); `connect`, `subscribe`,
 `run(harness, system)`. All return Results.
 """
 
-from bench.scenarios import clicks, connect, drain, failover, shell, subscribe
+from bench.scenarios import clicks, connect, drain, failover, shell, subscribe, webhooks
 from bench.scenarios.session import SESSIONS
 
 SCENARIOS = ["steady", "saturation", "spike", "connect", "subscribe", "drain", "shell",
-             "failover", "clicks"]
+             "failover", "clicks", "webhooks"]
 STANDALONE = {module.NAME: module.run for module in (connect, subscribe, drain, shell, failover,
-                                                    clicks)}
+                                                    clicks, webhooks)}
 
 __all__ = ["SCENARIOS", "SESSIONS", "STANDALONE"]
