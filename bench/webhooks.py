@@ -26,7 +26,7 @@ import psutil
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from attribution.keys import CONVERSIONS_STREAM
+from attribution.keys import CONVERSIONS
 from webhooks.endpoints import new_endpoint
 from webhooks.store import HookStore
 
@@ -99,7 +99,7 @@ async def drill(redis_url: str, tree: Path, rate: int, seconds: float,
                       "currency": "EUR", "ts": now, "received_ts": now,
                       "attributed": {"partner": partner, "campaign": "c", "creative": "k"},
                       "reason": None}
-            await redis.xadd(CONVERSIONS_STREAM, {"c": orjson.dumps(record)})
+            await redis.xadd(CONVERSIONS, {"c": orjson.dumps(record)})
             if kinds[partner] == "ok":
                 healthy_sent.add(conversion_id)
             await asyncio.sleep(max(0.0, started + (n + 1) / rate - time.monotonic()))

@@ -242,3 +242,33 @@ def test_the_admin_api_adds_lists_and_refuses_a_taken_code(linked) -> None:
     assert admin(linked, "POST", "/admin/links/none-such/pause", b"")[0] == 404
     assert admin(linked, "GET", "/admin/links/spring-24/pause")[0] == 405
     assert admin(linked, "GET", "/admin/nothing")[0] == 404
+
+
+def test_the_admin_api_manages_webhook_endpoints_as_the_cli_does(tracker, redis_url) -> None:
+    """Issue 13: endpoints and dead letters over the admin HTTP API, the CLI's operations."""
+    worker = tracker()
+    assert admin(worker, "GET", "/admin/webhooks", key=None)[0] == 401
+    status, row = admin(worker, "POST", "/admin/webhooks",
+                        {"partner": "p42", "url": "https://hooks.example/p42",
+                         "events": ["conversion.ftd"]})
+    assert status == 201 and row["secret"].startswith("whsec_")
+    assert row["partner"] == "p42" and row["events"] == ["conversion.ftd"]
+    endpoint = row["id"]
+    status, listed = admin(worker, "GET", "/admin/webhooks")
+    assert status == 200 and [e["id"] for e in listed["endpoints"]] == [endpoint]
+    assert "secret" not in listed["endpoints"][0]  # shown once, at creation
+    status, rotated = admin(worker, "POST", f"/admin/webhooks/{endpoint}/rotate-secret")
+    assert status == 200 and rotated["secret"] != row["secret"] and rotated["secrets"] == 2
+    status, disabled = admin(worker, "POST", f"/admin/webhooks/{endpoint}/disable")
+    assert status == 200 and disabled["state"].startswith("disabled")
+    assert admin(worker, "POST", "/admin/webhooks/ep_nope/enable")[0] == 404
+    status, bad = admin(worker, "POST", "/admin/webhooks", {"partner": "p42"})
+    assert status == 400 and bad["field"] == "url"
+    status, bad = admin(worker, "POST", "/admin/webhooks",
+                        {"partner": "p42", "url": "https://x.example", "colour": "red"})
+    assert status == 400 and bad["field"] == "colour"
+    status, dead = admin(worker, "GET", "/admin/webhooks/dead-letters/p42")
+    assert status == 200 and dead == {"dead_letters": []}
+    status, missing = admin(worker, "POST", "/admin/webhooks/replay", {"webhook_id": "msg_x"})
+    assert status == 404 and missing["field"] == "webhook_id"
+    assert admin(worker, "GET", "/admin/webhooks/replay")[0] == 405

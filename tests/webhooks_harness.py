@@ -17,7 +17,7 @@ import orjson
 import redis.asyncio as aioredis
 from aiohttp import web
 
-from attribution.keys import CONVERSIONS_STREAM, click_key
+from attribution.keys import CONVERSIONS, click_index
 from webhooks.settings import WebhookSettings
 
 
@@ -104,13 +104,13 @@ def conversion_record(n: int, partner: str | None, kind: str = "ftd",
 
 
 async def add_conversion(redis: aioredis.Redis, record: dict) -> None:
-    await redis.xadd(CONVERSIONS_STREAM, {"c": orjson.dumps(record)})
+    await redis.xadd(CONVERSIONS, {"c": orjson.dumps(record)})
 
 
 async def add_click(redis: aioredis.Redis, click_id: str, code: str, partner: str,
                     subs: dict[str, str]) -> None:
     """The click index as issue 12 writes it: the record's fields, `subs` a JSON string."""
-    await redis.hset(click_key(click_id), mapping={
+    await redis.hset(click_index(click_id), mapping={
         "click_id": click_id, "code": code, "partner": partner, "campaign": "spring",
         "creative": "banner-1", "ts": str(time.time_ns()), "subs": orjson.dumps(subs),
         "ip_hash": "h", "ua": "test", "referer": "", "verdict": "ok"})

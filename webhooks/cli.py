@@ -1,7 +1,7 @@
 """`oddsgate webhooks ...`: the operator's interface to partner endpoints and dead letters.
 
-The admin HTTP API of issue 13 waits for request bodies on the worker
-(issue 12); until then this CLI is the way in. Every command reads
+The same operations are on every worker's admin API (`/admin/webhooks...`,
+attribution/admin.py); both call webhooks/operations.py. Every command reads
 OG_REDIS_URL (or --redis-url). Bad input is one line on stderr and exit 2.
 """
 
@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-import time
 
 import orjson
 from redis.exceptions import RedisError
@@ -106,8 +105,7 @@ def _fail(message: str) -> int:
 async def _admin(url: str, args: argparse.Namespace) -> int:
     import redis.asyncio as aioredis
 
-    from webhooks.endpoints import EndpointError, new_endpoint, rotate
-    from webhooks.settings import WebhookSettings
+    from webhooks import operations as ops
     from webhooks.store import HookStore
 
     redis = aioredis.Redis.from_url(url)
@@ -115,42 +113,27 @@ async def _admin(url: str, args: argparse.Namespace) -> int:
     command = args.webhooks_command
     try:
         if command == "add":
-            try:
-                endpoint = new_endpoint(args.partner, url=args.url, postback=args.postback,
-                                        events=args.events, now_s=time.time())
-            except EndpointError as exc:
-                return _fail(str(exc))
-            await store.save_endpoint(endpoint)
-            print(f"endpoint {endpoint.id} ({endpoint.kind}) for partner {endpoint.partner}: "
-                  f"{endpoint.url}")
-            if endpoint.secrets:
-                print(endpoint.secrets[0].secret)
+            row = await ops.add(store, args.partner, url=args.url, postback=args.postback,
+                                events=args.events)
+            print(f"endpoint {row['id']} ({row['kind']}) for partner {row['partner']}: "
+                  f"{row['url']}")
+            if "secret" in row:
+                print(row["secret"])
             return 0
         if command == "list":
-            return await _list(store, args.json)
-        if command in ("disable", "enable", "rotate-secret"):
-            endpoint = await store.endpoint(args.endpoint)
-            if endpoint is None:
-                return _fail(f"endpoint: no endpoint {args.endpoint!r} (see `oddsgate webhooks "
-                             "list`)")
-            if command == "rotate-secret":
-                overlap = WebhookSettings.env_value("rotation_overlap_s")
-                try:
-                    secret = rotate(endpoint, float(overlap), time.time())  # type: ignore[arg-type]
-                except EndpointError as exc:
-                    return _fail(str(exc))
-                await store.save_endpoint(endpoint)
-                print(f"endpoint {endpoint.id}: new secret; the previous one still signs for "
-                      f"{float(overlap):g} s")  # type: ignore[arg-type]
-                print(secret)
-                return 0
-            endpoint.enabled = command == "enable"
-            endpoint.disabled_reason = None if endpoint.enabled else "by an operator"
-            await store.save_endpoint(endpoint)
-            print(f"endpoint {endpoint.id}: {'enabled' if endpoint.enabled else 'disabled'}")
+            return _list(await ops.rows(store), args.json)
+        if command in ("disable", "enable"):
+            row = await ops.set_enabled(store, args.endpoint, command == "enable")
+            print(f"endpoint {row['id']}: {'enabled' if command == 'enable' else 'disabled'}")
+            return 0
+        if command == "rotate-secret":
+            row, secret, overlap = await ops.rotate_secret(store, args.endpoint)
+            print(f"endpoint {row['id']}: new secret; the previous one still signs for "
+                  f"{overlap:g} s")
+            print(secret)
             return 0
         if command == "dead-letters":
-            letters = await store.dead_letters(args.partner)
+            letters = await ops.dead_letters(store, args.partner)
             for letter in letters:
                 if args.json:
                     print(orjson.dumps(letter).decode())
@@ -164,32 +147,20 @@ async def _admin(url: str, args: argparse.Namespace) -> int:
                 print(f"{len(letters)} dead letter(s)")
             return 0
         if command == "replay":
-            if args.webhook_id:
-                ids = [args.webhook_id]
-            else:
-                ids = [d["webhook_id"] for d in await store.dead_letters(args.partner)]
-            moved = await store.replay(ids, int(time.time() * 1000))
-            if args.webhook_id and not moved:
-                return _fail(f"webhook_id: no dead letter {args.webhook_id!r}")
+            moved = await ops.replay(store, args.webhook_id, args.partner)
             print(f"{len(moved)} dead letter(s) due again, with their original webhook-id")
             return 0
         raise AssertionError(command)
+    except ops.OperationError as exc:
+        hint = " (see `oddsgate webhooks list`)" if exc.field == "endpoint" and \
+            exc.status == 404 else ""
+        return _fail(f"{exc.field}: {exc}{hint}")
     finally:
         await redis.aclose()
 
 
-async def _list(store, as_json: bool) -> int:
-    endpoints = sorted((await store.endpoints()).values(), key=lambda e: e.id)
-    for endpoint in endpoints:
-        stats = await store.stats(endpoint.id)
-        row = {"id": endpoint.id, "partner": endpoint.partner, "kind": endpoint.kind,
-               "url": endpoint.url, "events": endpoint.events or ["*"],
-               "state": "enabled" if endpoint.enabled else
-               f"disabled: {endpoint.disabled_reason or 'by an operator'}",
-               "secrets": len(endpoint.signing_secrets(time.time())),
-               "delivered": int(stats.get("delivered", 0)), "failed": int(stats.get("failed", 0)),
-               "retrying": int(stats.get("retrying", 0)), "dead": int(stats.get("dead", 0)),
-               "breaker": stats.get("breaker", "closed")}
+def _list(rows: list[dict], as_json: bool) -> int:
+    for row in rows:
         if as_json:
             print(orjson.dumps(row).decode())
         else:
@@ -199,5 +170,5 @@ async def _list(store, as_json: bool) -> int:
                   f"retrying={row['retrying']} dead={row['dead']} breaker={row['breaker']} "
                   f"secrets={row['secrets']}")
     if not as_json:
-        print(f"{len(endpoints)} endpoint(s)")
+        print(f"{len(rows)} endpoint(s)")
     return 0

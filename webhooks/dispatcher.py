@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 from ulid import ULID
 from yarl import URL
 
-from attribution.keys import click_key
+from attribution.keys import click_index
 from webhooks.breaker import BreakerState, EndpointBreaker
 from webhooks.endpoints import Endpoint
 from webhooks.events import NotAnEvent, build_event, render_postback
@@ -126,7 +126,7 @@ class Dispatcher:
             return
         click_id = conversion.get("click_id")
         if isinstance(click_id, str) and click_id:
-            click = await self.redis.hgetall(click_key(click_id))
+            click = await self.redis.hgetall(click_index(click_id))
             if click:
                 parts = build_event(conversion, {k.decode(): v.decode() for k, v in click.items()})
         deliveries = [new_delivery("msg_" + str(ULID()), endpoint, parts.type, parts.accepted_ns)

@@ -17,7 +17,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
-from attribution.keys import CONVERSIONS_STREAM
+from attribution.keys import CONVERSIONS
 from webhooks import keys
 from webhooks.endpoints import Endpoint
 
@@ -91,7 +91,7 @@ class HookStore:
         """The consumer group, from the stream's start: conversions accepted before the
         dispatcher first ran are delivered too."""
         try:
-            await self.redis.xgroup_create(CONVERSIONS_STREAM, keys.GROUP, id="0",
+            await self.redis.xgroup_create(CONVERSIONS, keys.GROUP, id="0",
                                            mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
@@ -100,13 +100,13 @@ class HookStore:
     async def read(self, consumer: str, pending: bool, count: int,
                    block_ms: int) -> list[tuple[bytes, dict]]:
         answer = await self.redis.xreadgroup(
-            keys.GROUP, consumer, {CONVERSIONS_STREAM: "0" if pending else ">"}, count=count,
+            keys.GROUP, consumer, {CONVERSIONS: "0" if pending else ">"}, count=count,
             block=None if pending else block_ms)
         return [(entry_id, fields) for _stream, entries in answer or []
                 for entry_id, fields in entries if fields is not None]
 
     async def ack(self, entry_id: bytes) -> None:
-        await self.redis.xack(CONVERSIONS_STREAM, keys.GROUP, entry_id)
+        await self.redis.xack(CONVERSIONS, keys.GROUP, entry_id)
 
     async def enqueue(self, entry_id: bytes, partner: str, head: bytes, tail: bytes,
                       deliveries: list[dict], due_ms: int) -> int:
@@ -117,7 +117,7 @@ class HookStore:
             args += [delivery["webhook_id"], orjson.dumps(delivery)]
         return int(await self._enqueue(
             keys=[keys.partner_seq(partner), keys.BODIES, keys.DELIVERIES, keys.DUE,
-                  CONVERSIONS_STREAM], args=args))
+                  CONVERSIONS], args=args))
 
     # -- due deliveries -------------------------------------------------------------------
 
