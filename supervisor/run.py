@@ -17,7 +17,7 @@ from supervisor.node import Phase, Supervisor
 from supervisor.private import private_dir
 from supervisor.runtime import redis_for, runtime_dir
 from supervisor.sdnotify import Notifier
-from supervisor.services import AggregatorService, HAProxyService
+from supervisor.services import AggregatorService, HAProxyService, StatsService
 from supervisor.settings import NodeSettings
 
 log = logging.getLogger("oddsgate.run")
@@ -52,6 +52,8 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str,
     supervisor = Supervisor(node, env, runtime, breaker, notifier)
     if node.aggregate:
         supervisor.extra_services.append(AggregatorService(redis_url, worker.region))
+    if node.stats:
+        supervisor.extra_services.append(StatsService(redis_url, worker.region))
     if node.haproxy:
         supervisor.extra_services.append(
             HAProxyService(haproxy_settings(node, runtime, worker.log_format),

@@ -33,6 +33,9 @@ class NodeSettings(EnvSettings):
     aggregate: bool = setting(
         "OG_AGGREGATE", False, "this node hosts its region's aggregator (`oddsgate aggregate`, "
         "supervised; its settings: OG_STREAM, OG_GENERATION, OG_PROVIDERS, ...)")
+    stats: bool = setting(
+        "OG_STATS", False, "this node runs the partner statistics service (`oddsgate stats "
+        "run`, supervised; its settings: OG_STATS_*)")
     drain_window_ms: int = setting(
         "OG_DRAIN_WINDOW_MS", 500, "drained players get reconnect.after_ms spread over this",
         minimum=0,
