@@ -79,7 +79,8 @@ class Tally:
 
 
 def utc_day(ts_ns: int) -> str:
-    return _dt.datetime.fromtimestamp(ts_ns / 1e9, _dt.UTC).strftime("%Y%m%d")
+    """Whole seconds first: a float of Unix nanoseconds rounds the day's last ones up."""
+    return _dt.datetime.fromtimestamp(ts_ns // 10**9, _dt.UTC).strftime("%Y%m%d")
 
 
 def _text(record: dict, name: str, *, required: bool = True) -> str | None:
