@@ -25,6 +25,7 @@ from attribution import keys
 from attribution.stats import NS_PER_MINUTE, tally_click, tally_conversion, utc_day
 from attribution.stats_service import StatsService, StatsSettings
 from tests.conftest import ROOT
+from tests.node_harness import start_node
 from tests.test_stats_counting import click, conversion
 from tests.test_stats_topics import _events, _subscribe, partner_token
 
@@ -224,3 +225,26 @@ async def test_a_click_shows_in_its_partners_rows_over_the_websocket(
         proc.terminate()
         proc.wait(10)
         await client.aclose()
+
+
+async def test_a_node_with_og_stats_runs_the_service_and_restarts_it(redis_url, tmp_path) -> None:
+    node = start_node(redis_url, tmp_path / "node", workers=1, OG_STATS="1",
+                      OG_STATS_PUBLISH_MS="100")
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        first = node.status()["services"]["stats"]["pid"]
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        node.wait(lambda: (node.status()["services"]["stats"]["pid"] or first) != first, 20,
+                  "the statistics service restarted")
+        await _append(client, [(keys.CLICKS_STREAM, click("bot", ts=time.time_ns()))])
+
+        async def counted() -> bool:
+            event = await client.hget("og:{stats:42}:latest", "campaign:c7:today")
+            return event is not None and orjson.loads(event)["counters"]["bot_clicks"] == 1
+
+        await _until(counted)
+        assert node.status()["services"]["stats"]["restarts"] == 1
+    finally:
+        await client.aclose()
+        assert node.stop() == 0, node.log_path.read_text()[-3000:]
