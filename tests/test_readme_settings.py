@@ -5,12 +5,14 @@ from __future__ import annotations
 import pytest
 
 from aggregator.settings import AggregatorSettings
+from attribution.stats_service import StatsSettings
 from gateway.config import Settings
 from supervisor.settings import NodeSettings
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("settings", [Settings, NodeSettings, AggregatorSettings],
+@pytest.mark.parametrize("settings", [Settings, NodeSettings, AggregatorSettings,
+                                      StatsSettings],
                          ids=lambda c: c.__name__)
 def test_every_setting_is_in_the_readme_with_its_default(settings) -> None:
     readme = (ROOT / "README.md").read_text()
