@@ -65,6 +65,10 @@ class StatsSettings(EnvSettings):
         "(changes in between coalesce); keep it well under 1000", minimum=50)
     batch: int = setting(
         "OG_STATS_BATCH", 500, "records read per stream per round trip", minimum=1)
+    claim_idle_ms: int = setting(
+        "OG_STATS_CLAIM_IDLE_MS", 60000, "at start, records another consumer was handed "
+        "and left unacknowledged this long are taken over (a renamed or retired node's)",
+        minimum=0)
 
     @property
     def consumer_name(self) -> str:
@@ -123,9 +127,13 @@ class StatsService:
 
     async def _consume(self, stream: str, tally: Callable[[dict], Tally | None],
                        stop: asyncio.Event) -> None:
+        claimed = False
         start = "0"  # first what this consumer was handed and never acknowledged
         while not stop.is_set():
             try:
+                if not claimed:
+                    await self._claim_abandoned(stream)
+                    claimed = True
                 reply = await self.redis.xreadgroup(
                     keys.STATS_GROUP, self.settings.consumer_name, {stream: start},
                     count=self.settings.batch, block=None if start == "0" else 1000)
@@ -140,6 +148,18 @@ class StatsService:
                 log.warning("reading %s failed: %s; retrying", stream, exc)
                 start = "0"
                 await asyncio.sleep(0.5)
+
+    async def _claim_abandoned(self, stream: str) -> None:
+        """Take over what a consumer that is gone left unacknowledged: it is then
+        this consumer's, and the pending read after this counts it."""
+        cursor = "0-0"
+        while True:
+            reply = await self.redis.xautoclaim(
+                stream, keys.STATS_GROUP, self.settings.consumer_name,
+                self.settings.claim_idle_ms, cursor, count=self.settings.batch)
+            cursor = _text(reply[0])
+            if cursor == "0-0":
+                return
 
     async def count(self, stream: str, messages: list,
                     tally: Callable[[dict], Tally | None]) -> None:

@@ -137,6 +137,26 @@ async def test_redelivered_records_are_counted_exactly_once(redis_url) -> None:
         await client.aclose()
 
 
+async def test_what_a_gone_consumer_left_unacknowledged_is_taken_over(redis_url) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    records = _stream_records(30, NOW)
+    try:
+        service = StatsService(client, StatsSettings(consumer="c1", claim_idle_ms=0),
+                               clock=lambda: NOW)
+        await service.ensure_groups()
+        await _append(client, records)
+        for stream in (keys.CLICKS_STREAM, keys.CONVERSIONS_STREAM):  # handed out, then gone
+            await client.xreadgroup(keys.STATS_GROUP, "retired-node", {stream: ">"}, count=10)
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        await _until(lambda: _all_acknowledged(client))
+        stop.set()
+        await task
+        assert await _stored(client, ("42", "7"), NOW) == _recount(records)
+    finally:
+        await client.aclose()
+
+
 async def _raise_lost_ack(*_args, **_kwargs):
     raise _LostAck("connection lost before XACK")
 
