@@ -37,3 +37,27 @@ def dedupe(code: str, ip_hash: str, ua: str) -> str:
 def conversion_idempotency(operator_id: str) -> str:
     """The first answer's JSON to a conversion, by the operator's own id."""
     return f"og:conv:{operator_id}"
+CLICKS_STREAM = CLICKS  # the statistics service's spelling of the same streams
+CONVERSIONS_STREAM = CONVERSIONS
+
+
+# -- statistics (attribution/stats.py) ------------------------------------
+# Every key of one partner's counts carries the partner in a hash tag, so the
+# counting script touches one slot.
+STATS_GROUP = "stats"  # the consumer group of the statistics service on both streams
+STATS_PARTNERS = "og:stats:partners"  # zset: partner -> ms of its newest counted record
+
+
+def stats_seen_key(partner: str, day: str) -> str:
+    """Set of the record ids (`click:{id}`, `conv:{id}`) counted for a UTC day."""
+    return f"og:stats:{{{partner}}}:seen:{day}"
+
+
+def stats_day_key(partner: str, day: str) -> str:
+    """Hash of a UTC day's counts: `{dim}:{id}:{counter}` -> integer."""
+    return f"og:stats:{{{partner}}}:day:{day}"
+
+
+def stats_minute_key(partner: str, minute: int) -> str:
+    """Hash of one minute's counts (minute = Unix seconds // 60), for the sliding windows."""
+    return f"og:stats:{{{partner}}}:min:{minute}"

@@ -22,7 +22,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
 from feed.events import PriceUpdate
-from gateway.topics import PartitionMap
+from gateway.topics import PartitionMap, is_stats_topic
 from redis_contract import DEFAULT_TOPIC_TTL_MS, PUBLISH_LUA, topic_keys
 
 DEFAULT_HISTORY_MS = 60_000
@@ -52,6 +52,16 @@ class Sequenced:
     market: str
     epoch: str
     seq: int
+    body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StatsEvent:
+    """One partner statistics row to publish: `body` is the JSON after the seq,
+    no brace, starting with `"key":` (PROTOCOL.md §12's field order)."""
+
+    topic: str
+    key: str
     body: bytes
 
 
@@ -135,6 +145,34 @@ class Publisher:
                 raise result
             published += int(result[2])
         return published
+
+    async def publish_stats(self, rows: Iterable[StatsEvent]) -> list[Published]:
+        """Publish partners' statistics rows (PROTOCOL.md §12) in one round trip.
+
+        The same script and keys as odds, with the event type `stats` and the
+        row's key in the market's place, so a stats topic gets every rule of
+        sections 3 and 5 (seqs, history, latest state per key, lifetime) from
+        the one publish path.
+        """
+        epoch = new_epoch()
+        prepared = []
+        for row in rows:
+            if not is_stats_topic(row.topic):
+                raise ValueError(f"{row.topic!r} is not a stats topic")
+            prepared.append((row.topic, topic_keys(row.topic),
+                             [row.topic, epoch, row.key, row.body, self._history_ms,
+                              self._topic_ttl_ms, 0, "stats"]))
+        if not prepared:
+            return []
+        try:
+            results = await self._pipeline(prepared)
+        except NoScriptError:
+            await self._redis.script_load(PUBLISH_LUA)
+            results = await self._pipeline(prepared)
+        return [
+            Published(topic, _text(epoch), int(seq))
+            for (topic, _k, _a), (epoch, seq, _) in zip(prepared, results, strict=True)
+        ]
 
     async def publish_many(self, updates: Iterable[PriceUpdate]) -> list[Published]:
         """Publish in order in one round trip; all are validated before any is sent."""

@@ -3,7 +3,9 @@
 PyJWT does the verification (signature, algorithm pinning, expiry with
 leeway, required claims), which is where hand-written token code usually
 goes wrong. A token may also carry `topics`, a list of topic prefixes the
-player may follow; without it, every topic is allowed.
+player may follow; without it, every odds topic is allowed. A partner's
+token carries `partner` (PROTOCOL.md §12): its session may follow its own
+`stats:{partner}` topic, and odds topics only where `topics` names them.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import time
 from dataclasses import dataclass
 
 import jwt
+
+from gateway.topics import STATS_PREFIX, is_partner_id
 
 COOKIE_NAME = "og_session"
 QUERY_PARAM = "token"
@@ -27,26 +31,36 @@ class Claims:
     session_id: str
     expires_at: float | None  # Unix seconds; None for anonymous players
     topic_prefixes: tuple[str, ...] | None
+    partner: str | None = None  # a partner's session (PROTOCOL.md §12)
 
     @property
     def anonymous(self) -> bool:
         return self.expires_at is None
 
     def allows(self, topic: str) -> bool:
-        return topic_granted(self.topic_prefixes, topic)
+        return topic_granted(self.topic_prefixes, topic, self.partner)
 
 
-def topic_granted(grants: tuple[str, ...] | None, topic: str) -> bool:
-    """Whether a token's `topics` grants cover `topic`: the one rule of every transport.
+def topic_granted(grants: tuple[str, ...] | None, topic: str,
+                  partner: str | None = None) -> bool:
+    """Whether a token's grants cover `topic`: the one rule of every transport.
+
+    A `stats:` topic is granted to exactly the session of its partner
+    (`stats:{partner}`), whatever `topics` says: a partner's figures are its
+    own, and a grant like `stats:` must not open every partner's. A partner's
+    session gets odds topics only where its `topics` claim names them (its
+    token is for statistics, not a player's session with every market).
 
     A grant covers the topic it names and the topics under it, matched by
     whole ids: `odds:1:39` covers `odds:1:39` and `odds:1:39:7`, never
     `odds:1:390`; `odds:1:` covers every topic of sport 1. An empty grant
     covers nothing (a plain string prefix would make `""` cover everything).
-    No `topics` claim (None) allows every topic.
+    No `topics` claim (None) allows every odds topic to a player's session.
     """
+    if topic.startswith(STATS_PREFIX):
+        return partner is not None and topic == STATS_PREFIX + partner
     if grants is None:
-        return True
+        return partner is None
     for grant in grants:
         if not grant:
             continue
@@ -89,11 +103,15 @@ class TokenVerifier:
             not isinstance(prefixes, list) or not all(isinstance(p, str) for p in prefixes)
         ):
             raise AuthError("invalid session token: `topics` must be a list of strings")
+        partner = claims.get("partner")
+        if partner is not None and not is_partner_id(partner):
+            raise AuthError("invalid session token: `partner` must be 1-32 of [A-Za-z0-9_-]")
         return Claims(
             str(claims["sub"]),
             str(claims["sid"]),
             float(claims["exp"]),
             tuple(prefixes) if prefixes is not None else None,
+            partner,
         )
 
 
@@ -108,6 +126,8 @@ def issue_token(secret: str, player: str, session_id: str, ttl_s: float = 3600.0
     if topics is not None:
         claims["topics"] = topics
     if partner is not None:
+        if not is_partner_id(partner):
+            raise ValueError(f"partner id {partner!r}: expected 1-32 of [A-Za-z0-9_-]")
         claims["partner"] = partner
     return jwt.encode(claims, secret, algorithm="HS256")
 

@@ -55,8 +55,16 @@ RETRY_S = 0.5  # after a failed read: Redis is away, and its reconnect is on the
 
 
 def _parse(event: bytes) -> tuple[str, int, str, int]:
+    """Epoch, seq, the key the latest state is kept by, ts.
+
+    That key is an odds event's `market` or a stats event's `key` (PROTOCOL.md
+    §12): everything downstream (coalescing, snapshots, resumes) is the same.
+    """
     obj = orjson.loads(event)
-    return obj["epoch"], obj["seq"], obj["market"], obj["ts"]
+    market = obj.get("market")
+    if market is None:
+        market = obj["key"]
+    return obj["epoch"], obj["seq"], market, obj["ts"]
 
 
 class Hub:

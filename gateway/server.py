@@ -449,6 +449,7 @@ class Worker:
             write_frame=write_frame,
             scheduler=self.fanout,
             topic_prefixes=claims.topic_prefixes,
+            partner=claims.partner,
             max_topics=s.max_topics,
             rate=s.rate_limit_rps,
             burst=s.rate_limit_burst,

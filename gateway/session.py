@@ -108,6 +108,7 @@ class Session:
         "max_batch",
         "max_topics",
         "open",
+        "partner",
         "pending",
         "player",
         "pressured_since",
@@ -127,6 +128,7 @@ class Session:
         scheduler: Scheduler,
         write_frame: Callable[[bytes], None] | None = None,
         topic_prefixes: tuple[str, ...] | None = None,
+        partner: str | None = None,
         max_topics: int = 200,
         rate: float = 20.0,
         burst: float = 40.0,
@@ -143,7 +145,8 @@ class Session:
         self._write_frame = write_frame  # an already framed payload, written as is
         self._scheduler = scheduler
         self.scheduled = False  # in the scheduler's list for this turn
-        self.topic_prefixes = topic_prefixes  # None: every topic
+        self.topic_prefixes = topic_prefixes  # None: every odds topic
+        self.partner = partner  # a partner's statistics session (PROTOCOL.md §12)
         self.max_topics = max_topics
         self.max_batch = max_batch
         self.cursors: dict[str, SeqCursor[bytes]] = {}
@@ -203,7 +206,7 @@ class Session:
 
     def allowed(self, topic: str) -> bool:
         """Whether the token's grants cover `topic` (gateway.auth.topic_granted)."""
-        return topic_granted(self.topic_prefixes, topic)
+        return topic_granted(self.topic_prefixes, topic, self.partner)
 
     def ack(self, topics: dict[str, int]) -> None:
         """Remember what the player says it processed; topics it left are ignored."""

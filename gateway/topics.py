@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 TOPIC_PREFIX = "odds"
+STATS_PREFIX = "stats:"  # a partner's statistics (PROTOCOL.md §12): `stats:{partner}`
+PARTNER_ID_MAX = 32
 MAX_ID_DIGITS = 12  # ids are decimal integers; bound them so no topic is huge
 
 DEFAULT_PARTITION_MAP: dict = {
@@ -67,6 +69,30 @@ def parse_topic(text: str) -> Topic | None:
         return None
     market = ids[2] if len(ids) == 3 else None
     return Topic(ids[0], ids[1], market)  # type: ignore[arg-type]
+
+
+def is_partner_id(text: object) -> bool:
+    """A partner id as tokens and topics carry it: 1-32 of [A-Za-z0-9_-]."""
+    return (isinstance(text, str) and 0 < len(text) <= PARTNER_ID_MAX and text.isascii()
+            and all(c.isalnum() or c in "_-" for c in text))
+
+
+def stats_partner(text: str) -> str | None:
+    """The partner of a `stats:{partner}` topic, or None if `text` is not one."""
+    if not isinstance(text, str) or not text.startswith(STATS_PREFIX):
+        return None
+    partner = text[len(STATS_PREFIX):]
+    return partner if is_partner_id(partner) else None
+
+
+def is_stats_topic(text: str) -> bool:
+    return stats_partner(text) is not None
+
+
+def stats_topic(partner: str) -> str:
+    if not is_partner_id(partner):
+        raise ValueError(f"partner id {partner!r}: expected 1-{PARTNER_ID_MAX} of [A-Za-z0-9_-]")
+    return STATS_PREFIX + partner
 
 
 def market_key(sport: int, league: int, market: int) -> str:
@@ -148,7 +174,9 @@ class PartitionMap:
         return topic
 
     def is_topic(self, text: str) -> bool:
-        return self.validate(text) is not None
+        """An odds topic the map accepts, or any partner's `stats:` topic (who may
+        follow which is the grant rule's to say, gateway.auth.topic_granted)."""
+        return self.validate(text) is not None or is_stats_topic(text)
 
     def to_dict(self) -> dict:
         """What `GET /v1/topics` serves."""
@@ -157,6 +185,7 @@ class PartitionMap:
             "patterns": {
                 "market_level": f"{TOPIC_PREFIX}:{{sport_id}}:{{league_id}}:{{market_id}}",
                 "league_level": f"{TOPIC_PREFIX}:{{sport_id}}:{{league_id}}",
+                "partner_stats": f"{STATS_PREFIX}{{partner_id}}",
             },
             "sports": [
                 {

@@ -5,7 +5,7 @@
 -- KEYS[1] meta hash, KEYS[2] history stream, KEYS[3] latest hash
 -- ARGV[1] topic (also the channel)
 -- ARGV[2] epoch to create if the topic has none (its seq space starts here)
--- ARGV[3] market id ("sport:league:market")
+-- ARGV[3] market id ("sport:league:market"), or a stats row's key
 -- ARGV[4] the event's JSON body after the seq: `"market":...}` (no leading brace)
 -- ARGV[5] history to keep, in milliseconds
 -- ARGV[6] how long the topic's keys outlive its last publish, in milliseconds
@@ -13,9 +13,16 @@
 -- ARGV[7] (optional) the seq this event must have, its epoch being ARGV[2]:
 --         a deterministic aggregator's publish (PROTOCOL.md §8). Absent or 0:
 --         the next seq of the topic's epoch, as any publisher.
+-- ARGV[8] (optional) the event's type: `odds` when absent, `stats` for a
+--         partner's statistics row (PROTOCOL.md §12), whose body starts with
+--         `"key":` and whose key plays the market's role in the latest hash.
 -- returns {epoch, seq, published}: published is 0 when a pinned seq was
 -- already there (a restarted aggregator going over its last events again)
 local pinned = tonumber(ARGV[7] or '0') or 0
+local kind = ARGV[8] or 'odds'
+if kind ~= 'odds' and kind ~= 'stats' then
+  return redis.error_reply('TYPE ' .. kind .. ' is not an event type')
+end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if pinned > 0 and epoch and epoch ~= ARGV[2] then
   -- The aggregator's stream moved to a new generation: a new seq space.
@@ -44,7 +51,7 @@ if pinned > 0 then
   end
 end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
-local event = '{"type":"odds","topic":"' .. ARGV[1] .. '","epoch":"' .. epoch
+local event = '{"type":"' .. kind .. '","topic":"' .. ARGV[1] .. '","epoch":"' .. epoch
   .. '","seq":' .. seq .. ',' .. ARGV[4]
 local now = redis.call('TIME')
 local cutoff = (tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)) - tonumber(ARGV[5])

@@ -133,14 +133,20 @@ def _run(args: argparse.Namespace) -> int:
 
 def _token(args: argparse.Namespace) -> int:
     from gateway.auth import issue_token
+    from gateway.topics import is_partner_id
 
     settings = Settings.from_env(allow_anonymous=True)
     secret = args.secret or settings.jwt_secret
     if not secret:
         print("oddsgate token: no secret (set OG_JWT_SECRET or pass --secret)", file=sys.stderr)
         return 2
+    if args.partner is not None and not is_partner_id(args.partner):
+        print(f"oddsgate token: --partner {args.partner!r}: expected 1-32 of [A-Za-z0-9_-]",
+              file=sys.stderr)
+        return 2
     print(issue_token(secret, args.player, args.session, args.ttl,
-                      topics=args.topics.split(",") if args.topics else None))
+                      topics=args.topics.split(",") if args.topics else None,
+                      partner=args.partner))
     return 0
 
 
@@ -221,6 +227,21 @@ def _keys(args: argparse.Namespace) -> int:
     from attribution.keys_cli import run
 
     return run(args)
+
+
+def _stats_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import os
+
+    from attribution.stats_service import StatsSettings, serve
+
+    settings = StatsSettings.from_env()
+    url = args.redis_url or os.environ.get("OG_REDIS_URL", "")
+    if not url:
+        raise ConfigError("OG_REDIS_URL: the Redis of og:clicks and og:conversions is "
+                          "required (or --redis-url)")
+    asyncio.run(serve(url, settings))
+    return 0
 
 
 class _Subcommand(argparse.ArgumentParser):
@@ -324,11 +345,20 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=float, default=3600.0, help="seconds until it expires")
     token.add_argument("--topics", help="comma-separated topic prefixes the token allows")
     token.add_argument("--secret", help="HS256 secret (default OG_JWT_SECRET)")
+    token.add_argument("--partner", help="a partner's statistics session: may follow "
+                       "stats:{partner} (and odds topics only as --topics allows)")
     token.set_defaults(func=_token)
 
     keys = sub.add_parser("keys", help="add, list or revoke operator API keys (conversions)",
                           flags=_keys_flags)
     keys.set_defaults(func=_keys)
+    stats = sub.add_parser("stats", help="partner statistics (PROTOCOL.md §12)")
+    stats_sub = stats.add_subparsers(dest="stats_command", required=True)
+    stats_run = stats_sub.add_parser(
+        "run", help="count og:clicks and og:conversions exactly once and publish "
+        "the partners' rows to stats:{partner}")
+    stats_run.add_argument("--redis-url", help="default OG_REDIS_URL")
+    stats_run.set_defaults(func=_stats_run)
 
     config = sub.add_parser("config", help="list every setting, its env var and default")
     config.set_defaults(func=_config)

@@ -17,7 +17,12 @@ from supervisor.node import Phase, Supervisor
 from supervisor.private import private_dir
 from supervisor.runtime import redis_for, runtime_dir
 from supervisor.sdnotify import Notifier
-from supervisor.services import AggregatorService, HAProxyService, WebhookDispatcherService
+from supervisor.services import (
+    AggregatorService,
+    HAProxyService,
+    StatsService,
+    WebhookDispatcherService,
+)
 from supervisor.settings import NodeSettings
 
 log = logging.getLogger("oddsgate.run")
@@ -55,6 +60,8 @@ def build_supervisor(node: NodeSettings, worker: Settings, redis_url: str,
         supervisor.extra_services.append(aggregator)
     if node.webhooks:
         supervisor.extra_services.append(WebhookDispatcherService(redis_url))
+    if node.stats:
+        supervisor.extra_services.append(StatsService(redis_url, worker.region))
     if node.haproxy:
         supervisor.extra_services.append(
             HAProxyService(haproxy_settings(node, runtime, worker.log_format),

@@ -91,6 +91,9 @@ class AggregatorService:
     players go to other regions) until an operator rebuilds it.
     """
 
+    command: tuple[str, ...] = ("aggregate",)
+    what = "aggregator"
+
     def __init__(self, redis_url: str, region: str, log_path: Path | None = None) -> None:
         self.redis_url = redis_url
         self.region = region
@@ -118,12 +121,12 @@ class AggregatorService:
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "supervisor.cli", "aggregate", env=env,
+                sys.executable, "-m", "supervisor.cli", *self.command, env=env,
                 stdout=out, stderr=asyncio.subprocess.STDOUT if out else None)
         finally:
             if out is not None:
                 out.close()
-        log.info("aggregator of region %s started (pid %d)", self.region, self.proc.pid)
+        log.info("%s of region %s started (pid %d)", self.what, self.region, self.proc.pid)
 
     async def start(self) -> None:
         await self._launch()
@@ -165,20 +168,20 @@ class AggregatorService:
             code = await self.proc.wait()
             if self._stopping:
                 return
-            if code == EXIT_DIVERGED:
+            if code == EXIT_DIVERGED and self.command == AggregatorService.command:
                 self.diverged = True
                 log.error("aggregator of region %s stopped: its stream may differ from the "
                           "other regions' (exit %d); not restarted. Rebuild the region: "
                           "`oddsgate aggregate --rebuild`", self.region, code)
                 return
-            log.error("aggregator exited with %s; restarting in %.1fs", code, backoff)
+            log.error("%s exited with %s; restarting in %.1fs", self.what, code, backoff)
             await asyncio.sleep(backoff)
             backoff = min(30.0, backoff * 2)
             try:
                 await self._launch()
                 self.restarts += 1
             except OSError as exc:
-                log.error("aggregator restart failed: %s", exc)
+                log.error("%s restart failed: %s", self.what, exc)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -260,3 +263,15 @@ class WebhookDispatcherService:
             except TimeoutError:
                 self.proc.kill()
                 await self.proc.wait()
+
+
+class StatsService(AggregatorService):
+    """The partner statistics service (`oddsgate stats run`) on a node with OG_STATS=1.
+
+    The aggregator's supervision as is (restart with a growing backoff): a
+    restarted service re-reads what it had not acknowledged and counts
+    nothing twice (attribution/stats_service.py).
+    """
+
+    command = ("stats", "run")
+    what = "statistics service"

@@ -36,6 +36,9 @@ class NodeSettings(EnvSettings):
     webhooks: bool = setting(
         "OG_WEBHOOKS", False, "this node hosts the region's webhook dispatcher (`oddsgate "
         "webhooks run`, supervised; its settings: OG_WEBHOOKS_*)")
+    stats: bool = setting(
+        "OG_STATS", False, "this node runs the partner statistics service (`oddsgate stats "
+        "run`, supervised; its settings: OG_STATS_*)")
     drain_window_ms: int = setting(
         "OG_DRAIN_WINDOW_MS", 500, "drained players get reconnect.after_ms spread over this",
         minimum=0,

@@ -109,6 +109,24 @@ def test_topics_claim_that_is_not_a_list_of_strings_is_refused(topics: object) -
     refused(VERIFIER, signed(good_claims(topics=topics)), "topics")
 
 
+def test_partner_claim_becomes_the_sessions_partner() -> None:
+    claims = VERIFIER.verify(issue_token(SECRET, "u1", "s1", partner="aff_42-x"))
+    assert claims.partner == "aff_42-x"
+    assert claims.allows("stats:aff_42-x") and not claims.allows("stats:aff_43")
+    assert not claims.allows("odds:1:39:1")  # a partner's session is not a player's
+    assert VERIFIER.verify(issue_token(SECRET, "u1", "s1")).partner is None
+
+
+@pytest.mark.parametrize("partner", ["", "a b", "x" * 33, 42, ["p"], "p:1"])
+def test_partner_claim_that_is_not_a_partner_id_is_refused(partner: object) -> None:
+    refused(VERIFIER, signed(good_claims(partner=partner)), "partner")
+
+
+def test_issue_token_refuses_a_bad_partner_id() -> None:
+    with pytest.raises(ValueError, match="partner"):
+        issue_token(SECRET, "u1", "s1", partner="no/slash")
+
+
 @pytest.mark.parametrize("token", ["garbage", "a.b.c", "e30.e30.", "...."])
 def test_malformed_token_is_refused(token: str) -> None:
     refused(VERIFIER, token, "invalid")

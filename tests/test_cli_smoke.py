@@ -105,7 +105,7 @@ def one_line(done: subprocess.CompletedProcess, code: int) -> str:
 
 
 COMMANDS = ["run", "status", "drain", "undrain", "reload", "haproxy-config", "worker", "feed",
-            "aggregate", "providers", "token", "config", "demo"]
+            "aggregate", "providers", "token", "stats", "config", "demo"]
 
 
 def test_help_lists_every_command_and_each_has_its_own(home: Path) -> None:
@@ -148,6 +148,21 @@ def test_token_mints_a_session_token(home: Path) -> None:
     claims = jwt.decode(done.stdout.strip(), SECRET, algorithms=["HS256"])
     assert claims["sub"] == "p1" and claims["exp"] > time.time()
     assert "OG_JWT_SECRET" in one_line(oddsgate(home, "token", "--player", "p1"), 2)
+
+
+def test_token_for_a_partner_carries_the_claim_and_refuses_a_bad_id(home: Path) -> None:
+    done = oddsgate(home, "token", "--partner", "p-42", OG_JWT_SECRET=SECRET)
+    assert done.returncode == 0, done.stderr
+    assert jwt.decode(done.stdout.strip(), SECRET, algorithms=["HS256"])["partner"] == "p-42"
+    line = one_line(oddsgate(home, "token", "--partner", "no/slash", OG_JWT_SECRET=SECRET), 2)
+    assert "--partner" in line
+
+
+def test_stats_run_says_what_is_wrong_in_one_line(home: Path) -> None:
+    assert "OG_REDIS_URL" in one_line(oddsgate(home, "stats", "run"), 2)
+    line = one_line(oddsgate(home, "stats", "run", OG_REDIS_URL="redis://127.0.0.1:1",
+                             OG_STATS_PUBLISH_MS="5"), 2)
+    assert "OG_STATS_PUBLISH_MS" in line
 
 
 def test_feed_publishes_for_its_duration(home: Path, redis_url: str) -> None:

@@ -6,6 +6,7 @@ import pytest
 
 from aggregator.settings import AggregatorSettings
 from attribution.settings import AttributionSettings
+from attribution.stats_service import StatsSettings
 from gateway.config import Settings
 from supervisor.settings import NodeSettings
 from tests.conftest import ROOT
@@ -13,7 +14,7 @@ from webhooks.settings import WebhookSettings
 
 
 @pytest.mark.parametrize("settings", [Settings, NodeSettings, AggregatorSettings,
-                                      AttributionSettings, WebhookSettings],
+                                      AttributionSettings, WebhookSettings, StatsSettings],
                          ids=lambda c: c.__name__)
 def test_every_setting_is_in_the_readme_with_its_default(settings) -> None:
     readme = (ROOT / "README.md").read_text()

@@ -209,6 +209,7 @@ def test_to_dict_is_what_get_v1_topics_serves() -> None:
         "patterns": {
             "market_level": "odds:{sport_id}:{league_id}:{market_id}",
             "league_level": "odds:{sport_id}:{league_id}",
+            "partner_stats": "stats:{partner_id}",
         },
         "sports": [
             {"id": 1, "name": "football", "market_level_leagues": [2, 3, 39, 61, 78, 135, 140]},

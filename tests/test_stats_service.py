@@ -1,0 +1,270 @@
+"""The statistics service against a real Redis (and a real worker at the end).
+
+Exactly once: after redeliveries (records handed out and counted but never
+acknowledged, re-read by the next run) and after a `kill -9` of `oddsgate
+stats run` mid-stream, the stored counts equal a recount of the streams.
+Rows follow time (a sliding window that empties is republished as zeros),
+and a click reaches its partner's session over the WebSocket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import orjson
+import redis.asyncio as aioredis
+from websockets.asyncio.client import connect
+
+from attribution import keys
+from attribution.stats import NS_PER_MINUTE, tally_click, tally_conversion, utc_day
+from attribution.stats_service import StatsService, StatsSettings
+from tests.conftest import ROOT
+from tests.node_harness import start_node
+from tests.test_stats_counting import click, conversion
+from tests.test_stats_topics import _events, _subscribe, partner_token
+
+NOW = (time.time_ns() // NS_PER_MINUTE) * NS_PER_MINUTE + 30 * 10**9
+
+
+def _stream_records(n: int, ts: int) -> list[tuple[str, dict]]:
+    """Clicks of every verdict and conversions of every type for two partners, with
+    repeats of the same ids (a writer that retried its XADD)."""
+    out: list[tuple[str, dict]] = []
+    verdicts = ("ok", "ok", "bot", "duplicate")
+    for i in range(n):
+        partner = "42" if i % 3 else "7"
+        out.append((keys.CLICKS_STREAM, click(verdicts[i % 4], cid=f"k{i}", ts=ts,
+                                              partner=partner, campaign=f"c{i % 4}",
+                                              creative=f"cr{i % 2}")))
+        if i % 5 == 0:
+            kind = ("registration", "ftd", "deposit")[i % 3]
+            record = conversion(kind, None if kind == "registration" else f"{i}.25",
+                                None if kind == "registration" else "EUR", cid=f"v{i}", ts=ts)
+            out.append((keys.CONVERSIONS_STREAM, record))
+    return out + out[:7]  # the same records again
+
+
+def _recount(records: list[tuple[str, dict]]) -> dict[str, dict[str, int]]:
+    """The day's counts per partner, each id once: what the stored counts must equal."""
+    seen: set[str] = set()
+    out: dict[str, dict[str, int]] = {}
+    for stream, record in records:
+        t = tally_click(record) if stream == keys.CLICKS_STREAM else tally_conversion(record)
+        if t is None or t.record_id in seen:
+            continue
+        seen.add(t.record_id)
+        day = out.setdefault(t.partner, {})
+        for name, n in t.increments:
+            day[name] = day.get(name, 0) + n
+    return out
+
+
+async def _append(client: aioredis.Redis, records: list[tuple[str, dict]]) -> None:
+    async with client.pipeline(transaction=False) as pipe:
+        for stream, record in records:
+            pipe.xadd(stream, {keys.RECORD_FIELD: orjson.dumps(record)})
+        await pipe.execute()
+
+
+async def _stored(client: aioredis.Redis, partners, ts: int) -> dict[str, dict[str, int]]:
+    out = {}
+    for partner in partners:
+        raw = await client.hgetall(keys.stats_day_key(partner, utc_day(ts)))
+        out[partner] = {k.decode(): int(v) for k, v in raw.items()}
+    return out
+
+
+async def _all_acknowledged(client: aioredis.Redis) -> bool:
+    for stream in (keys.CLICKS_STREAM, keys.CONVERSIONS_STREAM):
+        if not await client.exists(stream):
+            return False
+        last = (await client.xinfo_stream(stream))["last-generated-id"]
+        groups = {g["name"].decode(): g for g in await client.xinfo_groups(stream)}
+        group = groups.get(keys.STATS_GROUP)
+        if group is None or group["pending"] or group["last-delivered-id"] != last:
+            return False
+    return True
+
+
+async def _until(predicate, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, "condition not met"
+        await asyncio.sleep(0.05)
+
+
+class _LostAck(ConnectionError):
+    pass
+
+
+async def test_redelivered_records_are_counted_exactly_once(redis_url) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    settings = StatsSettings(consumer="c1", publish_ms=50, batch=7)
+    records = _stream_records(120, NOW)
+    try:
+        crashed = StatsService(client, settings, clock=lambda: NOW)
+        await crashed.ensure_groups()
+        await _append(client, records)
+        # A first run counts a batch of each stream, and dies before its XACK.
+        for stream, tally in ((keys.CLICKS_STREAM, tally_click),
+                              (keys.CONVERSIONS_STREAM, tally_conversion)):
+            reply = await client.xreadgroup(keys.STATS_GROUP, "c1", {stream: ">"}, count=20)
+            original = client.xack
+            client.xack = _raise_lost_ack  # type: ignore[method-assign]
+            try:
+                await crashed.count(stream, reply[0][1], tally)
+            except _LostAck:
+                pass
+            finally:
+                client.xack = original  # type: ignore[method-assign]
+        # The next run re-reads those (pending to c1), then the rest.
+        service = StatsService(client, settings, clock=lambda: NOW)
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        await _until(lambda: _all_acknowledged(client))
+        stop.set()
+        await task
+        assert service.malformed == 0
+        assert service.repeats >= 20  # the re-read ones found their ids counted
+        assert await _stored(client, ("42", "7"), NOW) == _recount(records)
+    finally:
+        await client.aclose()
+
+
+async def test_what_a_gone_consumer_left_unacknowledged_is_taken_over(redis_url) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    records = _stream_records(30, NOW)
+    try:
+        service = StatsService(client, StatsSettings(consumer="c1", claim_idle_ms=0),
+                               clock=lambda: NOW)
+        await service.ensure_groups()
+        await _append(client, records)
+        for stream in (keys.CLICKS_STREAM, keys.CONVERSIONS_STREAM):  # handed out, then gone
+            await client.xreadgroup(keys.STATS_GROUP, "retired-node", {stream: ">"}, count=10)
+        stop = asyncio.Event()
+        task = asyncio.create_task(service.run(stop))
+        await _until(lambda: _all_acknowledged(client))
+        stop.set()
+        await task
+        assert await _stored(client, ("42", "7"), NOW) == _recount(records)
+    finally:
+        await client.aclose()
+
+
+async def _raise_lost_ack(*_args, **_kwargs):
+    raise _LostAck("connection lost before XACK")
+
+
+async def test_rows_are_published_and_republished_as_the_windows_slide(redis_url) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    now = [NOW]
+    service = StatsService(client, StatsSettings(consumer="c1"), clock=lambda: now[0])
+    try:
+        await service.ensure_groups()
+        await _append(client, [(keys.CLICKS_STREAM, click("ok", ts=NOW, creative=None))])
+        reply = await client.xreadgroup(keys.STATS_GROUP, "c1", {keys.CLICKS_STREAM: ">"})
+        await service.count(keys.CLICKS_STREAM, reply[0][1], tally_click)
+        assert await service.publish_changes() == 3  # today, 1h, 5m of campaign c7
+        assert await service.publish_changes() == 0  # nothing changed: nothing sent
+        now[0] = NOW + 5 * NS_PER_MINUTE  # the click leaves the 5m window
+        assert await service.publish_changes() == 1
+        latest = await client.hgetall("og:{stats:42}:latest")
+        counters = {k.decode(): orjson.loads(v)["counters"]["clicks"] for k, v in latest.items()}
+        assert counters == {"campaign:c7:today": 1, "campaign:c7:1h": 1, "campaign:c7:5m": 0}
+        # A restarted service knows what the topic holds: it zeroes the 1h row later.
+        restarted = StatsService(client, StatsSettings(consumer="c1"),
+                                 clock=lambda: NOW + 60 * NS_PER_MINUTE)
+        await restarted._load_active()
+        assert await restarted.publish_changes() == 1
+        event = orjson.loads(await client.hget("og:{stats:42}:latest", "campaign:c7:1h"))
+        assert event["counters"]["clicks"] == 0 and event["type"] == "stats"
+    finally:
+        await client.aclose()
+
+
+def _start_stats(redis_url: str, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "OG_REDIS_URL": redis_url, "OG_STATS_CONSUMER": "node-1",
+           "OG_STATS_PUBLISH_MS": "100", "OG_STATS_BATCH": "50", "PYTHONUNBUFFERED": "1"}
+    with open(log_path, "ab") as log_file:
+        return subprocess.Popen([sys.executable, "-m", "supervisor.cli", "stats", "run"],
+                                env=env, cwd=ROOT, stdout=log_file, stderr=subprocess.STDOUT)
+
+
+async def test_a_kill_9_mid_stream_counts_nothing_twice_or_never(redis_url, tmp_path) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    records = _stream_records(3000, NOW)
+    proc = _start_stats(redis_url, tmp_path / "stats.log")
+    try:
+        await _append(client, records[:200])
+        await _until(lambda: _all_acknowledged(client))
+        for start in range(200, len(records), 400):  # keep it busy while it dies
+            await _append(client, records[start:start + 400])
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        assert not await _all_acknowledged(client)  # it died with records left
+        proc = _start_stats(redis_url, tmp_path / "stats.log")
+        await _until(lambda: _all_acknowledged(client), timeout=60)
+        assert await _stored(client, ("42", "7"), NOW) == _recount(records)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        await client.aclose()
+        print((tmp_path / "stats.log").read_text()[-2000:])  # shown when the test fails
+
+
+async def test_a_click_shows_in_its_partners_rows_over_the_websocket(
+        worker, redis_url, tmp_path) -> None:
+    client = aioredis.Redis.from_url(redis_url)
+    proc = _start_stats(redis_url, tmp_path / "stats.log")
+    try:
+        async with connect(worker.url + f"?token={partner_token('42')}") as ws:
+            await ws.recv()
+            frames = await _subscribe(ws, {"stats:42": None})
+            assert frames[1]["type"] == "snapshot"
+            await _append(client, [(keys.CLICKS_STREAM, click("ok", ts=time.time_ns()))])
+            rows_seen: dict[str, dict] = {}
+
+            async def _row_arrived() -> bool:
+                frame = orjson.loads(await ws.recv())
+                for e in _events([frame]):
+                    for event in e.get("markets", [e]) if e["type"] == "snapshot" else [e]:
+                        if event.get("type") == "stats":
+                            rows_seen[event["key"]] = event["counters"]
+                return (rows_seen.get("campaign:c7:today", {}).get("clicks") == 1
+                        and "creative:cr1:5m" in rows_seen)
+
+            await _until(_row_arrived, timeout=20)
+            assert rows_seen["creative:cr1:5m"]["unique_clicks"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        await client.aclose()
+
+
+async def test_a_node_with_og_stats_runs_the_service_and_restarts_it(redis_url, tmp_path) -> None:
+    node = start_node(redis_url, tmp_path / "node", workers=1, OG_STATS="1",
+                      OG_STATS_PUBLISH_MS="100")
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        first = node.status()["services"]["stats"]["pid"]
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        node.wait(lambda: (node.status()["services"]["stats"]["pid"] or first) != first, 20,
+                  "the statistics service restarted")
+        await _append(client, [(keys.CLICKS_STREAM, click("bot", ts=time.time_ns()))])
+
+        async def counted() -> bool:
+            event = await client.hget("og:{stats:42}:latest", "campaign:c7:today")
+            return event is not None and orjson.loads(event)["counters"]["bot_clicks"] == 1
+
+        await _until(counted)
+        assert node.status()["services"]["stats"]["restarts"] == 1
+    finally:
+        await client.aclose()
+        assert node.stop() == 0, node.log_path.read_text()[-3000:]
