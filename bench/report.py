@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from bench.harness import Result
-from bench.scenarios import clicks, failover, shell, spike
+from bench.scenarios import clicks, failover, shell, spike, webhooks
 from bench.systems import NODE
 
 TARGETS = {
@@ -384,6 +384,28 @@ def clicks_lines(results: list[Result]) -> list[str]:
             f"redirect at least {clicks.RATIO_TARGET}; no click lost."]
 
 
+def webhooks_lines(results: list[Result]) -> list[str]:
+    """Conversions to partners' receivers (bench.scenarios.webhooks)."""
+    runs = [r for r in results if r.scenario == webhooks.NAME and r.system == "oddsgate"
+            and r.status in ("ok", "failed")]
+    if not runs:
+        return []
+    rows = ["| partners (failing, hanging) | conversions/s | for | healthy conversions | delivered "
+            "| lost | conversion to 2xx p50 ms | p99 ms | max ms | attempts "
+            "| dispatcher CPU-s per 1,000 attempts |", "|" + "---|" * 11]
+    for r in runs:
+        f = r.figures
+        lat = f.get("latency_ms") or {}
+        rows.append("| " + " | ".join([
+            f"{_num(f.get('partners'))} ({_num(f.get('failing'))}, {_num(f.get('hanging'))})",
+            _num(f.get("rate_per_s")), f"{r.params.get('seconds', 0):g} s",
+            _num(f.get("healthy_conversions")), _num(f.get("delivered_healthy")),
+            _num(f.get("lost")), _num(lat.get("p50"), 1), _num(lat.get("p99"), 1),
+            _num(lat.get("max"), 1), _num(f.get("attempts")),
+            _num(f.get("cpu_s_per_1000_deliveries"), 2)]) + " |")
+    return rows
+
+
 def failover_lines(results: list[Result]) -> list[str]:
     """The regions' failover drill (bench.scenarios.failover) and the aggregator's cost."""
     runs = _pick(results, failover.NAME)
@@ -479,6 +501,29 @@ def target_lines(results: list[Result]) -> list[str]:
                     f"{_num(ms, 1) + ' ms' if ms is not None else 'never'} | "
                     + (_verdict(ms, TARGETS["stalled_to_current_ms"], False)
                        if ms is not None else never) + " |")
+    for r in _pick(results, clicks.NAME):
+        f = r.figures
+        p99 = (f.get("worker_us") or {}).get("p99_us")
+        rows.append(f"| tracking redirect, the worker's own time p99 (clicks storm) | <= 1 ms | "
+                    f"{_num(p99, 1) + ' us' if p99 is not None else '-'} | "
+                    f"{_verdict(None if p99 is None else p99 / 1000, 1.0, False)} |")
+        ratio = f.get("ratio_to_static")
+        rows.append(f"| tracking redirects vs HAProxy's own static redirect (same run) | "
+                    f">= {clicks.RATIO_TARGET}x | {_num(ratio, 2)}x | "
+                    f"{_verdict(ratio, clicks.RATIO_TARGET, True)} |")
+        lost = f.get("clicks_lost")
+        rows.append(f"| clicks lost (redirected but not recorded) | 0 | {_num(lost)} | "
+                    f"{'**met**' if lost == 0 else '**missed**'} |")
+    for r in [r for r in results if r.scenario == webhooks.NAME and r.system == "oddsgate"
+              and r.status in ("ok", "failed")]:
+        f = r.figures
+        p99 = (f.get("latency_ms") or {}).get("p99")
+        rows.append(f"| conversion to webhook p99 (healthy partners, 10% failing or hanging) | "
+                    f"<= 500 ms | {_num(p99, 1) + ' ms' if p99 is not None else '-'} | "
+                    f"{_verdict(p99, 500.0, False)} |")
+        lost = f.get("lost")
+        rows.append(f"| conversions lost (healthy partners' deliveries) | 0 | {_num(lost)} | "
+                    f"{'**met**' if lost == 0 else '**missed**'} |")
     for r in _pick(results, failover.NAME):
         f = r.figures
         p99 = (f.get("resumed_ms") or {}).get("p99")
@@ -595,6 +640,7 @@ def render(machine: dict, params: dict, results: list[Result], mode: str,
         *(["## Drain", "", *drain, ""] if (drain := drain_lines(results)) else []),
         *(["## Player shell", "", *shell, ""] if (shell := shell_lines(results)) else []),
         *(["## Region failover", "", *fo, ""] if (fo := failover_lines(results)) else []),
+        *(["## Partner webhooks", "", *wh, ""] if (wh := webhooks_lines(results)) else []),
         *(["## Tracking-link clicks", "", *cl, ""] if (cl := clicks_lines(results)) else []),
         "## oddsgate against its targets", "", *target_lines(results), "",
         *floor_lines(machine, results), "",

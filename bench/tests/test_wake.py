@@ -257,3 +257,23 @@ def test_the_failover_report_judges_the_p99_and_any_player_left_behind() -> None
     assert "**missed** (2 never resumed)" in "\n".join(target_lines([left]))
     reset = Result("oddsgate", "failover", "ok", figures={**good, "resets": 3})
     assert "**missed** (3 resets)" in "\n".join(target_lines([reset]))
+
+
+def test_the_report_judges_clicks_and_webhooks_against_their_targets() -> None:
+    from bench.report import webhooks_lines
+
+    clicks = Result("oddsgate", "clicks", "ok", figures={
+        "worker_us": {"p50_us": 55.0, "p99_us": 115.0}, "ratio_to_static": 0.18,
+        "clicks_lost": 0, "violations_total": 0})
+    hooks = Result("oddsgate", "webhooks", "ok", params={"seconds": 20.0}, figures={
+        "partners": 50, "failing": 3, "hanging": 2, "rate_per_s": 300,
+        "healthy_conversions": 5400, "delivered_healthy": 5400, "lost": 0, "attempts": 6000,
+        "latency_ms": {"p50": 31.0, "p99": 114.0, "max": 300.0},
+        "cpu_s_per_1000_deliveries": 1.25})
+    lines = "\n".join(target_lines([clicks, hooks]))
+    assert "the worker's own time p99 (clicks storm) | <= 1 ms | 115.0 us | **met** |" in lines
+    assert "| >= 0.3x | 0.18x | **missed**, 1.7x off |" in lines
+    assert "| clicks lost (redirected but not recorded) | 0 | 0 | **met** |" in lines
+    assert "| <= 500 ms | 114.0 ms | **met** |" in lines
+    assert "| 50 (3, 2) | 300 | 20 s | 5,400 | 5,400 | 0 | 31.0 | 114.0 | 300.0 | 6,000 | 1.25 |" \
+        in webhooks_lines([hooks])
