@@ -354,9 +354,19 @@ async def test_helpers(server, browser) -> None:  # noqa: F811
         rates: [lib.conversionRate({unique_clicks: 0, registrations: 3}),
                 lib.conversionRate({unique_clicks: 3, registrations: 1})],
       };
-    }""", [partner_token("p_42"), issue_token(JWT_SECRET, "p", "s", partner="no spaces")])
+    }""", [partner_token("p_42"), _token_with_partner("no spaces")])
     assert (out["good"], out["bad"], out["junk"]) == ("p_42", None, None)
     assert out["keys"] == [{"dimension": "campaign", "name": "c7", "window": "today"},
                            {"dimension": "creative", "name": "v:a", "window": "1h"},
                            None, None, None]
     assert out["rates"] == ["\u2013", "33.3%"]  # an en dash: no rate without clicks
+
+
+def _token_with_partner(partner: str) -> str:
+    """A token whose claim issue_token would refuse to mint: the page must refuse it too."""
+    import time
+
+    import jwt
+
+    return jwt.encode({"sub": "p", "sid": "s", "exp": int(time.time()) + 3600,
+                       "partner": partner}, JWT_SECRET, algorithm="HS256")
