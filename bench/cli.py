@@ -59,7 +59,8 @@ QUICK_LEAVES_OUT = {("steady", "python-socketio"): "the slowest peer; in the ful
                     ("failover", "oddsgate"): "in the full run only (the quick run's 2 minutes)",
                     ("clicks", "oddsgate"): "in the full run only (the quick run's 2 minutes); "
                                             "`--quick --scenario clicks` runs a short one",
-                    ("webhooks", "oddsgate"): "in the full run only (the quick run's 2 minutes)"}
+                    ("webhooks", "oddsgate"): "in the full run only (the quick run's 2 minutes)",
+                    ("stats", "oddsgate"): "in the full run only (the quick run's 2 minutes)"}
 FULL_PLAN = {
     "steady": ["oddsgate", NODE, *PEERS],
     "saturation": ["oddsgate", *PEERS],
@@ -73,6 +74,7 @@ FULL_PLAN = {
     "failover": ["oddsgate"],
     "clicks": ["oddsgate"],
     "webhooks": ["oddsgate"],
+    "stats": ["oddsgate"],
 }
 QUIET_CORES = 0.25  # other work below which `--wait-quiet` starts a run
 QUICK_BUDGET_S = 112

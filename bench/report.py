@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 from bench.harness import Result
-from bench.scenarios import clicks, failover, shell, spike, webhooks
+from bench.scenarios import clicks, failover, shell, spike, stats, webhooks
 from bench.systems import NODE
 
 TARGETS = {
@@ -524,6 +524,11 @@ def target_lines(results: list[Result]) -> list[str]:
         lost = f.get("lost")
         rows.append(f"| conversions lost (healthy partners' deliveries) | 0 | {_num(lost)} | "
                     f"{'**met**' if lost == 0 else '**missed**'} |")
+    for r in _pick(results, stats.NAME):
+        p99 = (r.figures.get("click_to_stats_ms") or {}).get("p99")
+        rows.append(f"| click to its partner's stats row p99 ({r.variant}) | <= 1 s | "
+                    f"{_num(p99, 1) + ' ms' if p99 is not None else '-'} | "
+                    f"{_verdict(p99, stats.TARGET_P99_MS, False)} |")
     for r in _pick(results, failover.NAME):
         f = r.figures
         p99 = (f.get("resumed_ms") or {}).get("p99")

@@ -6,12 +6,12 @@ population (bench.scenarios.session.SESSIONS); `connect`, `subscribe`,
 `run(harness, system)`. All return Results.
 """
 
-from bench.scenarios import clicks, connect, drain, failover, shell, subscribe, webhooks
+from bench.scenarios import clicks, connect, drain, failover, shell, stats, subscribe, webhooks
 from bench.scenarios.session import SESSIONS
 
 SCENARIOS = ["steady", "saturation", "spike", "connect", "subscribe", "drain", "shell",
-             "failover", "clicks", "webhooks"]
+             "failover", "clicks", "webhooks", "stats"]
 STANDALONE = {module.NAME: module.run for module in (connect, subscribe, drain, shell, failover,
-                                                    clicks, webhooks)}
+                                                    clicks, webhooks, stats)}
 
 __all__ = ["SCENARIOS", "SESSIONS", "STANDALONE"]

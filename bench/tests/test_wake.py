@@ -277,3 +277,10 @@ def test_the_report_judges_clicks_and_webhooks_against_their_targets() -> None:
     assert "| <= 500 ms | 114.0 ms | **met** |" in lines
     assert "| 50 (3, 2) | 300 | 20 s | 5,400 | 5,400 | 0 | 31.0 | 114.0 | 300.0 | 6,000 | 1.25 |" \
         in webhooks_lines([hooks])
+
+
+def test_the_report_judges_click_to_stats_against_1_s() -> None:
+    run = Result("oddsgate", "stats", "ok", variant="500 background clicks/s",
+                 figures={"click_to_stats_ms": {"p50": 249.0, "p99": 309.0, "max": 320.0}})
+    assert ("| click to its partner's stats row p99 (500 background clicks/s) | <= 1 s | "
+            "309.0 ms | **met** |") in "\n".join(target_lines([run]))
