@@ -609,7 +609,7 @@ class OddsClient:
             self.errors.append({"type": "client_error", "code": "undecodable_frame",
                                 "message": repr(raw[:200])})
             return
-        if kind == "odds":
+        if kind == "odds" or kind == "stats":
             self._on_event(msg)
         elif kind == "batch":
             self.stats.batches += 1

@@ -169,7 +169,7 @@ class RuleChecker:
     def feed(self, msg: Mapping[str, Any]) -> None:
         """Take one decoded server message, in arrival order."""
         kind = msg.get("type")
-        if kind == "odds":
+        if kind == "odds" or kind == "stats":  # a partner's rows follow the same rules (§12)
             self.feed_event(msg)
         elif kind == "batch":
             for event in msg.get("events") or ():
@@ -196,7 +196,10 @@ class RuleChecker:
             self.feed(msg)
 
     def feed_event(self, event: Event) -> None:
-        """Take one ``odds`` event (already out of its batch).
+        """Take one ``odds`` (or ``stats``) event (already out of its batch).
+
+        A ``stats`` event names its row by ``key`` where an ``odds`` event
+        names its market (PROTOCOL.md §12): the rules are the same.
 
         The hot path of a client: a few dict lookups, no allocation unless
         something is wrong.
@@ -204,7 +207,7 @@ class RuleChecker:
         try:
             topic = event["topic"]
             seq = event["seq"]
-            market = event["market"]
+            market = event["market"] if "market" in event else event["key"]
             epoch = event["epoch"]
         except (KeyError, TypeError):
             self._violate(MALFORMED, str(_get(event, "topic")), f"event lacks a field: {event!r}")
@@ -323,7 +326,7 @@ class RuleChecker:
             )
         fresh: dict[str, Event] = {}
         for event in markets:
-            market = event.get("market")
+            market = event.get("market", event.get("key"))
             ev_seq = event.get("seq")
             if not isinstance(market, str) or not isinstance(ev_seq, int):
                 self._violate(MALFORMED, topic, f"snapshot market lacks a field: {event!r}")
@@ -381,6 +384,11 @@ def _topic_names(topics: Any) -> Iterable[str]:
 
 def _get(msg: Any, key: str) -> Any:
     return msg.get(key) if isinstance(msg, Mapping) else None
+
+
+def _row(event: Event) -> str:
+    """What an event supersedes: its market (odds) or its row's key (stats, §12)."""
+    return event["market"] if "market" in event else event["key"]
 
 
 def _state_of(event: Event) -> dict[str, Any]:
@@ -460,19 +468,19 @@ def verify_coalescing(
             )
             continue
         received_seqs.add(seq)
-        market = event["market"]
+        market = _row(event)
         if seq > newest_received.get(market, -1):
             newest_received[market] = seq
         last_received_state[market] = event
 
     newest_published: dict[str, Event] = {}
     for seq in range(first, last_published + 1):
-        newest_published[by_seq[seq]["market"]] = by_seq[seq]
+        newest_published[_row(by_seq[seq])] = by_seq[seq]
     horizon = last_published if complete else max(received_seqs, default=after_seq)
     for seq in range(first, horizon + 1):
         if seq in received_seqs:
             continue
-        market = by_seq[seq]["market"]
+        market = _row(by_seq[seq])
         if newest_received.get(market, -1) > seq:
             continue
         if not complete and newest_published[market]["seq"] > seq:

@@ -225,3 +225,26 @@ async def test_the_stats_snapshot_over_http_lists_rows_under_markets(worker, pub
     assert status == 200 and snap["type"] == "snapshot" and snap["topic"] == TOPIC
     assert [(e["key"], e["counters"]["clicks"]) for e in snap["markets"]] == \
         [("campaign:c7:1h", 3)]
+
+
+async def test_the_python_client_follows_a_partner_topic_by_its_rules(worker, publisher) -> None:
+    """client.odds reads `stats` events, rows by `key`: snapshot, live rows, a
+    resume after a reconnect, all through the §5 checker."""
+    from client.odds import OddsClient
+
+    await publisher.publish_stats([row("campaign:c7:today", 1), row("creative:cr1:today", 1)])
+    client = OddsClient(worker.url, token=partner_token(), token_in="query")
+    await client.connect()
+    await client.subscribe([TOPIC])
+    await client.wait_synced([TOPIC], timeout=10)
+    assert set(client.topics[TOPIC].markets) == {"campaign:c7:today", "creative:cr1:today"}
+    await publisher.publish_stats([row("campaign:c7:today", 2), row("campaign:c7:5m", 2)])
+    deadline = asyncio.get_running_loop().time() + 10
+    while client.topics[TOPIC].seq < 4:
+        assert asyncio.get_running_loop().time() < deadline, client.topics[TOPIC].seq
+        await asyncio.sleep(0.02)
+    held = client.topics[TOPIC].markets
+    assert held["campaign:c7:today"]["counters"]["clicks"] == 2
+    assert "campaign:c7:5m" in held
+    assert client.violations == [] and client.stats.events == 2
+    await client.close()
