@@ -321,6 +321,8 @@ def run_demo(args: argparse.Namespace) -> int:
     output = StatusOutput(sys.stdout)
     env = {**os.environ, "OG_RUNTIME_DIR": str(runtime), "OG_JWT_SECRET": secret,
            "OG_HAPROXY_BIND": f"127.0.0.1:{args.port}", "PYTHONUNBUFFERED": "1",
+           # the statistics service, so the partner dashboard the header prints is live
+           "OG_STATS": os.environ.get("OG_STATS") or "1",
            **attribution}
     env.pop("OG_REDIS_URL", None)  # the node's own embedded Redis
     node_log = runtime / NODE_LOG

@@ -275,3 +275,6 @@ class StatsService(AggregatorService):
 
     command = ("stats", "run")
     what = "statistics service"
+
+    async def _follow_status(self, interval_s: float = 1.0) -> None:
+        return  # the aggregator's status is the aggregator's (its /metrics collector)

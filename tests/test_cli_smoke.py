@@ -267,6 +267,8 @@ def test_demo(home: Path) -> None:
     assert reports and all("violations=0" in line for line in reports), done.stdout
     # every market is published before the demo's players follow it: no reset
     assert all(" resets=0 " in line for line in reports), done.stdout
+    # the statistics service runs, so the partner dashboard the header prints is live
+    assert "statistics service of region" in (home / "demo" / "node.log").read_text()
 
 
 def test_aggregate_and_providers_say_what_is_wrong_in_one_line(home: Path) -> None:
