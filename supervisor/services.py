@@ -83,31 +83,29 @@ class HAProxyService:
 
 
 
-class AggregatorService:
-    """The region's aggregator (`oddsgate aggregate`) on the node configured to host it.
+class ChildService:
+    """One `oddsgate` subcommand the node runs beside its workers, restarted when it dies.
 
-    Restarted when it dies, with a growing backoff, except after exit 4: a
-    diverged region must stay stopped (its workers fail /healthz, its
-    players go to other regions) until an operator rebuilds it.
+    A growing backoff between restarts (0.5 s doubling to 30 s); `stopped_for_good`
+    says when an exit must not be restarted. Each service names its command and
+    what it is for the log; the region, when given, is passed as OG_REGION.
     """
 
-    command: tuple[str, ...] = ("aggregate",)
-    what = "aggregator"
+    command: tuple[str, ...] = ()
+    what = ""
 
-    def __init__(self, redis_url: str, region: str, log_path: Path | None = None) -> None:
+    def __init__(self, redis_url: str, region: str = "", log_path: Path | None = None) -> None:
         self.redis_url = redis_url
         self.region = region
         self.log_path = log_path
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
-        self.diverged = False
-        # Its latest status (aggregator.service's status key), read every second for
-        # /metrics; `status_at` the monotonic time it was read (0: never).
-        self.status: dict = {}
-        self.status_at = 0.0
         self._watch: asyncio.Task | None = None
-        self._poll: asyncio.Task | None = None
         self._stopping = False
+
+    @property
+    def label(self) -> str:
+        return f"{self.what} of region {self.region}" if self.region else self.what
 
     @property
     def pid(self) -> int | None:
@@ -117,7 +115,9 @@ class AggregatorService:
         import os
         import sys
 
-        env = {**os.environ, "OG_REDIS_URL": self.redis_url, "OG_REGION": self.region}
+        env = {**os.environ, "OG_REDIS_URL": self.redis_url}
+        if self.region:
+            env["OG_REGION"] = self.region
         out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
         try:
             self.proc = await asyncio.create_subprocess_exec(
@@ -126,12 +126,78 @@ class AggregatorService:
         finally:
             if out is not None:
                 out.close()
-        log.info("%s of region %s started (pid %d)", self.what, self.region, self.proc.pid)
+        log.info("%s started (pid %d)", self.label, self.proc.pid)
 
     async def start(self) -> None:
         await self._launch()
         self._watch = asyncio.create_task(self._supervise())
+
+    def stopped_for_good(self, code: int) -> bool:
+        """Whether exit `code` ends this service until an operator acts (never, by default)."""
+        return False
+
+    async def _supervise(self) -> None:
+        backoff = 0.5
+        while not self._stopping and self.proc is not None:
+            code = await self.proc.wait()
+            if self._stopping or self.stopped_for_good(code):
+                return
+            log.error("%s exited with %s; restarting in %.1fs", self.label, code, backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(30.0, backoff * 2)
+            try:
+                await self._launch()
+                self.restarts += 1
+            except OSError as exc:
+                log.error("%s restart failed: %s", self.label, exc)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        if self._watch is not None:
+            self._watch.cancel()
+        if self.proc is not None and self.proc.returncode is None:
+            self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 10)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
+
+
+class AggregatorService(ChildService):
+    """The region's aggregator (`oddsgate aggregate`) on the node configured to host it.
+
+    Restarted when it dies, with a growing backoff, except after exit 4: a
+    diverged region must stay stopped (its workers fail /healthz, its
+    players go to other regions) until an operator rebuilds it.
+    """
+
+    command = ("aggregate",)
+    what = "aggregator"
+
+    def __init__(self, redis_url: str, region: str, log_path: Path | None = None) -> None:
+        super().__init__(redis_url, region, log_path)
+        self.diverged = False
+        # Its latest status (aggregator.service's status key), read every second for
+        # /metrics; `status_at` the monotonic time it was read (0: never).
+        self.status: dict = {}
+        self.status_at = 0.0
+        self._poll: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await super().start()
         self._poll = asyncio.create_task(self._follow_status())
+
+    def stopped_for_good(self, code: int) -> bool:
+        from aggregator.service import EXIT_DIVERGED
+
+        if code != EXIT_DIVERGED:
+            return False
+        self.diverged = True
+        log.error("aggregator of region %s stopped: its stream may differ from the "
+                  "other regions' (exit %d); not restarted. Rebuild the region: "
+                  "`oddsgate aggregate --rebuild`", self.region, code)
+        return True
 
     async def _follow_status(self, interval_s: float = 1.0) -> None:
         import time
@@ -160,44 +226,13 @@ class AggregatorService:
         finally:
             await client.aclose()
 
-    async def _supervise(self) -> None:
-        from aggregator.service import EXIT_DIVERGED
-
-        backoff = 0.5
-        while not self._stopping and self.proc is not None:
-            code = await self.proc.wait()
-            if self._stopping:
-                return
-            if code == EXIT_DIVERGED and self.command == AggregatorService.command:
-                self.diverged = True
-                log.error("aggregator of region %s stopped: its stream may differ from the "
-                          "other regions' (exit %d); not restarted. Rebuild the region: "
-                          "`oddsgate aggregate --rebuild`", self.region, code)
-                return
-            log.error("%s exited with %s; restarting in %.1fs", self.what, code, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(30.0, backoff * 2)
-            try:
-                await self._launch()
-                self.restarts += 1
-            except OSError as exc:
-                log.error("%s restart failed: %s", self.what, exc)
-
     async def stop(self) -> None:
-        self._stopping = True
-        for task in (self._watch, self._poll):
-            if task is not None:
-                task.cancel()
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        if self._poll is not None:
+            self._poll.cancel()
+        await super().stop()
 
 
-class WebhookDispatcherService:
+class WebhookDispatcherService(ChildService):
     """The region's webhook dispatcher (`oddsgate webhooks run`) on the node set to host it.
 
     Restarted when it dies, with a growing backoff. A kill loses nothing:
@@ -206,75 +241,19 @@ class WebhookDispatcherService:
     without enqueueing is still pending in its consumer group.
     """
 
+    command = ("webhooks", "run")
+    what = "webhook dispatcher"
+
     def __init__(self, redis_url: str, log_path: Path | None = None) -> None:
-        self.redis_url = redis_url
-        self.log_path = log_path
-        self.proc: asyncio.subprocess.Process | None = None
-        self.restarts = 0
-        self._watch: asyncio.Task | None = None
-        self._stopping = False
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None and self.proc.returncode is None else None
-
-    async def _launch(self) -> None:
-        import os
-        import sys
-
-        env = {**os.environ, "OG_REDIS_URL": self.redis_url}
-        out = open(self.log_path, "ab") if self.log_path else None  # noqa: SIM115
-        try:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "supervisor.cli", "webhooks", "run", env=env,
-                stdout=out, stderr=asyncio.subprocess.STDOUT if out else None)
-        finally:
-            if out is not None:
-                out.close()
-        log.info("webhook dispatcher started (pid %d)", self.proc.pid)
-
-    async def start(self) -> None:
-        await self._launch()
-        self._watch = asyncio.create_task(self._supervise())
-
-    async def _supervise(self) -> None:
-        backoff = 0.5
-        while not self._stopping and self.proc is not None:
-            code = await self.proc.wait()
-            if self._stopping:
-                return
-            log.error("webhook dispatcher exited with %s; restarting in %.1fs", code, backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(30.0, backoff * 2)
-            try:
-                await self._launch()
-                self.restarts += 1
-            except OSError as exc:
-                log.error("webhook dispatcher restart failed: %s", exc)
-
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._watch is not None:
-            self._watch.cancel()
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            try:
-                await asyncio.wait_for(self.proc.wait(), 10)
-            except TimeoutError:
-                self.proc.kill()
-                await self.proc.wait()
+        super().__init__(redis_url, "", log_path)
 
 
-class StatsService(AggregatorService):
+class StatsService(ChildService):
     """The partner statistics service (`oddsgate stats run`) on a node with OG_STATS=1.
 
-    The aggregator's supervision as is (restart with a growing backoff): a
-    restarted service re-reads what it had not acknowledged and counts
-    nothing twice (attribution/stats_service.py).
+    Restarted with a growing backoff: a restarted service re-reads what it had
+    not acknowledged and counts nothing twice (attribution/stats_service.py).
     """
 
     command = ("stats", "run")
     what = "statistics service"
-
-    async def _follow_status(self, interval_s: float = 1.0) -> None:
-        return  # the aggregator's status is the aggregator's (its /metrics collector)
