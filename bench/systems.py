@@ -85,19 +85,23 @@ class Server:
         return "\n".join(out)
 
 
-def wait_http(port: int, proc: subprocess.Popen, server: Server, path: str = "/healthz",
+def wait_http(port: int, proc: subprocess.Popen, server: Server | None, path: str = "/healthz",
               timeout: float = START_TIMEOUT_S) -> None:
+    """Until `path` answers 200; `server` (when given) names the log to quote on failure."""
+    def tail() -> str:
+        return f":\n{server.log_tail()}" if server is not None else ""
+
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}:\n{server.log_tail()}")
+            raise RuntimeError(f"exited with {proc.returncode}{tail()}")
         try:
             with urllib.request.urlopen(f"http://{LOOPBACK}:{port}{path}", timeout=1) as resp:
                 if resp.status == 200:
                     return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError(f"not healthy within {timeout:.0f}s:\n{server.log_tail()}")
+    raise RuntimeError(f"not healthy within {timeout:.0f}s{tail()}")
 
 
 def wait_tcp(port: int, proc: subprocess.Popen, server: Server,

@@ -34,7 +34,7 @@ from attribution import keys
 from attribution.link_store import LinkStore
 from attribution.links import Link
 from bench.harness import Harness, Result, cpu_seconds
-from bench.systems import System
+from bench.systems import System, wait_http
 from supervisor.embedded_redis import free_port, free_port_range
 
 NAME = "clicks"
@@ -139,23 +139,6 @@ def _ms(values: list[float], q: float) -> float | None:
     return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 2)
 
 
-def _wait_healthy(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("not healthy in time")
-
-
 def _timing(port: int) -> dict:
     import urllib.request
 
@@ -190,7 +173,7 @@ def run(h: Harness, system: System) -> list[Result]:
         static = subprocess.Popen(["haproxy", "-db", "-f", str(run_dir / "static.cfg")],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            _wait_healthy(frontend, node)
+            wait_http(frontend, node, None, timeout=30.0)
             time.sleep(1.0)  # HAProxy's rise checks, the worker's link cache
             workers = [p for p in psutil.Process(node.pid).children(recursive=True)
                        if "worker" in " ".join(p.cmdline())]
