@@ -132,6 +132,7 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         raise_fd_limit(self.n, self.settings.connections_per_worker)
+        started: list = []  # services up, stopped here if the node fails before shutdown()
         try:
             await self.agent.start()
             await self.control.start()
@@ -139,6 +140,7 @@ class Supervisor:
                 await self._spawn(worker)
             for service in self.extra_services:
                 await service.start()
+                started.append(service)
             log.info("node up: %d workers on ports %d-%d, agent :%d, control %s", self.n,
                      self.settings.base_port, self.settings.base_port + self.n - 1,
                      self.settings.agent_port, self.control.path)
@@ -148,6 +150,12 @@ class Supervisor:
             monitor.cancel()
             return 1 if self.gave_up else 0
         finally:
+            if not self.stopping:
+                # A service that failed to start (HAProxy refusing its config, say) must
+                # not leave the ones before it running, orphaned, after the node exits.
+                for service in reversed(started):
+                    with contextlib.suppress(Exception):
+                        await service.stop()
             await self._kill_all()
             await self.control.stop()
             await self.agent.stop()

@@ -358,3 +358,37 @@ async def test_region_drain_sends_every_player_to_another_region(redis_server,
     status_code = (await asyncio.to_thread(http_get, healthz))[0]
     assert status_code == 503  # no worker takes players: a global balancer moves away
     assert small.stop() == 0
+
+
+def test_a_node_whose_haproxy_cannot_start_leaves_no_service_running(redis_server,
+                                                                     tmp_path) -> None:
+    """Regression: the aggregator (started before HAProxy) outlived a node whose HAProxy
+    failed to start, an orphan retrying Redis for hours."""
+    import psutil
+
+    from supervisor.embedded_redis import free_port_range as ports
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    runtime = tmp_path / "failing"
+    base = ports(1)
+    env = {**os.environ, "OG_RUNTIME_DIR": str(runtime), "OG_REDIS_URL": redis_server.url,
+           "OG_JWT_SECRET": "x" * 32, "OG_WORKERS": "1", "OG_BASE_PORT": str(base),
+           "OG_AGENT_PORT": str(ports(1)), "OG_METRICS_PORT": "0", "OG_AGGREGATE": "1",
+           "OG_HAPROXY_BIND": f"127.0.0.1:{taken.getsockname()[1]}"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "supervisor.cli", "run", "--haproxy"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=90)
+    finally:
+        taken.close()
+    assert proc.returncode != 0
+    left = []
+    for p in psutil.process_iter(["cmdline", "environ"]):
+        try:
+            if "aggregate" in (p.info["cmdline"] or []) and \
+                    (p.info["environ"] or {}).get("OG_RUNTIME_DIR") == str(runtime):
+                left.append(p.pid)
+        except psutil.Error:
+            continue
+    assert left == [], f"aggregator processes left running: {left}"
