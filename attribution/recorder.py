@@ -51,13 +51,18 @@ class ClickRecorder:
 
     async def record(self, click: Click) -> str:
         """The click's verdict once it is in og:clicks; ClickNotRecorded otherwise."""
+        return await self.submit(click)
+
+    def submit(self, click: Click) -> asyncio.Future[str]:
+        """`record` without a coroutine: the future of the click's verdict, for a
+        caller that answers from a callback (gateway/clicklistener.py)."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[str] = loop.create_future()
         self._pending.append((click, fut))
         if not self._scheduled:
             self._scheduled = True
             loop.call_soon(self._start_batch)
-        return await fut
+        return fut
 
     def _start_batch(self) -> None:
         self._scheduled = False

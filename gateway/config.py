@@ -92,6 +92,10 @@ class EnvSettings:
 class Settings(EnvSettings):
     host: str = setting("OG_HOST", "127.0.0.1", "address the worker listens on")
     port: int = setting("OG_PORT", 8001, "port the worker listens on", minimum=0)
+    click_port: int = setting(
+        "OG_CLICK_PORT", 0, "port of the worker's click listener (`GET /t/{code}` only, "
+        "kept-alive HTTP/1.1; HAProxy sends /t/ there); 0: none, /t/ on OG_PORT only (set by "
+        "the supervisor from OG_CLICK_BASE_PORT)", minimum=0)
     redis_url: str = setting(
         "OG_REDIS_URL", "", "Redis URL (redis://, rediss://, unix://); empty: embedded Redis"
     )
@@ -297,6 +301,10 @@ class Settings(EnvSettings):
             )
         if self.port > 65535:
             raise ConfigError(f"OG_PORT={self.port}: not a port")
+        if self.click_port > 65535:
+            raise ConfigError(f"OG_CLICK_PORT={self.click_port}: not a port")
+        if self.click_port and self.click_port == self.port:
+            raise ConfigError(f"OG_CLICK_PORT={self.click_port}: the same as OG_PORT")
         try:
             ws_origins(self.shell_connect_src)
         except ValueError as exc:

@@ -37,6 +37,7 @@ from gateway.auth import Claims, TokenVerifier
 from gateway.breaker import Breaker
 from gateway.broker import RedisBroker
 from gateway.channel import TopicChannel
+from gateway.clicklistener import ClickListener
 from gateway.config import Settings
 from gateway.counters import WorkerCounters
 from gateway.errors import Ending, ProtocolError, close_for_exception
@@ -253,6 +254,11 @@ class Worker:
                                  accepting=lambda: self.accepting,
                                  draining=lambda: self.draining,
                                  region_fresh=lambda: self.region_fresh)
+        # GET /t/{code} on its own port, kept alive (gateway/clicklistener.py); None: off
+        self.clicks: ClickListener | None = None
+        if settings.click_port:
+            self.clicks = ClickListener(self.routes.attribution.tracking,
+                                        draining=lambda: self.draining or self.stopping)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -281,6 +287,9 @@ class Worker:
             create_connection=self._create_connection,
         )
         self.routes.attribution.start()  # follows og:links for /t/ (attribution/linksync.py)
+        if self.clicks is not None:
+            await self.clicks.start(s.host, s.click_port, reuse_port=s.reuse_port,
+                                    backlog=s.listen_backlog)
         self._watch_task = asyncio.create_task(self._watch_pressure())
         self._heartbeat_task = asyncio.create_task(self.liveness.heartbeat())
         if s.region_stale_after_ms > 0:
@@ -362,9 +371,11 @@ class Worker:
         """
         ending = {"restart": Ending.RETIRE, "region_drain": Ending.REGION_DRAIN}.get(
             reason, Ending.DRAIN)
-        if self.liveness.begin_drain(window_ms, settle_ms, ending) and stop_listening \
-                and self.server is not None:
-            self.server.server.close()  # the asyncio listener only; players stay
+        if self.liveness.begin_drain(window_ms, settle_ms, ending) and stop_listening:
+            if self.server is not None:
+                self.server.server.close()  # the asyncio listener only; players stay
+            if self.clicks is not None:
+                self.clicks.stop_listening()  # HAProxy's open connections are served on
 
     def end_drain(self) -> None:
         self.liveness.end_drain()
@@ -376,6 +387,8 @@ class Worker:
         not is cut off rather than holding the process up.
         """
         self.stopping = True
+        if self.clicks is not None:
+            await self.clicks.close(grace_s)  # the clicks in flight get their answers
         if self.server is not None:
             self.server.close(close_connections=False)
             connections = list(self.server.connections)

@@ -43,8 +43,10 @@ async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) ->
             log.error("worker %d cannot listen on %s:%d: %s", settings.worker_index,
                       settings.host, settings.port, exc.strerror or exc)
             return 1
-        log.info("worker %d listening on %s:%d (redis %s)", settings.worker_index,
-                 settings.host, worker.port, settings.redis_url)
+        log.info("worker %d listening on %s:%d%s (redis %s)", settings.worker_index,
+                 settings.host, worker.port,
+                 f", clicks on :{worker.clicks.port}" if worker.clicks is not None else "",
+                 settings.redis_url)
         await stop.wait()
         log.info("worker %d stopping", settings.worker_index)
         await worker.stop()
