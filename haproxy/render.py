@@ -20,6 +20,7 @@ from haproxy.settings import HAProxySettings, address
 
 TEMPLATE_PATH = Path(__file__).resolve().parent / "oddsgate.cfg.tmpl"
 BACKEND = "gateway"  # the template's backend: the one whose servers are the workers
+CLICKS_BACKEND = "clicks"  # the workers' click listeners, for /t/ (gateway/clicklistener.py)
 
 # The request URI with the value of every `token=` / `og_session=` query
 # parameter (any case, `;` or `&` separated, a name with %-escapes too)
@@ -68,6 +69,14 @@ def server_lines(settings: HAProxySettings) -> list[str]:
     return lines
 
 
+def click_server_lines(settings: HAProxySettings) -> list[str]:
+    """One `server` line per click listener, tracking its worker's server in `gateway`:
+    UP, DOWN and the agent's DRAIN are the worker's (no check of its own)."""
+    return [f"    server {s.name} {address(s.host, s.port)} id {s.id} "
+            f"track {BACKEND}/{settings.tracks(s)}"
+            for s in settings.click_servers()]
+
+
 def load_template(path: str | os.PathLike[str] | None = None) -> str:
     """The template's text; the default is the one shipped in this package."""
     template_path = Path(path) if path is not None else TEMPLATE_PATH
@@ -108,6 +117,10 @@ def render(settings: HAProxySettings, template: str | None = None) -> str:
         "server_maxconn": (f" maxconn {settings.server_maxconn}"
                            if settings.server_maxconn is not None else ""),
         "servers": "\n".join(server_lines(settings)),
+        "click_route": (f"use_backend {CLICKS_BACKEND} if {{ path_beg /t/ }}" if settings.clicks
+                        else "# no click listeners: /t/ goes to the gateway backend"),
+        "click_servers": "\n".join(click_server_lines(settings)) if settings.clicks
+        else "    # none: /t/ goes to the gateway backend",
         "worker_count": str(sum(1 for _ in settings.servers())),
     }
     try:

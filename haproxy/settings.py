@@ -38,6 +38,14 @@ class NodeTarget:
     workers: int
     agent_port: int
     number: int
+    #: worker i's click listener on click_base_port + i; None: the node's default,
+    #: right after its worker ports (OG_CLICK_BASE_PORT unset)
+    click_base_port: int | None = None
+
+    @property
+    def click_base(self) -> int:
+        return self.click_base_port if self.click_base_port is not None \
+            else self.base_port + self.workers
 
     @classmethod
     def parse(cls, text: str) -> NodeTarget:
@@ -64,6 +72,7 @@ class NodeTarget:
                 or not 1 <= self.workers < NODE_ID_STRIDE:
             raise ValueError(f"node {self.name}: workers={self.workers!r}, need 1-999")
         _check_port(f"node {self.name} last worker port", self.base_port + self.workers - 1)
+        _check_port(f"node {self.name} last click port", self.click_base + self.workers - 1)
         if isinstance(self.number, bool) or not isinstance(self.number, int) \
                 or not 1 <= self.number <= 64:
             raise ValueError(f"node {self.name}: number={self.number!r}, need 1-64")
@@ -114,6 +123,9 @@ class HAProxySettings:
     state_file: str | None = None
     #: several nodes behind this HAProxy; empty: the one node of worker_* and agent_*
     nodes: list[NodeTarget] = field(default_factory=list)
+    #: worker i's click listener (`/t/` only, kept alive) on worker_host:click_ports[i];
+    #: empty: no click listeners, /t/ goes to the workers' own ports like everything else
+    click_ports: list[int] = field(default_factory=list)
 
     def servers(self) -> Iterator[Server]:
         """Every worker HAProxy balances over, with its fixed id and its agent."""
@@ -127,6 +139,29 @@ class HAProxySettings:
                              node.number * NODE_ID_STRIDE + i + 1, f"w{i}",
                              node.host, node.agent_port)
 
+    def click_servers(self) -> Iterator[Server]:
+        """Every worker's click listener: named `c<i>` (`<node>-c<i>`), tracking the
+        worker's server `w<i>` (`tracks`) for its health and its agent's drain."""
+        if not self.nodes:
+            for i, port in enumerate(self.click_ports):
+                yield Server(f"c{i}", self.worker_host, port, i + 1, f"w{i}")
+            return
+        for node in self.nodes:
+            for i in range(node.workers):
+                yield Server(f"{node.name}-c{i}", node.host, node.click_base + i,
+                             node.number * NODE_ID_STRIDE + i + 1, f"w{i}",
+                             node.host, node.agent_port)
+
+    @staticmethod
+    def tracks(click: Server) -> str:
+        """The worker server a click server follows (same node, same index)."""
+        return click.name[:-len(click.agent_name)] + click.agent_name
+
+    @property
+    def clicks(self) -> bool:
+        """Whether /t/ goes to the click listeners."""
+        return bool(self.nodes) or bool(self.click_ports)
+
     @classmethod
     def for_nodes(cls, nodes: list[NodeTarget], **kwargs: object) -> HAProxySettings:
         """Settings for HAProxy in front of several nodes (the first one's agent is the
@@ -139,11 +174,16 @@ class HAProxySettings:
                    agent_host=first.host, agent_port=first.agent_port, **kwargs)  # type: ignore[arg-type]
 
     @classmethod
-    def for_workers(cls, workers: int, base_port: int, **kwargs: object) -> HAProxySettings:
-        """Settings for `workers` workers on consecutive ports from `base_port`."""
+    def for_workers(cls, workers: int, base_port: int, click_base_port: int | None = None,
+                    **kwargs: object) -> HAProxySettings:
+        """Settings for `workers` workers on consecutive ports from `base_port`, their
+        click listeners from `click_base_port` (None: right after the worker ports, the
+        node's default)."""
         if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers={workers!r}: need at least one worker")
-        return cls(worker_ports=[base_port + i for i in range(workers)], **kwargs)  # type: ignore[arg-type]
+        clicks = base_port + workers if click_base_port is None else click_base_port
+        return cls(worker_ports=[base_port + i for i in range(workers)],  # type: ignore[arg-type]
+                   click_ports=[clicks + i for i in range(workers)], **kwargs)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field; render() calls this."""
@@ -157,7 +197,16 @@ class HAProxySettings:
             _check_port(f"worker_ports[{i}]", port)
         if len(set(self.worker_ports)) != len(self.worker_ports):
             raise ValueError(f"worker_ports: duplicates in {list(self.worker_ports)}")
-        taken = set(self.worker_ports)
+        if self.click_ports:
+            if len(self.click_ports) != len(self.worker_ports):
+                raise ValueError(f"click_ports: {len(self.click_ports)} for "
+                                 f"{len(self.worker_ports)} workers")
+            for i, port in enumerate(self.click_ports):
+                _check_port(f"click_ports[{i}]", port)
+                if port in self.worker_ports or self.click_ports.index(port) != i:
+                    raise ValueError(f"click_ports[{i}]={port}: already used by a worker "
+                                     "or another click listener")
+        taken = set(self.worker_ports) | set(self.click_ports)
         for name in ("bind_port", "agent_port"):
             port = getattr(self, name)
             if port in taken:
@@ -192,6 +241,7 @@ class HAProxySettings:
             names.add(node.name)
             numbers.add(node.number)
             for port in [*range(node.base_port, node.base_port + node.workers),
+                         *range(node.click_base, node.click_base + node.workers),
                          node.agent_port]:
                 if (node.host, port) in endpoints:
                     raise ValueError(f"node {node.name}: {address(node.host, port)} used twice")

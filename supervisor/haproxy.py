@@ -54,7 +54,7 @@ import psutil
 
 from haproxy.check import check, find_haproxy
 from haproxy.errors import HAProxyConfigError, HAProxyError
-from haproxy.render import BACKEND, render, server_name
+from haproxy.render import BACKEND, CLICKS_BACKEND, render, server_name
 from haproxy.settings import HAProxySettings, address, check_path
 from supervisor.children import ChildRegistry
 from supervisor.private import open_log, private_dir, stage_file, write_private
@@ -443,8 +443,10 @@ class HAProxyProcess:
         except HAProxyError as exc:
             log.warning("no server state carried over the reload: %s", exc)
             dump = _STATE_VERSION_LINE
-        wanted = {server_name(i): (settings.worker_host, str(port))
+        wanted = {(BACKEND, server_name(i)): (settings.worker_host, str(port))
                   for i, port in enumerate(settings.worker_ports)}
+        wanted.update({(CLICKS_BACKEND, s.name): (s.host, str(s.port))
+                       for s in settings.click_servers()})
         kept = []
         for line in dump.splitlines():
             parts = line.split()
@@ -452,7 +454,8 @@ class HAProxyProcess:
                 kept.append(line)  # version line, header, blank
                 continue
             backend, name, addr, port = parts[1], parts[3], parts[4], parts[18]
-            if backend != BACKEND or wanted.get(name) == (addr, port):
+            if backend not in (BACKEND, CLICKS_BACKEND) \
+                    or wanted.get((backend, name)) == (addr, port):
                 kept.append(line)
         text = "\n".join(kept).strip() + "\n"
         write_private(settings.state_file, text if text.strip() else _STATE_VERSION_LINE)

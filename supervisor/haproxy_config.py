@@ -55,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of gateway workers (default: CPU count)")
     parser.add_argument("--base-port", type=int, default=node.base_port,
                         help="port of worker 0; worker i listens on base + i")
+    parser.add_argument("--click-base-port", type=int,
+                        help="port of worker 0's click listener (GET /t/); worker i's is "
+                        "this + i (default: right after the worker ports, as a node does)")
     parser.add_argument("--worker-host", default="127.0.0.1", help="address workers listen on")
     parser.add_argument("--bind", type=_host_port, default=node.bind,
                         metavar="HOST:PORT", help="where players connect")
@@ -73,7 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--node", action="append", type=_node, metavar="NAME=HOST:BASE:N:AGENT:NUM",
                         help="a node behind this HAProxy (repeat for each; its workers on "
                         "BASE..BASE+N-1, its agent on AGENT, NUM 1-64 fixing its place on the "
-                        "hash ring); replaces --workers/--base-port/--worker-host/--agent-*")
+                        "hash ring; its click listeners right after its worker ports); replaces "
+                        "--workers/--base-port/--click-base-port/--worker-host/--agent-*")
     parser.add_argument("--output", "-o", help="write to FILE instead of stdout")
     parser.add_argument("--check", action="store_true", help="run `haproxy -c` on the result")
     parser.add_argument("--haproxy", help="haproxy binary for --check")
@@ -99,7 +103,8 @@ def run(args: argparse.Namespace) -> int:
             settings = HAProxySettings.for_nodes(args.node, **common)
         else:
             settings = HAProxySettings.for_workers(
-                args.workers, args.base_port, worker_host=args.worker_host,
+                args.workers, args.base_port, args.click_base_port,
+                worker_host=args.worker_host,
                 agent_host=args.agent_host, agent_port=args.agent_port, **common)
         text = render(settings)
         if args.check:

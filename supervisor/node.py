@@ -87,6 +87,7 @@ class Incarnation:
 class WorkerHandle:
     index: int
     port: int
+    click_port: int  # its click listener's (gateway/clicklistener.py)
     current: Incarnation | None = None
     retired: list[Incarnation] = field(default_factory=list)
     phase: Phase = Phase.STARTING
@@ -114,7 +115,8 @@ class Supervisor:
         self.n = settings.worker_count
         self.table = FleetTable.create(2 * self.n)
         self.breaker = breaker or Breaker()  # the node's; see decide_breaker
-        self.workers = [WorkerHandle(i, settings.base_port + i) for i in range(self.n)]
+        self.workers = [WorkerHandle(i, settings.base_port + i, settings.click_ports[i])
+                        for i in range(self.n)]
         self.agent = AgentServer("127.0.0.1", settings.agent_port, self.agent_reply)
         self.control = ControlServer(runtime_dir / "control.sock", self.handle_command)
         self.stopping = False
@@ -191,6 +193,7 @@ class Supervisor:
             **os.environ,
             **self.worker_env,
             "OG_PORT": str(worker.port),
+            "OG_CLICK_PORT": str(worker.click_port),
             "OG_WORKER_INDEX": str(worker.index),
             "OG_FLEET": self.table.name,
             "OG_FLEET_SLOT": str(slot),

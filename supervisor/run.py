@@ -31,7 +31,7 @@ log = logging.getLogger("oddsgate.run")
 def haproxy_settings(node: NodeSettings, runtime, log_format: str = "text") -> HAProxySettings:
     host, port = node.bind
     return HAProxySettings.for_workers(
-        node.worker_count, node.base_port, bind_host=host, bind_port=port,
+        node.worker_count, node.base_port, node.click_ports[0], bind_host=host, bind_port=port,
         agent_port=node.agent_port, stats_socket=str(runtime / STATS_SOCKET_NAME),
         log_format=log_format,
     )

@@ -21,6 +21,11 @@ class NodeSettings(EnvSettings):
     base_port: int = setting(
         "OG_BASE_PORT", 8001, "worker i listens on base port + i", minimum=1
     )
+    click_base_port: int = setting(
+        "OG_CLICK_BASE_PORT", 0, "worker i's click listener (`GET /t/{code}`, where HAProxy "
+        "sends tracking links) listens on this + i; 0: right after the worker ports "
+        "(OG_BASE_PORT + workers + i)", minimum=0
+    )
     haproxy: bool = setting("OG_HAPROXY", False, "start and supervise HAProxy in front")
     haproxy_bind: str = setting("OG_HAPROXY_BIND", "127.0.0.1:8000", "HAProxy frontend address")
     agent_port: int = setting(
@@ -106,10 +111,25 @@ class NodeSettings(EnvSettings):
             raise ConfigError(f"OG_HAPROXY_BIND={self.haproxy_bind!r}: expected HOST:PORT")
         if self.base_port + self.worker_count > 65536:
             raise ConfigError("OG_BASE_PORT + workers goes past port 65535")
+        clicks = self.click_ports
+        if clicks[-1] > 65535:
+            raise ConfigError("the click listeners (OG_CLICK_BASE_PORT + workers) go past "
+                              "port 65535")
+        workers = range(self.base_port, self.base_port + self.worker_count)
+        for port in clicks:
+            if port in workers or port in (self.agent_port, self.metrics_port):
+                raise ConfigError(f"OG_CLICK_BASE_PORT: click listener port {port} is taken "
+                                  "by a worker, the agent or /metrics")
 
     @property
     def worker_count(self) -> int:
         return self.workers or len(os.sched_getaffinity(0))
+
+    @property
+    def click_ports(self) -> list[int]:
+        """Worker i's click listener port, at index i."""
+        base = self.click_base_port or self.base_port + self.worker_count
+        return [base + i for i in range(self.worker_count)]
 
     @property
     def bind(self) -> tuple[str, int]:

@@ -14,6 +14,8 @@ import orjson
 
 from supervisor.control import request
 from supervisor.embedded_redis import free_port, free_port_range
+from supervisor.haproxy import _unix_command
+from supervisor.haproxy_config import STATS_SOCKET_NAME
 from tests.conftest import JWT_SECRET, ROOT, http_get
 
 
@@ -88,6 +90,14 @@ class Node:
         except (ConnectionError, OSError):
             return {}
 
+    def haproxy_stat(self, backend: str) -> dict[str, dict[str, str]]:
+        """`show stat` of one backend, from HAProxy's stats socket: server name (and
+        BACKEND) -> its columns (`status`, `stot`, `reuse`, ...)."""
+        lines = _unix_command(self.runtime / STATS_SOCKET_NAME, "show stat", 5.0).splitlines()
+        columns = lines[0][2:].split(",")
+        rows = [dict(zip(columns, line.split(","), strict=False)) for line in lines[1:] if line]
+        return {row["svname"]: row for row in rows if row.get("pxname") == backend}
+
     def stop(self, timeout: float = 30.0) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -103,7 +113,7 @@ def start_node(redis_url: str, runtime: Path, workers: int = 2, *,
                frontend_port: int | None = None, **env: str) -> Node:
     """`frontend_port`: HAProxy's, e.g. to bring a node back where players knew it."""
     frontend, agent, metrics = frontend_port or free_port(), free_port(), free_port()
-    base = free_port_range(workers)
+    base = free_port_range(2 * workers)  # the workers', then their click listeners' ports
     runtime.mkdir(parents=True, exist_ok=True)
     log_path = runtime / "node.log"
     full_env = {

@@ -3,6 +3,8 @@
 The storm's client keeps every click id it was redirected with (from
 `Location`); after a worker is killed mid-storm, each of them must be in
 `og:clicks`: a 302 leaves only once its click is recorded (PROTOCOL.md §9).
+The clicks go through HAProxy's `clicks` backend to the workers' click
+listeners (gateway/clicklistener.py), over connections HAProxy keeps alive.
 """
 
 from __future__ import annotations
@@ -74,12 +76,14 @@ async def test_kill_9_during_a_click_storm_loses_no_redirected_click(redis_serve
         victim = node.worker_pids()[0]
         os.kill(victim, signal.SIGKILL)
         await storm
+        through_listeners = int(node.haproxy_stat("clicks")["BACKEND"]["stot"])
     finally:
         assert node.stop() == 0, node.log()[-2000:]
     recorded = {parse_record(fields[b"c"])["click_id"]
                 for _, fields in client.xrange(keys.CLICKS)}
     client.close()
     assert before > 0 and len(redirected) > before, statuses  # clicks before and after
+    assert through_listeners >= len(redirected)  # every 302 came from a click listener
     missing = [click_id for click_id in redirected if click_id not in recorded]
     assert missing == [], f"{len(missing)} of {len(redirected)} redirected clicks not recorded"
     assert len(set(redirected)) == len(redirected)

@@ -31,7 +31,7 @@ import pytest
 from haproxy.check import check
 from haproxy.errors import HAProxyConfigError, HAProxyError
 from haproxy.render import load_template, render
-from haproxy.settings import HAProxySettings
+from haproxy.settings import HAProxySettings, NodeTarget
 from supervisor.agent import agent_request_index
 from supervisor.cli import main as oddsgate
 from supervisor.embedded_redis import free_port
@@ -348,11 +348,59 @@ def test_bad_settings_raise_value_error(tmp_path: Path, overrides: dict, message
         render(settings(tmp_path, **overrides))
 
 
+def test_tracking_links_go_to_the_click_listeners_which_track_their_workers(
+        tmp_path: Path) -> None:
+    (tmp_path / "state").write_text("1\n")
+    config = render(settings(tmp_path, click_ports=[18101, 18102, 18103]))
+    check(config, haproxy=HAPROXY, strict=True)
+    lines = code_lines(config)
+    assert "use_backend clicks if { path_beg /t/ }" in lines
+    assert lines.index("use_backend clicks if { path_beg /t/ }") \
+        < lines.index("default_backend gateway")
+    clicks = lines[lines.index("backend clicks"):]
+    assert "http-reuse always" in clicks and "balance leastconn" in clicks
+    assert "server c0 127.0.0.1:18101 id 1 track gateway/w0" in clicks
+    assert "server c2 127.0.0.1:18103 id 3 track gateway/w2" in clicks
+    # without click listeners /t/ stays with the workers' own ports
+    plain = code_lines(render(settings(tmp_path)))
+    assert not any("use_backend" in line or line.startswith("server c") for line in plain)
+    check(render(settings(tmp_path)), haproxy=HAPROXY, strict=True)
+
+
+def test_several_nodes_click_listeners_follow_each_nodes_worker_ports(tmp_path: Path) -> None:
+    nodes = [NodeTarget.parse("a=127.0.0.1:18001:2:18999:1"),
+             NodeTarget.parse("b=127.0.0.2:18001:2:18999:2")]
+    made = HAProxySettings.for_nodes(nodes, bind_port=18000,
+                                     stats_socket=str(tmp_path / "stats.sock"))
+    config = render(made)
+    check(config, haproxy=HAPROXY, strict=True)
+    lines = code_lines(config)
+    assert "server a-c1 127.0.0.1:18004 id 1002 track gateway/a-w1" in lines
+    assert "server b-c0 127.0.0.2:18003 id 2001 track gateway/b-w0" in lines
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"click_ports": [18101]}, "1 for 3 workers"),
+    ({"click_ports": [18101, 18102, 18001]}, r"click_ports\[2\]"),
+    ({"click_ports": [18101, 18101, 18103]}, r"click_ports\[1\]"),
+    ({"click_ports": [18101, 18102, 70000]}, r"click_ports\[2\]"),
+    ({"click_ports": [18101, 18102, 18000]}, "bind_port"),
+])
+def test_bad_click_ports_raise_value_error(tmp_path: Path, overrides: dict,
+                                           message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        render(settings(tmp_path, **overrides))
+
+
 def test_for_workers_needs_a_worker() -> None:
     with pytest.raises(ValueError, match="at least one worker"):
         HAProxySettings.for_workers(0, 9001, bind_port=2, agent_port=1, stats_socket="/tmp/s")
     made = HAProxySettings.for_workers(3, 9001, bind_port=2, agent_port=1, stats_socket="/tmp/s")
     assert made.worker_ports == [9001, 9002, 9003]
+    assert made.click_ports == [9004, 9005, 9006]  # right after, as a node's default
+    made = HAProxySettings.for_workers(2, 9001, 9501, bind_port=2, agent_port=1,
+                                       stats_socket="/tmp/s")
+    assert made.click_ports == [9501, 9502]
 
 
 def test_broken_config_fails_check_with_haproxys_message(tmp_path: Path) -> None:

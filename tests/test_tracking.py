@@ -1,4 +1,9 @@
-"""`GET /t/{code}` and the admin API on real workers and a real Redis (PROTOCOL.md §9)."""
+"""`GET /t/{code}` and the admin API on real workers and a real Redis (PROTOCOL.md §9).
+
+Every test of `/t/` runs twice: on the worker's own port (websockets) and on
+its click listener (gateway/clicklistener.py, where HAProxy sends `/t/`),
+whose answers must be the same.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,7 @@ from attribution import clickid, keys
 from attribution.clicks import parse_record
 from attribution.links import Link
 from attribution.settings import ClickKeys
+from supervisor.embedded_redis import free_port
 
 CLICK_KEYS = "k1:tracking-test-secret-0001"
 ADMIN_KEY = "admin-test-key"
@@ -25,7 +31,11 @@ LINK = {"code": "spring-24", "partner": "p42", "campaign": "c7", "creative": "ba
 
 def call(worker, method: str, path: str, body: bytes | None = None,
          headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-    conn = http.client.HTTPConnection("127.0.0.1", worker.port, timeout=10)
+    """One request; `/t/` goes to the worker's click listener when it has one."""
+    port = worker.port
+    if path.startswith("/t/") and worker.env.get("OG_CLICK_PORT"):
+        port = int(worker.env["OG_CLICK_PORT"])
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
         all_headers = {"User-Agent": BROWSER, **(headers or {})}
         if method == "POST":
@@ -53,9 +63,11 @@ def records(redis_url: str) -> list[dict]:
         client.close()
 
 
-@pytest.fixture
-def tracker(worker_factory):
+@pytest.fixture(params=["worker-port", "click-listener"])
+def tracker(worker_factory, request):
     def start(index: int = 0, **env: str):
+        if request.param == "click-listener":
+            env.setdefault("OG_CLICK_PORT", str(free_port()))
         return worker_factory(index, OG_CLICK_KEYS=CLICK_KEYS, OG_ADMIN_KEY=ADMIN_KEY,
                               OG_CLIENT_HASH_KEY="hash-key", **env)
     return start
@@ -202,8 +214,10 @@ def test_redis_down_answers_503_and_never_302(linked, redis_server) -> None:
         redis_server.start()
 
 
-def test_without_click_keys_tracking_answers_503(worker_factory) -> None:
-    worker = worker_factory(OG_CLICK_KEYS="", OG_ADMIN_KEY=ADMIN_KEY)
+@pytest.mark.parametrize("listener", [False, True])
+def test_without_click_keys_tracking_answers_503(worker_factory, listener) -> None:
+    env = {"OG_CLICK_PORT": str(free_port())} if listener else {}
+    worker = worker_factory(OG_CLICK_KEYS="", OG_ADMIN_KEY=ADMIN_KEY, **env)
     assert call(worker, "GET", "/t/spring-24")[0] == 503
 
 
