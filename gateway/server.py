@@ -286,10 +286,14 @@ class Worker:
             write_limit=(s.high_watermark_bytes, s.low_watermark_bytes),
             create_connection=self._create_connection,
         )
-        self.routes.attribution.start()  # follows og:links for /t/ (attribution/linksync.py)
         if self.clicks is not None:
-            await self.clicks.start(s.host, s.click_port, reuse_port=s.reuse_port,
-                                    backlog=s.listen_backlog)
+            try:
+                await self.clicks.start(s.host, s.click_port, reuse_port=s.reuse_port,
+                                        backlog=s.listen_backlog)
+            except OSError:
+                self.server.close()  # a worker that cannot take clicks takes nobody
+                raise
+        self.routes.attribution.start()  # follows og:links for /t/ (attribution/linksync.py)
         self._watch_task = asyncio.create_task(self._watch_pressure())
         self._heartbeat_task = asyncio.create_task(self.liveness.heartbeat())
         if s.region_stale_after_ms > 0:

@@ -40,8 +40,10 @@ async def serve_worker(settings: Settings, stop: asyncio.Event | None = None) ->
         try:
             await worker.start()
         except OSError as exc:
-            log.error("worker %d cannot listen on %s:%d: %s", settings.worker_index,
-                      settings.host, settings.port, exc.strerror or exc)
+            log.error("worker %d cannot listen on %s:%d%s: %s", settings.worker_index,
+                      settings.host, settings.port,
+                      f" and :{settings.click_port} (clicks)" if settings.click_port else "",
+                      exc.strerror or exc)
             return 1
         log.info("worker %d listening on %s:%d%s (redis %s)", settings.worker_index,
                  settings.host, worker.port,

@@ -283,3 +283,14 @@ def test_an_idle_connection_stays_open_for_the_next_click(listener) -> None:
             sock.sendall(GET)
             assert sock.recv(65536).startswith(b"HTTP/1.1 302 Found\r\n")
             time.sleep(1.5)  # past a sweep of the listener
+
+
+def test_a_worker_whose_click_port_is_taken_exits_at_once(worker_factory) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        started = time.monotonic()
+        with pytest.raises(RuntimeError, match="exited with 1") as failed:
+            worker_factory(OG_CLICK_KEYS=CLICK_KEYS, OG_CLICK_PORT=str(taken.getsockname()[1]))
+        assert time.monotonic() - started < 10
+        assert "(clicks)" in str(failed.value)

@@ -162,7 +162,7 @@ def run(h: Harness, system: System) -> list[Result]:
         runtime = tempfile.mkdtemp(prefix="og-clicks-")  # short: unix socket paths
         frontend, static_port = free_port(), free_port()
         env = {**os.environ, "OG_RUNTIME_DIR": runtime, "OG_REDIS_URL": server.url,
-               "OG_WORKERS": "1", "OG_BASE_PORT": str(free_port_range(1)),
+               "OG_WORKERS": "1", "OG_BASE_PORT": str(free_port_range(2)),  # + click listener
                "OG_AGENT_PORT": str(free_port()), "OG_METRICS_PORT": "0",
                "OG_HAPROXY_BIND": f"127.0.0.1:{frontend}", "OG_ALLOW_ANONYMOUS": "1",
                "OG_CLICK_KEYS": "b1:bench-click-key-000000001", "OG_ADMIN_KEY": ADMIN_KEY}
