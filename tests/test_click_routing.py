@@ -11,6 +11,8 @@ import time
 import pytest
 import redis
 
+from attribution import keys
+from attribution.clicks import parse_record
 from attribution.link_store import LinkStore
 from attribution.links import Link
 from tests.node_harness import start_node
@@ -87,3 +89,54 @@ def test_a_dead_workers_clicks_go_to_the_others(node) -> None:
     while time.monotonic() - started < 2.0:  # before and after HAProxy marks it DOWN
         statuses += clicks(node, 5)
     assert set(statuses) == {302}, statuses
+
+
+def test_clicks_during_a_reload_are_all_answered_and_recorded(node, redis_server) -> None:
+    """A reload starts each worker's successor on the same ports (SO_REUSEPORT) and
+    retires the old one, whose click connections HAProxy held: they close after their
+    next answer (Connection: close while draining), so no click is refused or lost."""
+    import threading
+
+    before = node.worker_pids()
+    statuses: list[int] = []
+    done = threading.Event()
+
+    def keep_clicking() -> None:
+        while not done.is_set():
+            statuses.extend(clicks(node, 5))
+
+    clicker = threading.Thread(target=keep_clicking)
+    clicker.start()
+    try:
+        result = node.cli("reload", "--timeout", "30", timeout=120)
+    finally:
+        done.set()
+        clicker.join()
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert all(a != b for a, b in zip(before, node.worker_pids(), strict=True))
+    assert len(statuses) > 20 and set(statuses) == {302}, statuses
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        assert client.xlen(keys.CLICKS) >= len(statuses)
+    finally:
+        client.close()
+
+
+def test_the_client_address_is_haproxys_last_forwarded_for_entry(node, redis_server) -> None:
+    """A client cannot choose its address (and so dodge the duplicate verdict) by sending
+    its own X-Forwarded-For: HAProxy appends the real one, the last entry is believed."""
+    for forwarded in (None, "203.0.113.9", "198.51.100.4"):
+        conn = http.client.HTTPConnection("127.0.0.1", node.frontend_port, timeout=10)
+        headers = {"User-Agent": "Mozilla/5.0 xff"}
+        if forwarded:
+            headers["X-Forwarded-For"] = forwarded
+        conn.request("GET", "/t/route", headers=headers)
+        assert conn.getresponse().status == 302
+        conn.close()
+    client = redis.Redis.from_url(redis_server.url)
+    try:
+        rows = [parse_record(fields[b"c"]) for _, fields in client.xrange(keys.CLICKS)]
+    finally:
+        client.close()
+    assert [r["verdict"] for r in rows] == ["ok", "duplicate", "duplicate"]
+    assert len({r["ip_hash"] for r in rows}) == 1
