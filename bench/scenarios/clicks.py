@@ -3,6 +3,10 @@
 A node (`oddsgate run --haproxy`, one worker) with one link; an open-loop
 client clicks at `STEADY_RPS` for a while, then at 50 times that (the storm,
 30 s; quick: 5 s), each click on its own connection as a browser's would be.
+HAProxy sends `/t/` to the worker's click listener (gateway/clicklistener.py)
+over connections it keeps alive, so the worker's side of a click has no
+connection setup; its CPU per click is what the redirects per worker core
+measure.
 Then both sides at full speed (closed loop, `CONCURRENCY` clicks in flight):
 the node's `/t/` and a bare HAProxy answering a static
 `http-request redirect`, on the same machine in the same run, and their
