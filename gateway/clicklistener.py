@@ -294,6 +294,7 @@ class ClickConnection(asyncio.Protocol):
         "lingering_since",
         "listener",
         "peer",
+        "peer_done",
         "reader",
         "reading",
         "slots",
@@ -312,6 +313,7 @@ class ClickConnection(asyncio.Protocol):
         self.reading = True
         self.writing = True
         self.lingering_since: float | None = None  # last answer out, write side shut
+        self.peer_done = False  # the peer shut its side (EOF)
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -342,6 +344,7 @@ class ClickConnection(asyncio.Protocol):
         """The peer sent all it will: answer what was asked, then close (keep no half-open)."""
         if self.lingering_since is not None:
             return False  # our side was done already: close
+        self.peer_done = True
         self.closing = True
         self._flush()
         return True  # keep the transport open for the answers still due
@@ -358,6 +361,8 @@ class ClickConnection(asyncio.Protocol):
 
     def _serve(self, now: float) -> None:
         """Take complete heads while answers may queue; then write what is ready."""
+        if self.lingering_since is not None:
+            return  # done: what still comes is read and dropped
         while not self.closing and self.writing and len(self.slots) < MAX_IN_FLIGHT:
             head = self.reader.next(now)
             if head is None:
@@ -408,8 +413,8 @@ class ClickConnection(asyncio.Protocol):
         transport = self.transport
         if transport is None or transport.is_closing() or self.lingering_since is not None:
             return
-        if not transport.can_write_eof():
-            transport.close()
+        if self.peer_done or not transport.can_write_eof():
+            transport.close()  # nothing more can come: close once the answers are out
             return
         transport.write_eof()
         self.lingering_since = self.listener.loop.time()

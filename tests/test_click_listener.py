@@ -3,6 +3,7 @@ worker's listener over raw sockets (keep-alive, pipelining, HTTP/1.0, bad input)
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 from urllib.parse import parse_qs, urlsplit
@@ -10,11 +11,15 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 import pytest
 
+from attribution.recorder import ClickNotRecorded
+from attribution.tracking import Answer, Planned, Refusal
 from gateway.clicklistener import (
     MAX_FIELDS,
     MAX_HEAD,
+    MAX_IN_FLIGHT,
     MAX_LINE,
     BadHead,
+    ClickListener,
     Head,
     HeadReader,
     parse_head,
@@ -294,3 +299,104 @@ def test_a_worker_whose_click_port_is_taken_exits_at_once(worker_factory) -> Non
             worker_factory(OG_CLICK_KEYS=CLICK_KEYS, OG_CLICK_PORT=str(taken.getsockname()[1]))
         assert time.monotonic() - started < 10
         assert "(clicks)" in str(failed.value)
+
+
+def test_a_half_closed_client_still_gets_its_answers(listener) -> None:
+    _, port = listener
+    answers, closed = exchange(port, GET * 2, 2, close=True)
+    assert [a[0] for a in answers] == [302, 302] and closed
+
+
+# -- the listener in this process, with a route whose clicks finish when told -------------
+
+class HeldRoute:
+    """A TrackingRoute stand-in: every click waits until the test sets its future."""
+
+    def __init__(self) -> None:
+        self.held: list[asyncio.Future] = []
+
+    def begin(self, path, query, method, headers, peer):
+        future = asyncio.get_running_loop().create_future()
+        self.held.append(future)
+        return Planned(future, f"https://dest.example/?n={len(self.held)}", 0)
+
+    def settle(self, planned):
+        if planned.recorded.exception() is not None:
+            return Refusal(503, "unavailable", "click not recorded; retry").answer()
+        return Answer(302, (("Location", planned.location), ("Cache-Control", "no-store")))
+
+
+async def read_answers(reader: asyncio.StreamReader, count: int) -> list[bytes]:
+    heads = []
+    for _ in range(count):
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        await reader.readexactly(length)
+        heads.append(head)
+    return heads
+
+
+async def test_answers_leave_in_request_order_whatever_order_clicks_are_recorded_in() -> None:
+    route = HeldRoute()
+    listener = ClickListener(route)  # type: ignore[arg-type]
+    await listener.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(GET * 3)
+        while len(route.held) < 3:
+            await asyncio.sleep(0.01)
+        route.held[2].set_result("ok")
+        route.held[1].set_exception(ClickNotRecorded("redis down"))
+        await asyncio.sleep(0.05)
+        assert not reader._buffer  # nothing may overtake the first answer
+        route.held[0].set_result("ok")
+        heads = await read_answers(reader, 3)
+        assert [h.split(b" ")[1] for h in heads] == [b"302", b"503", b"302"]
+        assert b"n=1" in heads[0] and b"n=3" in heads[2]
+        writer.close()
+    finally:
+        await listener.close()
+
+
+async def test_pipelined_requests_past_the_limit_wait_for_room() -> None:
+    route = HeldRoute()
+    listener = ClickListener(route)  # type: ignore[arg-type]
+    await listener.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        writer.write(GET * (MAX_IN_FLIGHT + 4))
+        await asyncio.sleep(0.2)
+        assert len(route.held) == MAX_IN_FLIGHT  # the rest is not even parsed yet
+        for future in route.held[:MAX_IN_FLIGHT]:
+            future.set_result("ok")
+        await read_answers(reader, MAX_IN_FLIGHT)
+        while len(route.held) < MAX_IN_FLIGHT + 4:
+            await asyncio.sleep(0.01)
+        for future in route.held[MAX_IN_FLIGHT:]:
+            future.set_result("ok")
+        assert len(await read_answers(reader, 4)) == 4
+        writer.close()
+    finally:
+        await listener.close()
+
+
+async def test_idle_connections_and_slow_heads_are_closed_by_the_sweep() -> None:
+    listener = ClickListener(HeldRoute(), idle_s=2.5, head_s=0.5)  # type: ignore[arg-type]
+    await listener.start("127.0.0.1", 0)
+    try:
+        idle_reader, idle_writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        slow_reader, slow_writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        slow_writer.write(b"GET /t/a HTTP/1.1\r\nHost: x\r\n")  # and never the rest
+        assert await asyncio.wait_for(slow_reader.read(), 2.2) == b""  # closed, no answer
+        assert not idle_reader.at_eof()
+        assert await asyncio.wait_for(idle_reader.read(), 3) == b""
+        idle_writer.close()
+        slow_writer.close()
+        for _ in range(100):  # our side shut first; the connection ends when theirs does
+            if not listener.connections:
+                break
+            await asyncio.sleep(0.02)
+        assert not listener.connections
+    finally:
+        await listener.close()
