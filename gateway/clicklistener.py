@@ -360,33 +360,44 @@ class ClickConnection(asyncio.Protocol):
     # -- requests and answers ----------------------------------------------------------
 
     def _serve(self, now: float) -> None:
-        """Take complete heads while answers may queue; then write what is ready."""
-        if self.lingering_since is not None:
-            return  # done: what still comes is read and dropped
-        while not self.closing and self.writing and len(self.slots) < MAX_IN_FLIGHT:
-            head = self.reader.next(now)
-            if head is None:
+        """Take complete heads while answers may queue, write what is ready in order, and
+        go on while that made room for heads already buffered; then read on or pause.
+
+        A loop, not recursion: a client may pipeline thousands of requests in one read.
+        """
+        while self.lingering_since is None:
+            while not self.closing and self.writing and len(self.slots) < MAX_IN_FLIGHT:
+                head = self.reader.next(now)
+                if head is None:
+                    break
+                slot = self.listener.answer(head, self)
+                self.slots.append(slot)
+                if slot.close:
+                    self.closing = True
+            wrote = self._write_ready()
+            if not (wrote and not self.closing and self.writing and self.reader.partial
+                    and len(self.slots) < MAX_IN_FLIGHT):
                 break
-            self.slots.append(self.listener.answer(head, self))
-            if self.slots[-1].close:
-                self.closing = True
+        transport = self.transport
+        if transport is None or transport.is_closing() or self.lingering_since is not None:
+            return
         if self.closing or not self.writing or len(self.slots) >= MAX_IN_FLIGHT:
             self._pause()
-        elif not self.reading and self.transport is not None:
+        elif not self.reading:
             self.reading = True
-            self.transport.resume_reading()
-        self._flush()
+            transport.resume_reading()
 
     def _pause(self) -> None:
         if self.reading and self.transport is not None and not self.transport.is_closing():
             self.reading = False
             self.transport.pause_reading()
 
-    def _flush(self) -> None:
-        """Write the ready answers at the head of the line, in request order."""
+    def _write_ready(self) -> bool:
+        """Write the ready answers at the head of the line, in request order; close after
+        the last one when the connection is closing. Whether anything was written."""
         transport = self.transport
         if transport is None or transport.is_closing():
-            return
+            return False
         slots = self.slots
         wrote = False
         while slots and slots[0].data is not None:
@@ -395,13 +406,15 @@ class ClickConnection(asyncio.Protocol):
             wrote = True
             if slot.close:
                 self._finish()
-                return
+                return True
         if self.closing and not slots:
             self._finish()
-            return
-        if wrote and not self.reading and not self.closing and self.writing:
-            # room for more pipelined requests: take those already buffered, then read on
-            self._serve(self.listener.loop.time())
+        return wrote
+
+    def _flush(self) -> None:
+        """An answer became ready, the peer is done, or the listener closes: write what
+        can be written and take what the freed room allows."""
+        self._serve(self.listener.loop.time())
 
     def _finish(self) -> None:
         """Close after the last answer without losing it: shut our side, then read and

@@ -400,3 +400,18 @@ async def test_idle_connections_and_slow_heads_are_closed_by_the_sweep() -> None
         assert not listener.connections
     finally:
         await listener.close()
+
+
+async def test_thousands_of_pipelined_requests_in_one_read_are_all_answered() -> None:
+    """Refusals are ready at once: the answers must not recurse per batch of requests."""
+    listener = ClickListener(HeldRoute())  # type: ignore[arg-type]
+    await listener.start("127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        count = 20000
+        writer.write(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n" * count)
+        heads = await read_answers(reader, count)
+        assert len(heads) == count and all(h.startswith(b"HTTP/1.1 404 ") for h in heads)
+        writer.close()
+    finally:
+        await listener.close()
