@@ -438,7 +438,11 @@ class ClickConnection(asyncio.Protocol):
     def ready(self, slot: _Slot, data: bytes) -> None:
         """A waiting answer is ready (a recorder callback)."""
         slot.data = data
-        self._flush()
+        try:
+            self._flush()
+        except Exception:
+            log.exception("click connection from %s failed; closed", self.peer)
+            self._abort()
 
     def _abort(self) -> None:
         self.closing = True
