@@ -537,6 +537,10 @@ class ClickListener:
         head_only = head.method == "HEAD"
         try:
             url = urlsplit(head.target)
+        except ValueError:  # an absolute-form target with a broken authority
+            return self._slot(refusal_answer(400, "bad request target"), head_only=False,
+                              close=True, version=head.version)
+        try:
             path = url.path if head.target.startswith("/") else (url.path or "/")
             if not path.startswith(PREFIX):
                 return self._slot(NOT_FOUND.answer(), head_only=head_only, close=close,

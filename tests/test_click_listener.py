@@ -244,6 +244,7 @@ def test_connection_close_and_http_1_0(listener) -> None:
     (b"GET /t/spring-24 HTTP/1.1\r\nHost: x\r\n" + b"X: v\r\n" * (MAX_FIELDS + 1) + b"\r\n",
      431),
     (b"GET /t/spring-24 HTTP/3.0\r\nHost: x\r\n\r\n", 505),
+    (b"GET http://[::1/t/spring-24 HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     (b"GET /t/spring-24 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody", 413),
     (b"POST /t/spring-24 HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n\r\nbody", 405),
     (b"GET /t/spring-24 HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -415,3 +416,11 @@ async def test_thousands_of_pipelined_requests_in_one_read_are_all_answered() ->
         writer.close()
     finally:
         await listener.close()
+
+
+def test_an_absolute_form_target_is_served_by_its_path(listener) -> None:
+    _, port = listener
+    answers, _ = exchange(port, b"GET http://x.example/t/spring-24?sub1=z HTTP/1.1\r\n"
+                                b"Host: x.example\r\n\r\nGET http://x.example/other HTTP/1.1\r\n"
+                                b"Host: x.example\r\n\r\n", 2)
+    assert [a[0] for a in answers] == [302, 404] and "sub1=z" in answers[0][1]["Location"]
