@@ -222,8 +222,9 @@ def test_haproxy_config_check(home: Path) -> None:
 
 
 def node_ports() -> dict[str, str]:
-    """The README's defaults (8000, 8001, 8100, 9100) moved to free ports."""
-    return {"OG_HAPROXY_BIND": f"127.0.0.1:{free_port()}", "OG_BASE_PORT": str(free_port_range(1)),
+    """The README's defaults (8000, 8001 and the click listener's 8002, 8100, 9100) moved
+    to free ports."""
+    return {"OG_HAPROXY_BIND": f"127.0.0.1:{free_port()}", "OG_BASE_PORT": str(free_port_range(2)),
             "OG_AGENT_PORT": str(free_port()), "OG_METRICS_PORT": str(free_port())}
 
 

@@ -39,7 +39,7 @@ pytestmark = [
 def demo_env(runtime: Path, **settings: str) -> tuple[dict[str, str], int, int]:
     port, metrics = free_port(), free_port()
     env = {**os.environ, "OG_RUNTIME_DIR": str(runtime), "OG_WORKERS": "2",
-           "OG_BASE_PORT": str(free_port_range(2)), "OG_AGENT_PORT": str(free_port()),
+           "OG_BASE_PORT": str(free_port_range(4)), "OG_AGENT_PORT": str(free_port()),
            "OG_METRICS_PORT": str(metrics), **settings}
     env.pop("OG_REDIS_URL", None)
     return env, port, metrics
