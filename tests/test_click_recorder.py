@@ -60,3 +60,28 @@ async def test_redis_gone_is_not_recorded() -> None:
         await recorder.record(click(1))
     assert recorder.failed == 1 and recorder.recorded == 0
     await gone.aclose()
+
+
+async def test_a_click_that_cannot_be_sent_fails_alone(client) -> None:
+    recorder = ClickRecorder(client, dedupe_window_ms=60_000, attribution_window_ms=60_000)
+    broken = click(2)
+    broken.ua = "bad \ud800 surrogate"  # cannot be written as UTF-8
+    results = await asyncio.gather(recorder.record(click(1)), recorder.record(broken),
+                                   recorder.record(click(3, ip_hash="other")),
+                                   return_exceptions=True)
+    assert results[0] == "ok" and results[2] == "ok"
+    assert isinstance(results[1], ClickNotRecorded)
+    assert recorder.round_trips == 1 and await client.xlen(keys.CLICKS) == 2
+
+
+async def test_a_connection_redis_dropped_is_replaced_and_the_batch_sent_again(
+        client, redis_url) -> None:
+    recorder = ClickRecorder(client, dedupe_window_ms=60_000, attribution_window_ms=60_000)
+    assert await recorder.record(click(1)) == "ok"  # its connection now waits in the pool
+    other = aioredis.Redis.from_url(redis_url)
+    try:
+        assert await other.client_kill_filter(_type="normal", skipme=True) >= 1
+    finally:
+        await other.aclose()
+    assert await recorder.record(click(2, ip_hash="other")) == "ok"
+    assert recorder.failed == 0 and await client.xlen(keys.CLICKS) == 2
