@@ -14,10 +14,11 @@ The round trip is redis-py's connection without its pipeline: the batch's
 EVALSHA commands are packed by hiredis (in C) and written at once on one
 connection of the client's pool, and the replies are read in order. Once
 the click listener (gateway/clicklistener.py) took websockets out of a
-click, py-spy gave redis-py's pipeline machinery and its Python packing of
-the 27 arguments of each click a third of the worker's remaining CPU;
-packing in C and skipping the pipeline's bookkeeping cut the client's CPU
-per batch of one click from ~86 to ~30 us (bench: README "Tracking
+click, py-spy put a third of the worker's samples in redis-py (its
+pipeline's bookkeeping, its Python packing of each click's 27 arguments,
+the socket write); packing in C and skipping the pipeline cut the client's
+CPU for a batch of one click from ~86 to ~30 us in a micro-benchmark, and
+the worker's CPU per click by about a fifth in the bench (README "Tracking
 links"). A click whose arguments cannot be packed fails alone. A batch
 whose connection breaks before any reply is read (a connection left over
 from before a Redis restart, say) is sent once more on a fresh connection,
