@@ -13,6 +13,7 @@ new seqs, so no player sees a gap or a stale price, only a repeat).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as _dt
 import secrets
 from collections.abc import Iterable
@@ -89,6 +90,19 @@ class Publisher:
         self._history_ms = history_ms
         self._validate = validate
         self._script = redis.register_script(PUBLISH_LUA)
+        # Where each topic stood after this publisher's last publish to it: a
+        # Redis found below it lost acknowledged writes, and publish.lua then
+        # starts a new epoch rather than reuse those seqs (ARGV[9], ARGV[10]).
+        self._last: dict[str, tuple[str, int]] = {}
+
+    def _known(self, topic: str) -> list:
+        epoch, seq = self._last.get(topic, ("", 0))
+        return [epoch, seq]
+
+    def _remember(self, published: list[Published]) -> list[Published]:
+        for p in published:
+            self._last[p.topic] = (p.epoch, p.seq)
+        return published
 
     def _args(self, update: PriceUpdate, epoch: str) -> tuple[list[str], list]:
         if self._validate:
@@ -100,20 +114,52 @@ class Publisher:
             update.body(),
             self._history_ms,
             self._topic_ttl_ms,
+            0,
+            "odds",
+            *self._known(update.topic),
         ]
 
     async def publish(self, update: PriceUpdate) -> Published:
         keys, args = self._args(update, new_epoch())
         epoch, seq, _ = await self._script(keys=keys, args=args)
-        return Published(update.topic, _text(epoch), int(seq))
+        return self._remember([Published(update.topic, _text(epoch), int(seq))])[0]
 
     async def _pipeline(self, prepared: list[tuple[str, list[str], list]],
                         raise_on_error: bool = True) -> list:
         """Plain EVALSHAs in one round trip (a script object would add SCRIPT EXISTS)."""
+        if isinstance(self._redis, aioredis.RedisCluster):
+            return await self._cluster_batch(prepared, raise_on_error)
         async with self._redis.pipeline(transaction=False) as pipe:
             for _topic, keys, args in prepared:
                 pipe.evalsha(self._script.sha, len(keys), *keys, *args)
             return await pipe.execute(raise_on_error=raise_on_error)
+
+    async def _cluster_batch(self, prepared: list[tuple[str, list[str], list]],
+                             raise_on_error: bool) -> list:
+        """A batch on a Redis Cluster, where redis-py refuses EVALSHA in a pipeline:
+        each topic's events in order, one after the other, topics side by side
+        (each on its slot's master), so seqs still follow the batch per topic."""
+        results: list = [None] * len(prepared)
+        by_topic: dict[str, list[int]] = {}
+        for index, (topic, _keys, _args) in enumerate(prepared):
+            by_topic.setdefault(topic, []).append(index)
+
+        async def run(indices: list[int]) -> None:
+            for position, index in enumerate(indices):
+                _topic, keys, args = prepared[index]
+                try:
+                    results[index] = await self._redis.evalsha(
+                        self._script.sha, len(keys), *keys, *args)
+                except Exception as exc:
+                    if raise_on_error:
+                        raise
+                    # The rest of this topic would follow a hole: not sent, same error.
+                    for later in indices[position:]:
+                        results[later] = exc
+                    return
+
+        await asyncio.gather(*(run(indices) for indices in by_topic.values()))
+        return results
 
     async def publish_sequenced(self, events: list[Sequenced]) -> int:
         """Publish events at the epoch and seq they carry, in order, in one round trip.
@@ -161,7 +207,7 @@ class Publisher:
                 raise ValueError(f"{row.topic!r} is not a stats topic")
             prepared.append((row.topic, topic_keys(row.topic),
                              [row.topic, epoch, row.key, row.body, self._history_ms,
-                              self._topic_ttl_ms, 0, "stats"]))
+                              self._topic_ttl_ms, 0, "stats", *self._known(row.topic)]))
         if not prepared:
             return []
         try:
@@ -169,10 +215,10 @@ class Publisher:
         except NoScriptError:
             await self._redis.script_load(PUBLISH_LUA)
             results = await self._pipeline(prepared)
-        return [
+        return self._remember([
             Published(topic, _text(epoch), int(seq))
             for (topic, _k, _a), (epoch, seq, _) in zip(prepared, results, strict=True)
-        ]
+        ])
 
     async def publish_many(self, updates: Iterable[PriceUpdate]) -> list[Published]:
         """Publish in order in one round trip; all are validated before any is sent."""
@@ -187,10 +233,10 @@ class Publisher:
         except NoScriptError:  # Redis restarted or its script cache was flushed
             await self._redis.script_load(PUBLISH_LUA)
             results = await self._pipeline(prepared)
-        return [
+        return self._remember([
             Published(topic, _text(epoch), int(seq))
             for (topic, _k, _a), (epoch, seq, _) in zip(prepared, results, strict=True)
-        ]
+        ])
 
 
 def _text(value: bytes | str) -> str:

@@ -15,6 +15,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields
 
+from redis_contract.target import RedisTargetError, redis_target
+
 
 class ConfigError(ValueError):
     """A setting with a value the gateway cannot run with."""
@@ -94,6 +96,10 @@ class Settings(EnvSettings):
     port: int = setting("OG_PORT", 8001, "port the worker listens on", minimum=0)
     redis_url: str = setting(
         "OG_REDIS_URL", "", "Redis URL (redis://, rediss://, unix://); empty: embedded Redis"
+    )
+    redis_cluster_nodes: str = setting(
+        "OG_REDIS_CLUSTER_NODES", "", "Redis Cluster seed nodes, host:port,host:port (Redis 7: "
+        "sharded pub/sub); set instead of OG_REDIS_URL; every process of the node uses the cluster"
     )
     runtime_dir: str = setting(
         "OG_RUNTIME_DIR", "", "the node's private files (embedded Redis, HAProxy, control "
@@ -297,6 +303,11 @@ class Settings(EnvSettings):
             )
         if self.port > 65535:
             raise ConfigError(f"OG_PORT={self.port}: not a port")
+        if self.redis_cluster_nodes:
+            try:
+                redis_target(self.redis_url, self.redis_cluster_nodes)
+            except RedisTargetError as exc:
+                raise ConfigError(f"OG_REDIS_CLUSTER_NODES: {exc}") from None
         try:
             ws_origins(self.shell_connect_src)
         except ValueError as exc:

@@ -499,6 +499,11 @@ class Hub:
             return NO_EFFECTS
         if history.epoch != channel.epoch or history.events is None:
             return [LoadState(channel, "epoch" if history.epoch != channel.epoch else "gap")]
+        if history.head < channel.seq:
+            # Redis went back in time within the epoch: it lost writes it had
+            # acknowledged (a failover to a replica that was behind). Seqs past
+            # its head will name other events; the players start from its state.
+            return [LoadState(channel, "rewound")]
         events: list[tuple[int, Item]] = []
         for event in history.events:
             _, seq, market, _ = _parse(event)

@@ -181,3 +181,30 @@ async def test_without_a_lag_wait_a_resume_ahead_is_reset_at_once() -> None:
     assert effects == () and hub.counters.resumes_reset == 1
     assert [f["type"] for f in player.frames] == ["reset", "snapshot"]
     assert player.frames[0]["reason"] == "ahead"
+
+
+# -- Redis went back in time (a failover to a replica that was behind) ---------
+
+
+async def test_redis_found_behind_the_channel_after_a_reconnect_resets_its_players() -> None:
+    """The channel delivered up to 5; after the reconnect Redis's head is 3 in the
+    same epoch (acknowledged writes lost). Seqs 4 and 5 will name other events:
+    the players are reset to Redis's state, never left waiting past seq 5."""
+    hub = await _hub_with_channel()
+    player = Player(hub, "p")
+    await _join(hub, player)
+    for seq in range(1, 6):
+        hub.on_message(TOPIC, _event(seq, seq % 3))
+    await turn()
+    [read] = hub.on_resubscribed()
+    assert isinstance(read, ReadHistory) and read.replay is None
+    [load] = hub.history_read(read, History("e", 3, []))
+    assert load.reason == "rewound"
+    hub.resync_loaded(load, TopicState("e", 3, [_event(3, 0)]))
+    hub.on_message(TOPIC, _event(4, 1))  # the new seq 4, another event than the lost one
+    await turn()
+    kinds = [f["type"] for f in player.frames]
+    assert kinds[-3:] == ["reset", "snapshot", "odds"], kinds
+    assert player.frames[-3]["reason"] == "rewound" and player.frames[-2]["seq"] == 3
+    assert player.frames[-1]["seq"] == 4
+    assert player.checker.violations == []

@@ -214,7 +214,7 @@ async def test_events_lost_by_pubsub_are_filled_from_history(worker, publisher,
     players = [await _client(worker, [topic]) for _ in range(3)]
     silent = aioredis.Redis.from_url(redis_url)
     no_publish = silent.register_script(PUBLISH_LUA.replace(
-        "redis.call('PUBLISH', ARGV[1], event)", ""))
+        "redis.call('SPUBLISH', ARGV[1], event)", ""))
     for i in range(5):  # in history and latest, never sent on the channel
         body = _update(topic, 2, f"1.6{i}").body()
         await no_publish(keys=topic_keys(topic), args=[topic, new_epoch(), "1:39:15",
