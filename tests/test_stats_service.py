@@ -375,6 +375,43 @@ async def test_a_click_shows_in_its_partners_rows_over_the_websocket(
         await client.aclose()
 
 
+async def test_a_fresh_subscribers_snapshot_holds_the_last_hour_minute_by_minute(
+        worker, redis_url, tmp_path) -> None:
+    """Clicks of the last hour, counted before anyone subscribed, are in the first
+    snapshot's `minutes:1h` row, read by the Python client under §5's checker."""
+    from client.odds import OddsClient
+
+    client = aioredis.Redis.from_url(redis_url)
+    now = time.time_ns()
+    records = [(keys.CLICKS_STREAM, click(("ok", "bot", "duplicate")[i % 3], cid=f"h{i}",
+                                          ts=now - (i % 50) * NS_PER_MINUTE,
+                                          campaign=f"c{i % 2}"))
+               for i in range(120)]
+    expected = _recount_minutes(records)["42"]
+    proc = _start_stats(redis_url, tmp_path / "stats.log")
+    odds = OddsClient(worker.url, token=partner_token("42"), token_in="query")
+    try:
+        await _append(client, records)
+
+        async def published() -> bool:
+            return (await _published_series(client, ("42",)))["42"] == expected
+
+        await _until(published)
+        await odds.connect()
+        await odds.subscribe(["stats:42"])
+        await odds.wait_synced(["stats:42"], timeout=10)
+        held = odds.topics["stats:42"].markets[SERIES_KEY]
+        assert held["type"] == "stats" and held["key"] == SERIES_KEY
+        assert len(expected) == 50 and _series_by_minute(held) == expected
+        assert held["counters"]["clicks"] == 120
+        assert odds.violations == []
+    finally:
+        await odds.close()
+        proc.terminate()
+        proc.wait(10)
+        await client.aclose()
+
+
 async def test_a_node_with_og_stats_runs_the_service_and_restarts_it(redis_url, tmp_path) -> None:
     node = start_node(redis_url, tmp_path / "node", workers=1, OG_STATS="1",
                       OG_STATS_PUBLISH_MS="100")
