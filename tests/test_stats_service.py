@@ -287,6 +287,10 @@ async def test_the_series_rolls_every_minute_without_clicks_then_rests(redis_url
             assert event["minutes"]["bot_clicks"][minute0 - start] == 1
             assert event["minutes"]["unique_clicks"][minute0 - start] == 1
             assert event["counters"]["clicks"] == 2
+        # A restarted service reads the series back from the topic: nothing to resend.
+        restarted = StatsService(client, StatsSettings(consumer="c1"), clock=lambda: now[0])
+        await restarted._load_active()
+        assert await restarted.publish_changes() == 0
         now[0] = NOW + 60 * NS_PER_MINUTE  # the click leaves the hour
         assert await service.publish_changes() == 2  # 1h row zeroed, the series emptied
         assert set((await _series(client, "42"))["minutes"]["clicks"]) == {0}
