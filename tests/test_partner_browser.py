@@ -243,11 +243,11 @@ async def test_snapshot_rows_live_update_windows_and_sparkline(server, browser) 
     assert (await table(page, "campaigns"))["campaign:spring:today"] == \
         campaigns["campaign:spring:today"]
     await wait_bars(page, {now: 7})
-    minutes = await page.evaluate("window.oddsgate.minutes")
-    assert len(minutes) == 60 and minutes[-1]["clicks"] == 7 and minutes[-1]["bots"] == 2
+    minutes = {m["minute"]: m for m in await page.evaluate("window.oddsgate.minutes")}
+    assert len(minutes) == 60 and (minutes[now]["clicks"], minutes[now]["bots"]) == (7, 2)
     drawn = await page.evaluate(
         "() => [...document.querySelectorAll('#spark svg rect')].map((r) => r.dataset.clicks)")
-    assert len(drawn) == 60 and drawn[-1] == "7"
+    assert len(drawn) == 60
 
     # A batch (coalesced, as a worker may send it): the newest series event wins.
     await conn.send({"type": "batch", "events": [
@@ -290,7 +290,7 @@ async def test_first_load_draws_clicks_made_before_the_page_opened(server, brows
     assert await page.inner_text("#spark-label") == "waiting…"
     now = now_minute()
     start = now - 59
-    before = {start: 4, now - 30: 12, now - 1: 9, now: 3}
+    before = {start + 1: 4, now - 30: 12, now - 1: 9, now: 3}  # all in the hour a minute on
     conn = await subscribed_with_snapshot(
         server, [*first_rows(), series_row(13, start, before)], 13)
     await wait_bars(page, before)
@@ -303,14 +303,14 @@ async def test_first_load_draws_clicks_made_before_the_page_opened(server, brows
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "partner-first-load.png"))
 
-    # A minute later the server's row has rolled by one: the oldest bucket has left
-    # the hour, a new one fills. (This page's clock may still be in the old minute:
+    # Two minutes later the server's row has rolled by two: the oldest bucket has
+    # left the hour, a new one fills. (This page's clock is still in an older minute:
     # the chart follows the row's newest bucket.)
-    await conn.send(series_row(14, start + 1, {**before, now + 1: 2}))
-    await wait_bars(page, {now - 30: 12, now - 1: 9, now: 3, now + 1: 2})
+    await conn.send(series_row(14, start + 2, {**before, now + 2: 2}))
+    await wait_bars(page, {now - 30: 12, now - 1: 9, now: 3, now + 2: 2})
     last = await page.evaluate(
         "() => document.querySelector('#spark svg rect:last-of-type').dataset.minute")
-    assert int(last) == max(now + 1, now_minute())
+    assert int(last) == max(now + 2, now_minute())
     og = await page.evaluate("window.oddsgate")
     assert og["violations"] == 0, og["violationList"]
     assert errors.uncaught == [] and errors.console == []

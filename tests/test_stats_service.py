@@ -40,6 +40,9 @@ from tests.test_stats_topics import _events, _subscribe, partner_token
 
 NOW = (time.time_ns() // NS_PER_MINUTE) * NS_PER_MINUTE + 30 * 10**9
 DAY_NS = 86_400 * 10**9
+# 2025-11-22T12:00:30Z, for tests with an injected clock: the hour or two they move
+# through stays inside one UTC day whenever they run (NOW's may cross midnight).
+NOON = 1_763_812_800_000_000_000 + 30 * 10**9
 
 
 def _minute_back(ts: int, i: int) -> int:
@@ -224,16 +227,16 @@ async def _raise_lost_ack(*_args, **_kwargs):
 
 async def test_rows_are_published_and_republished_as_the_windows_slide(redis_url) -> None:
     client = aioredis.Redis.from_url(redis_url)
-    now = [NOW]
+    now = [NOON]
     service = StatsService(client, StatsSettings(consumer="c1"), clock=lambda: now[0])
     try:
         await service.ensure_groups()
-        await _append(client, [(keys.CLICKS_STREAM, click("ok", ts=NOW, creative=None))])
+        await _append(client, [(keys.CLICKS_STREAM, click("ok", ts=NOON, creative=None))])
         reply = await client.xreadgroup(keys.STATS_GROUP, "c1", {keys.CLICKS_STREAM: ">"})
         await service.count(keys.CLICKS_STREAM, reply[0][1], tally_click)
         assert await service.publish_changes() == 4  # today, 1h, 5m of c7, and the series
         assert await service.publish_changes() == 0  # nothing changed: nothing sent
-        now[0] = NOW + 5 * NS_PER_MINUTE  # the click leaves the 5m window
+        now[0] = NOON + 5 * NS_PER_MINUTE  # the click leaves the 5m window
         assert await service.publish_changes() == 2  # the 5m row, and the series moved
         latest = await client.hgetall("og:{stats:42}:latest")
         counters = {k.decode(): orjson.loads(v)["counters"]["clicks"] for k, v in latest.items()}
@@ -241,13 +244,13 @@ async def test_rows_are_published_and_republished_as_the_windows_slide(redis_url
                             SERIES_KEY: 1}
         # A restarted service knows what the topic holds: it zeroes the 1h row later.
         restarted = StatsService(client, StatsSettings(consumer="c1"),
-                                 clock=lambda: NOW + 60 * NS_PER_MINUTE)
+                                 clock=lambda: NOON + 60 * NS_PER_MINUTE)
         await restarted._load_active()
         assert await restarted.publish_changes() == 2  # the 1h row, and the series
         event = orjson.loads(await client.hget("og:{stats:42}:latest", "campaign:c7:1h"))
         assert event["counters"]["clicks"] == 0 and event["type"] == "stats"
         series = orjson.loads(await client.hget("og:{stats:42}:latest", SERIES_KEY))
-        assert series["minutes"]["start"] == NOW // NS_PER_MINUTE + 1
+        assert series["minutes"]["start"] == NOON // NS_PER_MINUTE + 1
         assert series["counters"]["clicks"] == 0 and set(series["minutes"]["clicks"]) == {0}
     finally:
         await client.aclose()
@@ -263,19 +266,19 @@ async def test_the_series_rolls_every_minute_without_clicks_then_rests(redis_url
     slides one bucket left, and an hour later the emptied series is published once
     more and then left alone until the next count."""
     client = aioredis.Redis.from_url(redis_url)
-    now = [NOW]
-    minute0 = NOW // NS_PER_MINUTE
+    now = [NOON]
+    minute0 = NOON // NS_PER_MINUTE
     service = StatsService(client, StatsSettings(consumer="c1"), clock=lambda: now[0])
     try:
         await service.ensure_groups()
-        await _append(client, [(keys.CLICKS_STREAM, click("bot", ts=NOW, creative=None)),
-                               (keys.CLICKS_STREAM, click("ok", cid="k2", ts=NOW,
+        await _append(client, [(keys.CLICKS_STREAM, click("bot", ts=NOON, creative=None)),
+                               (keys.CLICKS_STREAM, click("ok", cid="k2", ts=NOON,
                                                           creative=None))])
         reply = await client.xreadgroup(keys.STATS_GROUP, "c1", {keys.CLICKS_STREAM: ">"})
         await service.count(keys.CLICKS_STREAM, reply[0][1], tally_click)
         await service.publish_changes()
         for later in range(0, 60):
-            now[0] = NOW + later * NS_PER_MINUTE
+            now[0] = NOON + later * NS_PER_MINUTE
             published = await service.publish_changes()
             assert published == (0 if later == 0 else 1 + (later == 5)), later  # +5m row
             event = await _series(client, "42")
@@ -291,16 +294,16 @@ async def test_the_series_rolls_every_minute_without_clicks_then_rests(redis_url
         restarted = StatsService(client, StatsSettings(consumer="c1"), clock=lambda: now[0])
         await restarted._load_active()
         assert await restarted.publish_changes() == 0
-        now[0] = NOW + 60 * NS_PER_MINUTE  # the click leaves the hour
+        now[0] = NOON + 60 * NS_PER_MINUTE  # the click leaves the hour
         assert await service.publish_changes() == 2  # 1h row zeroed, the series emptied
         assert set((await _series(client, "42"))["minutes"]["clicks"]) == {0}
-        now[0] = NOW + 61 * NS_PER_MINUTE  # the partner leaves the active set: once more
+        now[0] = NOON + 61 * NS_PER_MINUTE  # the partner leaves the active set: once more
         assert await service.publish_changes() == 1
-        now[0] = NOW + 62 * NS_PER_MINUTE  # then nothing moves it (README: zeros after it)
+        now[0] = NOON + 62 * NS_PER_MINUTE  # then nothing moves it (README: zeros after it)
         assert await service.publish_changes() == 0
         assert (await _series(client, "42"))["minutes"]["start"] == minute0 + 61 - 59
         # Within a minute, a new count changes only the current bucket.
-        now[0] = NOW + 70 * NS_PER_MINUTE
+        now[0] = NOON + 70 * NS_PER_MINUTE
         await _append(client, [(keys.CLICKS_STREAM, click("ok", cid="k3", ts=now[0],
                                                           creative=None))])
         reply = await client.xreadgroup(keys.STATS_GROUP, "c1", {keys.CLICKS_STREAM: ">"})
