@@ -342,6 +342,12 @@ class RedisBroker:
             link.leaving[topic] = link.leaving.get(topic, 0) + 1
             link.write("SUNSUBSCRIBE", topic)
 
+    def resubscribe(self, topic: str) -> None:
+        """Subscribe a followed topic again (the audit found it silent): it is
+        treated as lost, routed anew and confirmed, then history is checked."""
+        if topic in self._topics:
+            self._disturbed([topic])
+
     @property
     def subscriptions(self) -> int:
         return len(self._confirmed)
@@ -552,6 +558,20 @@ class RedisBroker:
             for topic in topics:
                 pipe.evalsha(self._load_state.sha, 2, meta_key(topic), latest_key(topic))
             return await pipe.execute(raise_on_error=False)
+
+    async def read_heads(self, topics: list[str]) -> list[tuple[str | None, int]]:
+        """(epoch, seq) of each topic's seq space as Redis has it now; (None, 0)
+        for a topic with none. One round trip per server."""
+        if self.cluster:
+            replies = await asyncio.gather(*(
+                self.commands.hmget(meta_key(t), "epoch", "seq") for t in topics))
+        else:
+            async with self.commands.pipeline(transaction=False) as pipe:
+                for topic in topics:
+                    pipe.hmget(meta_key(topic), "epoch", "seq")
+                replies = await pipe.execute()
+        return [(None, 0) if epoch is None else (_text(epoch), int(seq or 0))
+                for epoch, seq in replies]
 
     async def read_since(self, topic: str, seq: int, most: int) -> History:
         """Every event of `topic` after `seq`, if history still holds them all."""

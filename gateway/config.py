@@ -284,6 +284,11 @@ class Settings(EnvSettings):
         "OG_REDIS_RECONNECT_S", 0.5, "fixed delay between Redis reconnect attempts",
         minimum=0.01
     )
+    audit_s: float = setting(
+        "OG_AUDIT_S", 5.0, "how often the worker compares every topic's seq with Redis's "
+        "(one read per topic), to find a subscription lost without notice within two "
+        "periods; 0: never", minimum=0
+    )
     log_format: str = setting(
         "OG_LOG_FORMAT", "text",
         "log lines of every oddsgate process and of HAProxy: `text` (readable) or `json` "

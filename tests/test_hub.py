@@ -208,3 +208,39 @@ async def test_redis_found_behind_the_channel_after_a_reconnect_resets_its_playe
     assert player.frames[-3]["reason"] == "rewound" and player.frames[-2]["seq"] == 3
     assert player.frames[-1]["seq"] == 4
     assert player.checker.violations == []
+
+
+# -- the audit: a subscription lost without notice ------------------------------
+
+
+async def test_a_channel_behind_redis_at_two_audits_is_repaired_and_subscribed_again() -> None:
+    from gateway.effects import Resubscribe
+
+    hub = await _hub_with_channel()
+    player = Player(hub, "p")
+    await _join(hub, player)
+    hub.on_message(TOPIC, _event(1, 1))
+    channel = hub.channels[TOPIC]
+    assert hub.audit_targets() == [channel]
+    # Redis is at 3; 2 and 3 never came (and no later event will tell).
+    assert hub.audited([(channel, "e", 3)]) == []  # a suspect: they may be in flight
+    effects = hub.audited([(channel, "e", 3)])
+    [read, again] = effects
+    assert isinstance(read, ReadHistory) and read.after == 1 and again == Resubscribe(TOPIC)
+    assert hub.counters.silent_losses == 1
+    hub.history_read(read, History("e", 3, [_event(2, 2), _event(3, 1)]))
+    await turn()
+    assert player.checker.topics[TOPIC].seq == 3 and player.checker.violations == []
+
+
+async def test_events_in_flight_at_an_audit_are_not_a_loss() -> None:
+    hub = await _hub_with_channel()
+    hub.on_message(TOPIC, _event(1, 1))
+    channel = hub.channels[TOPIC]
+    assert hub.audited([(channel, "e", 2)]) == []
+    hub.on_message(TOPIC, _event(2, 1))  # it was on its way
+    assert hub.audited([(channel, "e", 4)]) == []  # 3, 4 in flight now: a new suspect
+    hub.on_message(TOPIC, _event(3, 1))
+    hub.on_message(TOPIC, _event(4, 1))
+    assert hub.audited([(channel, "e", 4)]) == [] and hub.counters.silent_losses == 0
+    assert hub.audited([(channel, None, 0)]) == []  # Redis lost the topic: not the audit's
