@@ -194,6 +194,42 @@ async def test_a_slot_moved_under_load_loses_nothing_and_resets_nobody(clean, tm
         worker.stop()
 
 
+async def test_a_node_on_the_cluster_resumes_the_players_of_a_killed_worker(clean,
+                                                                            tmp_path) -> None:
+    """`oddsgate run --haproxy` with OG_REDIS_CLUSTER_NODES: every worker and the
+    supervisor use the cluster. A worker SIGKILLed mid-feed: its players
+    reconnect through HAProxy and resume from their seqs, with no reset."""
+    import os
+    import signal
+
+    from tests.node_harness import start_node
+
+    topics = topics_on_every_master(clean, per_master=2)
+    node = start_node("", tmp_path / "node", workers=2, OG_REDIS_CLUSTER_NODES=clean.seeds)
+    feed = Feed(clean.url, topics)
+    stop = asyncio.Event()
+    try:
+        await feed.burst(len(topics))
+        async with players_on(node, topics, 6) as players:
+            running = asyncio.create_task(feed.run(stop))
+            await asyncio.sleep(0.5)
+            victim = node.worker_pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            await eventually(lambda: sum(p.stats.resumes for p in players) >= 1, timeout=20)
+            before = feed.published
+            await eventually(lambda: feed.published > before + 100, timeout=20)
+            stop.set()
+            await running
+            await eventually(lambda: holds_redis_state(clean, players, topics), timeout=20)
+            for player in players:
+                assert player.violations == [], player.violations[:5]
+                assert player.stats.resets == 0
+    finally:
+        stop.set()
+        await feed.close()
+        node.stop()
+
+
 async def test_a_master_killed_mid_feed_gives_resumes_or_resets_never_a_silent_gap(
         clean, tmp_path) -> None:
     """Last in the module: the killed master stays dead (its replica serves)."""
