@@ -433,23 +433,23 @@ class RedisBroker:
         # A cluster moves slots in milliseconds: look again at once, unless the
         # last healing was just now (a link that keeps failing backs off).
         quick = self.cluster and asyncio.get_running_loop().time() - self._healed_at > 1.0
+        delay = 0.05 if quick else self._reconnect_delay
         while not self._closing:
             self._heal_again = False
-            await asyncio.sleep(0.05 if quick else self._reconnect_delay)
-            quick = False
+            await asyncio.sleep(delay)
+            delay = self._reconnect_delay
             try:
                 await self._open_links()
             except (TimeoutError, OSError, ConnectionError, RedisError) as exc:
                 log.warning("redis pub/sub: cannot reach %s yet: %s", self.url, exc)
-                await asyncio.sleep(self._reconnect_delay)
                 continue
             self._route_all()
             deadline = asyncio.get_running_loop().time() + CONFIRM_TIMEOUT_S
-            while (self._topics - self._confirmed and not self._heal_again
+            while (len(self._confirmed) < len(self._topics) and not self._heal_again
                    and asyncio.get_running_loop().time() < deadline
                    and all(not link.closed for link in self._links.values())):
                 await asyncio.sleep(0.01)
-            if self._topics <= self._confirmed and not self._heal_again \
+            if len(self._confirmed) == len(self._topics) and not self._heal_again \
                     and len(self._links) == len(self._masters):
                 self._healed_at = asyncio.get_running_loop().time()
                 self.connected.set()
