@@ -48,7 +48,7 @@ from attribution.stats import (
 from feed.publisher import Publisher, StatsEvent
 from gateway.config import EnvSettings, setting
 from gateway.topics import PartitionMap, stats_topic
-from redis_contract import latest_key
+from redis_contract import latest_key, target
 
 log = logging.getLogger("oddsgate.stats")
 
@@ -272,7 +272,7 @@ async def serve(redis_url: str, settings: StatsSettings) -> None:
     """Run until SIGTERM or SIGINT."""
     import signal
 
-    redis = aioredis.from_url(redis_url)
+    redis = target.async_client(redis_url)
     service = StatsService(redis, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
