@@ -98,7 +98,9 @@ class ClickRecorder:
         self.round_trips += 1
         async with self.redis.pipeline(transaction=False) as pipe:
             for click in clicks:
-                pipe.evalsha(self._script.sha, 3, *click.script_keys(),
-                             *click.script_args(self.dedupe_window_ms,
-                                                self.attribution_window_ms))
+                # execute_command, not pipe.evalsha: redis-py's cluster pipeline refuses
+                # the method but routes the command by its first key (one slot per click)
+                pipe.execute_command("EVALSHA", self._script.sha, 3, *click.script_keys(),
+                                     *click.script_args(self.dedupe_window_ms,
+                                                        self.attribution_window_ms))
             return await pipe.execute(raise_on_error=False)
