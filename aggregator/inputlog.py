@@ -32,11 +32,11 @@ class CopyGap(RuntimeError):
 # aggregator reads all of them in one XREAD, which a cluster takes only within one
 # slot. The cost: a region's whole input log lives on one shard (it is read by one
 # aggregator, in one merged order, anyway). Before the cluster this was og:in:<provider>.
-INPUT_TAG = "{og:in}"
+INPUT_PREFIX = "og:in:{og:in}:"
 
 
 def input_key(provider: str) -> str:
-    return f"og:in:{INPUT_TAG}:{provider}"
+    return f"{INPUT_PREFIX}{provider}"
 
 
 class InputLog:

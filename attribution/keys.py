@@ -35,7 +35,9 @@ spread anyway. Statistics spread over shards by partner. `og:links` needs
 no tag: its script touches one key and publishes with plain PUBLISH, which a
 cluster delivers on every node.
 
-Renamed for the cluster (a deployment upgrading moves them, README):
+Renamed for the cluster (`python -m attribution.migrate_keys` moves a
+deployment's old keys to these names, and those of webhooks/keys.py and
+aggregator/inputlog.py):
 `og:click:<id>` -> `og:click:{og:clicks}:<id>`, `og:dedupe:<code>:<digest>`
 -> `og:dedupe:{og:clicks}:<code>:<digest>`, `og:conv:<id>` ->
 `og:conv:{og:conversions}:<id>`, `og:keys:added` -> `og:keys:{og:keys}:added`.
@@ -65,22 +67,26 @@ OPERATOR_KEYS = "og:keys"
 OPERATOR_KEYS_ADDED = f"og:keys:{beside(OPERATOR_KEYS)}:added"
 # the one field of a stream entry that holds the record
 RECORD_FIELD = "c"
+# what the companions' names start with (attribution/migrate_keys.py moves old ones here)
+CLICK_INDEX_PREFIX = f"og:click:{beside(CLICKS)}:"
+DEDUPE_PREFIX = f"og:dedupe:{beside(CLICKS)}:"
+CONVERSION_PREFIX = f"og:conv:{beside(CONVERSIONS)}:"
 
 
 def click_index(click_id: str) -> str:
     """Hash of one click record's fields, expiring with the attribution window."""
-    return f"og:click:{beside(CLICKS)}:{click_id}"
+    return f"{CLICK_INDEX_PREFIX}{click_id}"
 
 
 def dedupe(code: str, ip_hash: str, ua: str) -> str:
     """SET NX PX key of one client (address hash + user agent) on one link."""
     digest = hashlib.sha256(f"{ip_hash}|{ua}".encode()).hexdigest()[:32]
-    return f"og:dedupe:{beside(CLICKS)}:{code}:{digest}"
+    return f"{DEDUPE_PREFIX}{code}:{digest}"
 
 
 def conversion_idempotency(operator_id: str) -> str:
     """The first answer's JSON to a conversion, by the operator's own id."""
-    return f"og:conv:{beside(CONVERSIONS)}:{operator_id}"
+    return f"{CONVERSION_PREFIX}{operator_id}"
 CLICKS_STREAM = CLICKS  # the statistics service's spelling of the same streams
 CONVERSIONS_STREAM = CONVERSIONS
 

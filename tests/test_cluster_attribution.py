@@ -34,6 +34,7 @@ from attribution.link_store import AsyncLinkStore
 from attribution.linkcache import LinkCache
 from attribution.links import Link
 from attribution.linksync import LinkSync
+from attribution.migrate_keys import migrate
 from attribution.recorder import ClickRecorder
 from attribution.settings import AttributionSettings
 from attribution.stats_service import StatsService, StatsSettings
@@ -42,6 +43,7 @@ from redis_contract import target
 from supervisor.cli import main
 from tests.cluster_harness import LocalCluster
 from tests.conftest import ROOT, eventually
+from tests.test_migrate_keys import check_moved, populate_old
 from tests.test_stats_service import (
     NOW,
     _all_acknowledged,
@@ -469,3 +471,20 @@ async def test_the_input_log_appends_and_reads_on_the_cluster(cluster, client) -
             direct.script_flush()
     assert await log.append(_heartbeats("cygnus", 6, 6)) == 1
 
+
+# -- moving a deployment's old keys ------------------------------------------------------
+
+
+def test_old_keys_move_to_their_cluster_names(cluster_url) -> None:
+    """After an import into the cluster the old names sit in their own slots; the move
+    (DUMP, RESTORE with the TTL, DEL: RENAME cannot leave a slot) puts each beside its
+    group, consumer groups and TTLs with it."""
+    client = target.sync_client(cluster_url)
+    try:
+        populate_old(client)
+        report = migrate(client)
+        assert not report.taken
+        check_moved(client)
+        assert sum(migrate(client).moved.values()) == 0
+    finally:
+        client.close()

@@ -18,22 +18,22 @@ from __future__ import annotations
 
 from attribution.keys import CONVERSIONS, beside
 
-_PREFIX = f"og:hooks:{beside(CONVERSIONS)}"
+PREFIX = f"og:hooks:{beside(CONVERSIONS)}:"
 
-ENDPOINTS = f"{_PREFIX}:endpoints"  # hash: endpoint id -> endpoint JSON (endpoints.py)
-DELIVERIES = f"{_PREFIX}:deliveries"  # hash: webhook-id -> delivery JSON (endpoint, attempts)
-BODIES = f"{_PREFIX}:bodies"  # hash: webhook-id -> the event's JSON body, kept until delivered
-DUE = f"{_PREFIX}:due"  # sorted set: webhook-id -> when it is due (Unix ms)
-DEAD = f"{_PREFIX}:dead"  # hash: webhook-id -> delivery JSON with its attempts (dead letters)
+ENDPOINTS = f"{PREFIX}endpoints"  # hash: endpoint id -> endpoint JSON (endpoints.py)
+DELIVERIES = f"{PREFIX}deliveries"  # hash: webhook-id -> delivery JSON (endpoint, attempts)
+BODIES = f"{PREFIX}bodies"  # hash: webhook-id -> the event's JSON body, kept until delivered
+DUE = f"{PREFIX}due"  # sorted set: webhook-id -> when it is due (Unix ms)
+DEAD = f"{PREFIX}dead"  # hash: webhook-id -> delivery JSON with its attempts (dead letters)
 GROUP = "og-webhooks"  # consumer group of the dispatcher on og:conversions
 
 
 def partner_seq(partner: str) -> str:
     """INCR'd once per event sent to the partner, in the step that enqueues it."""
-    return f"{_PREFIX}:seq:{partner}"
+    return f"{PREFIX}seq:{partner}"
 
 
 def endpoint_stats(endpoint_id: str) -> str:
     """Hash of an endpoint's counters (delivered, failed, retrying, dead) and breaker state,
     written by the dispatcher and read by `oddsgate webhooks list`."""
-    return f"{_PREFIX}:stats:{endpoint_id}"
+    return f"{PREFIX}stats:{endpoint_id}"
