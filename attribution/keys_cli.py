@@ -25,7 +25,7 @@ import redis
 from attribution.keys import OPERATOR_KEYS, OPERATOR_KEYS_ADDED
 from attribution.operator_keys import check_name, key_hash, new_key
 from redis_contract import target
-from supervisor.redact import UNREACHABLE, shown_url
+from supervisor.redact import shown_url, unreachable
 
 ADD_SCRIPT = resources.files("attribution").joinpath("operator_key_add.lua").read_text()
 
@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:  # not a URL redis-py or target.py takes
         print(f"oddsgate keys: --redis-url: {exc}", file=sys.stderr)
         return 2
-    except UNREACHABLE as exc:
+    except unreachable() as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"oddsgate keys: cannot reach Redis at {shown_url(args.redis_url)}: {reason}",
               file=sys.stderr)

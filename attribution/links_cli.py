@@ -16,7 +16,7 @@ import orjson
 from attribution.link_store import LinkConflict, LinkStore
 from attribution.links import DEFAULT_CLICK_PARAM, Link, LinkError
 from redis_contract import target
-from supervisor.redact import UNREACHABLE, shown_url
+from supervisor.redact import shown_url, unreachable
 
 DESCRIPTION = ("Tracking links (GET /t/{code}): add one, pause or resume it, list them. "
                "Redis: --redis-url, else OG_REDIS_URL, else the node's embedded Redis.")
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     except LinkConflict as exc:
         print(f"oddsgate links: {exc}", file=sys.stderr)
         return 1
-    except UNREACHABLE as exc:
+    except unreachable() as exc:
         print(f"oddsgate links: Redis at {shown_url(url)} unreachable: {exc}", file=sys.stderr)
         return 1
     except ValueError as exc:  # not a URL redis-py or target.py takes

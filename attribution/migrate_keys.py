@@ -36,7 +36,7 @@ import redis
 from aggregator.inputlog import INPUT_PREFIX
 from attribution import keys
 from redis_contract import target
-from supervisor.redact import UNREACHABLE, shown_url
+from supervisor.redact import shown_url, unreachable
 from webhooks import keys as hook_keys
 
 
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"migrate_keys: --redis-url: {exc}", file=sys.stderr)
         return 2
-    except UNREACHABLE as exc:
+    except unreachable() as exc:
         print(f"migrate_keys: cannot reach Redis at {shown_url(args.redis_url)}: {exc}",
               file=sys.stderr)
         return 1

@@ -18,8 +18,6 @@ import logging
 import re
 from urllib.parse import urlsplit
 
-import redis.exceptions
-
 MARKER = "REDACTED"
 
 # `token=...` / `og_session=...` in a query string, a cookie header or free
@@ -79,10 +77,14 @@ def install(logger: logging.Logger | None = None) -> None:
             handler.addFilter(RedactTokens())
 
 
-# What a client raises when its Redis (a server, or every seed node of a
-# cluster: redis_contract/target.py) cannot be reached; a CLI says so in one line.
-UNREACHABLE = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
-               redis.exceptions.RedisClusterException, OSError)
+def unreachable() -> tuple[type[BaseException], ...]:
+    """What a client raises when its Redis (a server, or every seed node of a cluster:
+    redis_contract/target.py) cannot be reached; a CLI says so in one line. A function,
+    so that `oddsgate status` and the like, which import this module, never load redis."""
+    import redis.exceptions
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+            redis.exceptions.RedisClusterException, OSError)
 
 
 def shown_url(url: str) -> str:

@@ -18,7 +18,7 @@ import orjson
 from redis.exceptions import RedisError
 
 from gateway.config import ConfigError
-from supervisor.redact import UNREACHABLE, shown_url
+from supervisor.redact import shown_url, unreachable
 
 log = logging.getLogger("oddsgate.webhooks")
 _STOP_GRACE_S = 5.0
@@ -67,7 +67,7 @@ def run_webhooks(args: argparse.Namespace) -> int:
         return _run_dispatcher(url)
     try:
         return asyncio.run(_admin(url, args))
-    except UNREACHABLE as exc:
+    except unreachable() as exc:
         print(f"oddsgate webhooks: cannot reach Redis at {shown_url(url)}: {exc}",
               file=sys.stderr)
         return 1
@@ -103,7 +103,7 @@ def _run_dispatcher(url: str) -> int:
 
     try:
         uvloop.run(main())
-    except (*UNREACHABLE, RedisError) as exc:
+    except (*unreachable(), RedisError) as exc:
         print(f"oddsgate webhooks run: {exc}", file=sys.stderr)
         return 1
     return 0

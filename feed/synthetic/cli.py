@@ -34,7 +34,7 @@ from feed.synthetic.pacing import (
 )
 from gateway.topics import PartitionMap
 from redis_contract import target
-from supervisor.redact import UNREACHABLE, shown_url
+from supervisor.redact import shown_url, unreachable
 
 REDIS_URL_ENV = "OG_REDIS_URL"
 DESCRIPTION = ("Publish a synthetic, seeded odds feed into Redis through the atomic publish "
@@ -167,7 +167,7 @@ async def _publish(args: argparse.Namespace, pmap: PartitionMap) -> int:
     try:
         try:
             await client.ping()
-        except (*UNREACHABLE, redis.exceptions.RedisError) as exc:
+        except (*unreachable(), redis.exceptions.RedisError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(
                 f"oddsgate feed: cannot reach Redis at {shown_url(args.redis_url)}: {reason}",
