@@ -175,6 +175,42 @@ async def test_a_click_is_recorded_with_its_index_and_verdict(cluster, cluster_u
     assert await client.xlen(keys.CLICKS) == 24
 
 
+async def test_clicks_follow_their_slot_to_another_master(cluster, cluster_url,
+                                                         client) -> None:
+    """The slot of og:clicks (with every index and dedupe key in it) migrates while
+    clicks are recorded: each is recorded or refused (TRYAGAIN while its keys are
+    split between the two masters), none is lost, and all land on the new master."""
+    await AsyncLinkStore(client).add(LINK)
+    sync, cache, task = await _follow_links(cluster_url)
+    recorder = ClickRecorder(client, dedupe_window_ms=60_000, attribution_window_ms=3_600_000)
+    route = TrackingRoute(SETTINGS, cache, recorder)
+    browser = Headers({"User-Agent": "Mozilla/5.0"})
+    slot = key_slot(keys.CLICKS.encode())
+    try:
+        for n in range(300):  # 601 keys to migrate one by one: clicks come meanwhile
+            assert (await route.answer("/t/spring-24", {}, "GET", browser,
+                                       f"10.0.{n // 250}.{n % 250}")).status_code == 302
+        source = cluster.master_of(slot)
+        destination = next(p for p in cluster.masters_ports() if p != source)
+        move = asyncio.create_task(asyncio.to_thread(cluster.move_slot, slot, destination,
+                                                     batch=1))
+        statuses: list[int] = []
+        while not move.done() or statuses[-3:] != [302, 302, 302]:
+            answer = await route.answer("/t/spring-24", {}, "GET", browser,
+                                        f"10.9.{len(statuses) // 250}.{len(statuses) % 250}")
+            statuses.append(answer.status_code)
+            await asyncio.sleep(0.005)
+        await move
+    finally:
+        await _stop_following(sync, task)
+    assert set(statuses) <= {302, 503}
+    assert cluster.master_of(slot) == destination
+    with cluster.client(destination) as direct:
+        assert direct.xlen(keys.CLICKS) == 300 + statuses.count(302)
+    verdicts = [orjson.loads(f[b"c"])["verdict"] for _, f in await client.xrange(keys.CLICKS)]
+    assert verdicts.count("ok") == len(verdicts)  # every client distinct: no duplicate
+
+
 def _click_like(record: dict, click_id: str):
     from attribution.clicks import Click
 
