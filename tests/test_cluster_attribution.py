@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from urllib.parse import parse_qs, urlsplit
 
 import orjson
 import pytest
@@ -42,7 +43,8 @@ from attribution.tracking import TrackingRoute
 from redis_contract import target
 from supervisor.cli import main
 from tests.cluster_harness import LocalCluster
-from tests.conftest import ROOT, eventually
+from tests.conftest import ROOT, eventually, start_worker
+from tests.test_conversions_worker import call, operator_key, post, wait_for
 from tests.test_migrate_keys import check_moved, populate_old
 from tests.test_stats_service import (
     NOW,
@@ -209,6 +211,41 @@ async def test_clicks_follow_their_slot_to_another_master(cluster, cluster_url,
         assert direct.xlen(keys.CLICKS) == 300 + statuses.count(302)
     verdicts = [orjson.loads(f[b"c"])["verdict"] for _, f in await client.xrange(keys.CLICKS)]
     assert verdicts.count("ok") == len(verdicts)  # every client distinct: no duplicate
+
+
+def test_a_worker_on_the_cluster_redirects_records_and_takes_conversions(cluster_url, cluster,
+                                                                       tmp_path) -> None:
+    """A real `oddsgate worker` given OG_REDIS_CLUSTER_NODES: a link added by the CLI, a
+    click over HTTP (302 only once recorded), the operator key's conversion credited."""
+    worker = start_worker("", tmp_path, OG_REDIS_CLUSTER_NODES=cluster.seeds,
+                          OG_CLICK_KEYS=CLICK_KEYS)
+    try:
+        assert main(["links", "--redis-url", cluster_url, "add", "spring-24", "--partner", "p42",
+                     "--campaign", "c7", "--creative", "banner1",
+                     "--url", "https://sportsbook.example/welcome"]) == 0
+        wait_for(lambda: call(worker.port, "GET", "/t/spring-24")[0] == 302)
+        status, headers, _ = call(worker.port, "GET", "/t/spring-24?sub1=kw",
+                                  headers={"User-Agent": "Mozilla/5.0 (X11) Firefox/130.0",
+                                           "X-Forwarded-For": "203.0.113.50"})
+        assert status == 302, worker.log()
+        click_id = parse_qs(urlsplit(headers["location"]).query)["ogclid"][0]
+        client = target.sync_client(cluster_url)
+        try:
+            recorded = [orjson.loads(f[b"c"]) for _, f in client.xrange(keys.CLICKS)]
+            assert click_id in {r["click_id"] for r in recorded}
+            assert client.hget(keys.click_index(click_id), "partner") == b"p42"
+            key = operator_key(cluster_url, worker.port)
+            body = orjson.dumps({"id": "op-w1", "click_id": click_id, "type": "ftd",
+                                 "player": "p-1", "amount": "25.00", "currency": "EUR",
+                                 "ts": time.time_ns()})
+            first, again = (post(worker.port, body, key) for _ in range(2))
+            assert first[0] == again[0] == 202 and first[2] == again[2], worker.log()
+            assert orjson.loads(first[2])["attributed"]["partner"] == "p42"
+            assert client.xlen(keys.CONVERSIONS) == 1
+        finally:
+            client.close()
+    finally:
+        worker.stop()
 
 
 def _click_like(record: dict, click_id: str):
