@@ -36,6 +36,7 @@ from attribution.linkcache import LinkCache
 from attribution.links import Link
 from attribution.linksync import LinkSync
 from attribution.migrate_keys import migrate
+from attribution.operator_keys import key_hash
 from attribution.recorder import ClickRecorder
 from attribution.settings import AttributionSettings
 from attribution.stats_service import StatsService, StatsSettings
@@ -542,6 +543,37 @@ async def test_the_input_log_appends_and_reads_on_the_cluster(cluster, client) -
         with cluster.client(port) as direct:
             direct.script_flush()
     assert await log.append(_heartbeats("cygnus", 6, 6)) == 1
+
+
+# -- the synthetic feed and the demo's operator key --------------------------------------
+
+
+def test_the_demo_operator_key_on_the_cluster(cluster_url) -> None:
+    from attribution.synthetic_partners import OPERATOR_KEY_NAME, register_operator_key
+
+    key = asyncio.run(register_operator_key(cluster_url))
+    client = target.sync_client(cluster_url)
+    try:
+        assert client.hget(keys.OPERATOR_KEYS, OPERATOR_KEY_NAME).decode() == key_hash(key)
+    finally:
+        client.close()
+
+
+@pytest.mark.xfail(strict=False, reason="feed/publisher.py's cluster batch (the lead's): "
+                   "after a NOSCRIPT on a fresh cluster it re-sends the whole batch while "
+                   "the other topics' tasks of the first try still publish (56 for 50)")
+def test_the_feed_cli_publishes_its_count_on_the_cluster(cluster_url) -> None:
+    from feed.synthetic import main as feed_main
+
+    assert feed_main(["--redis-url", cluster_url, "--count", "50", "--rate", "2000",
+                      "--quiet"]) == 0
+    client = target.sync_client(cluster_url)
+    try:
+        metas = set(client.scan_iter(match="og:{*}:meta"))  # every master's
+        assert len({key_slot(meta) for meta in metas}) > 1  # topics spread over slots
+        assert sum(int(client.hget(meta, "seq")) for meta in metas) == 50
+    finally:
+        client.close()
 
 
 # -- moving a deployment's old keys ------------------------------------------------------
