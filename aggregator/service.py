@@ -247,11 +247,9 @@ class Aggregator:
         if raw is not None:
             saved = orjson.loads(raw)
             topics = sorted(orjson.loads(saved["engine"])["seqs"])
-        # one key per DEL: these keys sit in many slots, and redis-py's cluster
-        # pipeline sends each command to one node (it refuses a DEL of several keys)
         async with self.redis.pipeline(transaction=False) as pipe:
-            for key in [*(k for topic in topics for k in topic_keys(topic)),
-                        checkpoint_key(self.settings.stream), REGION_ALIVE_KEY]:
-                pipe.delete(key)
+            for topic in topics:
+                pipe.delete(*topic_keys(topic))
+            pipe.delete(checkpoint_key(self.settings.stream), REGION_ALIVE_KEY)
             await pipe.execute()
         return len(topics)

@@ -545,6 +545,31 @@ async def test_the_input_log_appends_and_reads_on_the_cluster(cluster, client) -
     assert await log.append(_heartbeats("cygnus", 6, 6)) == 1
 
 
+async def test_an_aggregator_rebuild_drops_its_topics_on_every_master(client) -> None:
+    """`oddsgate aggregate --rebuild`: the topics of its checkpoint sit in many slots,
+    deleted one key per command (a cluster pipeline sends each to its own master)."""
+    from aggregator.service import Aggregator, checkpoint_key
+    from aggregator.settings import AggregatorSettings
+    from gateway.topics import PartitionMap
+    from redis_contract import REGION_ALIVE_KEY, topic_keys
+
+    settings = AggregatorSettings()
+    topics = [f"odds:1:{1000 + n}" for n in range(12)]
+    for topic in topics:
+        for key in topic_keys(topic):
+            await client.set(key, "x")
+    assert len({key_slot(topic_keys(t)[0].encode()) for t in topics}) > 1
+    engine = orjson.dumps({"seqs": dict.fromkeys(topics, 3)}).decode()
+    await client.set(checkpoint_key(settings.stream), orjson.dumps({"engine": engine}))
+    await client.set(REGION_ALIVE_KEY, "local 1")
+    aggregator = Aggregator(client, settings, PartitionMap.load(None), "local")
+    assert await aggregator.rebuild() == len(topics)
+    for topic in topics:
+        assert not await client.exists(*topic_keys(topic)[:1])
+    assert not await client.exists(checkpoint_key(settings.stream))
+    assert not await client.exists(REGION_ALIVE_KEY)
+
+
 # -- the synthetic feed and the demo's operator key --------------------------------------
 
 
