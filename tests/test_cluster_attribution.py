@@ -309,6 +309,26 @@ def test_operator_keys_cli_on_the_cluster(cluster_url, capsys) -> None:
         client.close()
 
 
+def test_the_clis_find_the_cluster_in_og_redis_cluster_nodes(cluster, cluster_url, capsys,
+                                                             monkeypatch) -> None:
+    """No --redis-url: OG_REDIS_CLUSTER_NODES, as an operator's shell on a node has it."""
+    monkeypatch.delenv("OG_REDIS_URL", raising=False)
+    monkeypatch.setenv("OG_REDIS_CLUSTER_NODES", cluster.seeds)
+    assert main(["keys", "add", "from-env"]) == 0
+    assert main(["links", "add", "env-link", "--partner", "p42", "--campaign", "c7",
+                 "--creative", "b", "--url", "https://example.com/"]) == 0
+    assert main(["webhooks", "add", "--partner", "p42", "--url", "https://example.com/h"]) == 0
+    capsys.readouterr()
+    assert main(["keys", "list"]) == 0 and "from-env" in capsys.readouterr().out
+    assert main(["links", "list"]) == 0 and "env-link" in capsys.readouterr().out
+    assert main(["webhooks", "list"]) == 0 and "p42" in capsys.readouterr().out
+    # both set is a mistake the CLIs name rather than guess
+    monkeypatch.setenv("OG_REDIS_URL", "redis://127.0.0.1:6379")
+    assert main(["links", "list"]) == 2
+    assert main(["webhooks", "list"]) == 2
+    assert "OG_REDIS_CLUSTER_NODES" in capsys.readouterr().err
+
+
 def test_an_unreachable_cluster_is_one_line_and_exit_1(capsys) -> None:
     nowhere = "redis-cluster://127.0.0.1:1,127.0.0.1:2"
     capsys.readouterr()
