@@ -451,7 +451,7 @@ def test_the_stats_service_process_counts_on_the_cluster(cluster_url, tmp_path) 
 # -- webhooks ------------------------------------------------------------------------------
 
 
-async def test_webhooks_are_enqueued_delivered_retried_and_replayed(client) -> None:
+async def test_webhooks_are_enqueued_retried_and_delivered(client) -> None:
     attempts: list[int] = []
 
     async def flaky(_request, n: int):
