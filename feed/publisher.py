@@ -13,7 +13,6 @@ new seqs, so no player sees a gap or a stale price, only a repeat).
 
 from __future__ import annotations
 
-import asyncio
 import datetime as _dt
 import secrets
 from collections.abc import Iterable
@@ -136,30 +135,32 @@ class Publisher:
 
     async def _cluster_batch(self, prepared: list[tuple[str, list[str], list]],
                              raise_on_error: bool) -> list:
-        """A batch on a Redis Cluster, where redis-py refuses EVALSHA in a pipeline:
-        each topic's events in order, one after the other, topics side by side
-        (each on its slot's master), so seqs still follow the batch per topic."""
-        results: list = [None] * len(prepared)
-        by_topic: dict[str, list[int]] = {}
-        for index, (topic, _keys, _args) in enumerate(prepared):
-            by_topic.setdefault(topic, []).append(index)
+        """A batch on a Redis Cluster: one pipeline, which redis-py splits per
+        master, each part in batch order (its `evalsha` method is refused in a
+        cluster pipeline; the raw command is routed by its first key).
 
-        async def run(indices: list[int]) -> None:
-            for position, index in enumerate(indices):
-                _topic, keys, args = prepared[index]
-                try:
-                    results[index] = await self._redis.evalsha(
-                        self._script.sha, len(keys), *keys, *args)
-                except Exception as exc:
-                    if raise_on_error:
-                        raise
-                    # The rest of this topic would follow a hole: not sent, same error.
-                    for later in indices[position:]:
-                        results[later] = exc
-                    return
-
-        await asyncio.gather(*(run(indices) for indices in by_topic.values()))
+        A master may lack the script (a promoted replica, a fresh cluster) while
+        the others ran their part: only the events refused with NOSCRIPT are sent
+        again, after loading the script everywhere, so nothing is published twice.
+        """
+        results = await self._cluster_pipeline(prepared)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            await self._redis.script_load(PUBLISH_LUA)
+            again = await self._cluster_pipeline([prepared[i] for i in missing])
+            for index, result in zip(missing, again, strict=True):
+                results[index] = result
+        if raise_on_error:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
         return results
+
+    async def _cluster_pipeline(self, prepared: list[tuple[str, list[str], list]]) -> list:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _topic, keys, args in prepared:
+                pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            return await pipe.execute(raise_on_error=False)
 
     async def publish_sequenced(self, events: list[Sequenced]) -> int:
         """Publish events at the epoch and seq they carry, in order, in one round trip.

@@ -549,11 +549,13 @@ class RedisBroker:
 
     async def _pipeline_loads(self, topics: list[str]) -> list:
         if self.cluster:
-            # redis-py refuses EVALSHA in a cluster pipeline: the reads go out
-            # together instead, each on its slot's master.
-            return await asyncio.gather(*(
-                self.commands.evalsha(self._load_state.sha, 2, meta_key(t), latest_key(t))
-                for t in topics), return_exceptions=True)
+            # A cluster pipeline is split per master; its `evalsha` method is
+            # refused there, the raw command is routed by its first key.
+            async with self.commands.pipeline(transaction=False) as pipe:
+                for topic in topics:
+                    pipe.execute_command("EVALSHA", self._load_state.sha, 2,
+                                         meta_key(topic), latest_key(topic))
+                return await pipe.execute(raise_on_error=False)
         async with self.commands.pipeline(transaction=False) as pipe:
             for topic in topics:
                 pipe.evalsha(self._load_state.sha, 2, meta_key(topic), latest_key(topic))
@@ -562,14 +564,10 @@ class RedisBroker:
     async def read_heads(self, topics: list[str]) -> list[tuple[str | None, int]]:
         """(epoch, seq) of each topic's seq space as Redis has it now; (None, 0)
         for a topic with none. One round trip per server."""
-        if self.cluster:
-            replies = await asyncio.gather(*(
-                self.commands.hmget(meta_key(t), "epoch", "seq") for t in topics))
-        else:
-            async with self.commands.pipeline(transaction=False) as pipe:
-                for topic in topics:
-                    pipe.hmget(meta_key(topic), "epoch", "seq")
-                replies = await pipe.execute()
+        async with self.commands.pipeline(transaction=False) as pipe:  # split per master
+            for topic in topics:
+                pipe.hmget(meta_key(topic), "epoch", "seq")
+            replies = await pipe.execute()
         return [(None, 0) if epoch is None else (_text(epoch), int(seq or 0))
                 for epoch, seq in replies]
 

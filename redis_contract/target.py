@@ -16,12 +16,11 @@ attribution keys share theirs (attribution/keys.py).
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import redis
-import redis.asyncio as aioredis
-from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
-from redis.cluster import ClusterNode
+if TYPE_CHECKING:  # imported when a client is made: `oddsgate config` loads no redis
+    import redis
+    import redis.asyncio as aioredis
 
 CLUSTER_SCHEME = "redis-cluster://"
 CLUSTER_ENV = "OG_REDIS_CLUSTER_NODES"
@@ -79,6 +78,9 @@ def redis_target(url: str = "", nodes: str | None = None) -> str:
 
 def async_client(url: str, **kwargs: Any) -> aioredis.Redis | aioredis.RedisCluster:
     """An asyncio client for a server URL or a `redis-cluster://` address."""
+    import redis.asyncio as aioredis
+    from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
+
     if is_cluster(url):
         startup = [AsyncClusterNode(h, p) for h, p in cluster_nodes(url)]
         return aioredis.RedisCluster(startup_nodes=startup, **kwargs)
@@ -87,6 +89,9 @@ def async_client(url: str, **kwargs: Any) -> aioredis.Redis | aioredis.RedisClus
 
 def sync_client(url: str, **kwargs: Any) -> redis.Redis | redis.RedisCluster:
     """A blocking client, for the CLIs, likewise."""
+    import redis
+    from redis.cluster import ClusterNode
+
     if is_cluster(url):
         startup = [ClusterNode(h, p) for h, p in cluster_nodes(url)]
         return redis.RedisCluster(startup_nodes=startup, **kwargs)

@@ -604,9 +604,6 @@ def test_the_demo_operator_key_on_the_cluster(cluster_url) -> None:
         client.close()
 
 
-@pytest.mark.xfail(strict=False, reason="feed/publisher.py's cluster batch (the lead's): "
-                   "after a NOSCRIPT on a fresh cluster it re-sends the whole batch while "
-                   "the other topics' tasks of the first try still publish (56 for 50)")
 def test_the_feed_cli_publishes_its_count_on_the_cluster(cluster_url) -> None:
     from feed.synthetic import main as feed_main
 
