@@ -87,7 +87,10 @@ def scaling(data: dict, png: Path) -> str:
     for row, kind in zip(axes, kinds, strict=True):
         s = series[kind]
         held_ax, cpu_ax, p99_ax = row
-        held_ax.plot(s["x"], s["held"], marker="o", label="held (p99 <= 50 ms)")
+        held_ax.plot(s["x"], s["held"], marker="o", label="held (p99 <= 50 ms), median run")
+        if s.get("runs"):
+            held_ax.scatter([x for x, _ in s["runs"]], [y for _, y in s["runs"]], marker="x",
+                            color="black", alpha=0.6, label="each run")
         for x, y, lower in zip(s["x"], s["held"], s["lower_bound"], strict=True):
             if lower:
                 held_ax.annotate(">=", (x, y), textcoords="offset points", xytext=(4, 4))

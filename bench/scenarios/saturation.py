@@ -134,6 +134,7 @@ def _compact(fig: dict) -> dict:
     keys = ("multiplier", "phase", "rate_target", "events_per_s", "deliveries_per_s",
             "delivered_share", "checked_connections",
             "latency_ms", "server_cores", "server_cpu_s_per_million",
-            "deliveries_per_server_cpu_s", "loadgen_cores", "loadgen_max_core",
+            "deliveries_per_server_cpu_s", "frames_per_s", "loadgen_cores", "loadgen_max_core",
+            "redis_cores",
             "machine_cores_busy", "other_cores", "violations_total", "limited_by")
     return {k: fig.get(k) for k in keys}
