@@ -129,3 +129,17 @@ def test_the_cost_tool_samples_as_the_bench_does_and_says_what_one_process_drive
     assert wsclient_cost.drives(5.0, 1) == (200_000, 200_000)
     assert wsclient_cost.drives(0.5, 10) == (200_000, 2_000_000)
     assert wsclient_cost.drives(0.0, 1) == (0.0, 0.0)
+
+
+def test_the_report_says_how_many_players_were_checked():
+    from bench.harness import Result
+    from bench.report import checked_lines
+
+    results = [Result("oddsgate", "steady", "ok", figures={"checked_connections": 1000,
+                                                          "open_connections": 10000}),
+               Result("oddsgate", "spike", "ok", figures={"checked_connections": 2000}),
+               Result("plain-ws", "saturation", "ok", figures={})]
+    assert checked_lines(results) == [
+        "Players checked (PROTOCOL.md §5 and latency; the others count their events, so "
+        "deliveries and `delivered` are over every player): steady / oddsgate 1,000 of 10,000."]
+    assert checked_lines([]) == []
