@@ -129,12 +129,18 @@ def checked_lines(results: list[Result]) -> list[str]:
         if r.status != "ok" or r.scenario not in ("steady", "saturation") \
                 or f.get("checked_connections") is None:
             continue
+        drives = ""
+        if f.get("loadgen_cores") and f.get("deliveries_per_s"):
+            drives = (f", load generators {_num(f['deliveries_per_s'] / f['loadgen_cores'])} "
+                      "deliveries per CPU-s")
         parts.append(f"{r.scenario} / {r.system} {_num(f['checked_connections'])} of "
-                     f"{_num(f.get('open_connections'))}")
+                     f"{_num(f.get('open_connections'))}{drives}")
     if not parts:
         return []
     return ["Players checked (PROTOCOL.md §5 and latency; the others count their events, "
-            "so deliveries and `delivered` are over every player): " + "; ".join(parts) + "."]
+            "so deliveries and `delivered` are over every player), and what the load "
+            "generators read per CPU-second (one process on a whole core would read that "
+            "many, at this run's frame sizes): " + "; ".join(parts) + "."]
 
 
 def batching_lines(results: list[Result], batched: str = "oddsgate",

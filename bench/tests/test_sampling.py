@@ -136,10 +136,13 @@ def test_the_report_says_how_many_players_were_checked():
     from bench.report import checked_lines
 
     results = [Result("oddsgate", "steady", "ok", figures={"checked_connections": 1000,
-                                                          "open_connections": 10000}),
+                                                          "open_connections": 10000,
+                                                          "deliveries_per_s": 30000,
+                                                          "loadgen_cores": 0.25}),
                Result("oddsgate", "spike", "ok", figures={"checked_connections": 2000}),
                Result("plain-ws", "saturation", "ok", figures={})]
-    assert checked_lines(results) == [
-        "Players checked (PROTOCOL.md §5 and latency; the others count their events, so "
-        "deliveries and `delivered` are over every player): steady / oddsgate 1,000 of 10,000."]
+    (line,) = checked_lines(results)
+    assert line.startswith("Players checked (PROTOCOL.md §5 and latency;")
+    assert line.endswith(": steady / oddsgate 1,000 of 10,000, load generators 120,000 "
+                         "deliveries per CPU-s.")
     assert checked_lines([]) == []
