@@ -405,10 +405,9 @@ class RedisBroker:
             self._disturbed([topic])
 
     def _link_lost(self, link: _Link, exc: Exception | None) -> None:
-        if self._links.get(link.address) is link:
-            del self._links[link.address]
-        if self._closing:
-            return
+        if self._links.get(link.address) is not link or self._closing:
+            return  # closed on purpose (no longer a master), its topics routed elsewhere
+        del self._links[link.address]
         riding = [t for t, a in self._where.items() if a == link.address]
         log.warning("redis pub/sub connection to %s lost (%s); %d topics to route again",
                     _shown(link.address), exc or "closed", len(riding))
