@@ -55,14 +55,16 @@ def _stop_on_signals(stop: asyncio.Event) -> None:
 def run_aggregate(args: argparse.Namespace) -> int:
     import os
 
-    import redis.asyncio as aioredis
-
     from aggregator.service import Aggregator
     from aggregator.settings import AggregatorSettings
     from gateway.topics import PartitionMap
+    from redis_contract import target
 
     settings = AggregatorSettings.from_env()
-    url = args.redis_url or os.environ.get("OG_REDIS_URL", "")
+    try:  # OG_REDIS_CLUSTER_NODES names a cluster instead (redis_contract/target.py)
+        url = args.redis_url or target.redis_target(os.environ.get("OG_REDIS_URL", ""))
+    except target.RedisTargetError as exc:
+        raise ConfigError(str(exc)) from None
     if not url:
         raise ConfigError("OG_REDIS_URL: the region's Redis is required (or --redis-url)")
     region = args.region or os.environ.get("OG_REGION", "local")
@@ -74,7 +76,7 @@ def run_aggregate(args: argparse.Namespace) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         _stop_on_signals(stop)
-        redis = aioredis.Redis.from_url(url)
+        redis = target.async_client(url)
         try:
             aggregator = Aggregator(redis, settings, pmap, region)
             if args.rebuild:

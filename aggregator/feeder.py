@@ -21,12 +21,12 @@ import logging
 import time
 from dataclasses import dataclass
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from aggregator.inputlog import CopyGap, InputLog
 from aggregator.inputs import ProviderMessage
 from aggregator.providers import ProviderSet
+from redis_contract import target
 
 log = logging.getLogger("oddsgate.providers")
 
@@ -104,7 +104,7 @@ async def origin_of(regions: list[RegionCopy], proposed_ns: int) -> int:
 async def feed_regions(urls: dict[str, str], seed: int, stop: asyncio.Event, *,
                        buffer_s: float = 600.0) -> list[RegionCopy]:
     """Run the providers in real time into every region until `stop`."""
-    regions = [RegionCopy(name, InputLog(aioredis.Redis.from_url(url)), buffer_s,
+    regions = [RegionCopy(name, InputLog(target.async_client(url)), buffer_s,
                           collections.deque()) for name, url in urls.items()]
     origin = await origin_of(regions, time.time_ns())
     providers = ProviderSet(seed, start_ns=origin)

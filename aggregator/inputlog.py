@@ -1,7 +1,7 @@
 """A region's copy of each provider's stream, in the region's own Redis.
 
 Every provider's messages reach every region directly (never through another
-region): the provider's adapter appends them to `og:in:{provider}` in each
+region): the provider's adapter appends them to `og:in:{og:in}:<provider>` in each
 region's Redis, one stream per provider whose entry ids are the provider's
 own seqs. So a copy is idempotent (a resent message is skipped), gap-checked
 (a hole is refused, `input_append.lua`), and readable from any position: the
@@ -28,8 +28,15 @@ class CopyGap(RuntimeError):
     """The region's copy holds a lower pseq than the message before a hole: it needs a backfill."""
 
 
+# Every copy carries one hash tag, so on a Redis Cluster they share a slot: the
+# aggregator reads all of them in one XREAD, which a cluster takes only within one
+# slot. The cost: a region's whole input log lives on one shard (it is read by one
+# aggregator, in one merged order, anyway). Before the cluster this was og:in:<provider>.
+INPUT_PREFIX = "og:in:{og:in}:"
+
+
 def input_key(provider: str) -> str:
-    return f"og:in:{provider}"
+    return f"{INPUT_PREFIX}{provider}"
 
 
 class InputLog:
@@ -64,7 +71,10 @@ class InputLog:
     async def _run(self, by_provider: dict[str, list]) -> list:
         async with self.redis.pipeline(transaction=False) as pipe:
             for provider, args in by_provider.items():
-                pipe.evalsha(self._append.sha, 1, input_key(provider), self.keep, *args)
+                # execute_command, not pipe.evalsha: redis-py's cluster pipeline refuses
+                # the method but routes the command by its key
+                pipe.execute_command("EVALSHA", self._append.sha, 1, input_key(provider),
+                                     self.keep, *args)
             results = await pipe.execute(raise_on_error=False)
         if any(isinstance(r, NoScriptError) for r in results):
             raise NoScriptError("script flushed")

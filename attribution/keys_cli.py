@@ -19,12 +19,13 @@ import sys
 import time
 from datetime import UTC, datetime
 from importlib import resources
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
-from attribution.keys import OPERATOR_KEYS
-from attribution.operator_keys import OPERATOR_KEYS_ADDED, check_name, key_hash, new_key
+from attribution.keys import OPERATOR_KEYS, OPERATOR_KEYS_ADDED
+from attribution.operator_keys import check_name, key_hash, new_key
+from redis_contract import target
+from supervisor.redact import shown_url, unreachable
 
 ADD_SCRIPT = resources.files("attribution").joinpath("operator_key_add.lua").read_text()
 
@@ -35,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--redis-url", default=default_redis_url(),
-                        help="redis:// or unix:// URL (default: $OG_REDIS_URL, else the "
+                        help="redis:// or unix:// URL, or redis-cluster://host:port,... "
+                        "(default: $OG_REDIS_URL or $OG_REDIS_CLUSTER_NODES, else the "
                         "embedded Redis's socket in the node's runtime dir)")
     actions = parser.add_subparsers(dest="keys_command", required=True)
     add = actions.add_parser("add", help="make a key for NAME and print it once")
@@ -54,28 +56,30 @@ def _name(raw: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    client = None
     try:
-        client = redis.Redis.from_url(args.redis_url, socket_connect_timeout=2.0,
-                                      socket_timeout=10.0)
-    except ValueError as exc:
-        print(f"oddsgate keys: --redis-url: {exc}", file=sys.stderr)
-        return 2
-    try:
+        # A cluster's client finds its nodes as it is made: unreachable is raised here.
+        client = target.sync_client(args.redis_url, socket_connect_timeout=2.0,
+                                    socket_timeout=10.0)
         if args.keys_command == "add":
             return _add(client, args.name)
         if args.keys_command == "list":
             return _list(client)
         return _revoke(client, args.name)
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
+    except ValueError as exc:  # not a URL redis-py or target.py takes
+        print(f"oddsgate keys: --redis-url: {exc}", file=sys.stderr)
+        return 2
+    except unreachable() as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"oddsgate keys: cannot reach Redis at {shown_url(args.redis_url)}: {reason}",
               file=sys.stderr)
         return 1
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
-def _add(client: redis.Redis, name: str) -> int:
+def _add(client: redis.Redis | redis.RedisCluster, name: str) -> int:
     key = new_key()
     added = client.eval(ADD_SCRIPT, 2, OPERATOR_KEYS, OPERATOR_KEYS_ADDED,
                         name, key_hash(key), str(int(time.time())))
@@ -88,7 +92,7 @@ def _add(client: redis.Redis, name: str) -> int:
     return 0
 
 
-def _list(client: redis.Redis) -> int:
+def _list(client: redis.Redis | redis.RedisCluster) -> int:
     names = sorted(n.decode() for n in client.hkeys(OPERATOR_KEYS))
     added = client.hgetall(OPERATOR_KEYS_ADDED)
     print(f"{'name':40} added (UTC)")
@@ -97,7 +101,7 @@ def _list(client: redis.Redis) -> int:
     return 0
 
 
-def _revoke(client: redis.Redis, name: str) -> int:
+def _revoke(client: redis.Redis | redis.RedisCluster, name: str) -> int:
     with client.pipeline(transaction=True) as pipe:
         pipe.hdel(OPERATOR_KEYS, name)
         pipe.hdel(OPERATOR_KEYS_ADDED, name)
@@ -113,13 +117,3 @@ def _when(raw: bytes | None) -> str:
     if raw is None:
         return "-"
     return datetime.fromtimestamp(int(raw), UTC).strftime("%Y-%m-%d %H:%M:%S")
-
-
-def shown_url(url: str) -> str:
-    """`url` with any password replaced, for an error line."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rsplit("@", 1)[1]
-    user = parts.username or ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))

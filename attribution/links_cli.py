@@ -12,10 +12,11 @@ import argparse
 import sys
 
 import orjson
-import redis
 
 from attribution.link_store import LinkConflict, LinkStore
 from attribution.links import DEFAULT_CLICK_PARAM, Link, LinkError
+from redis_contract import target
+from supervisor.redact import shown_url, unreachable
 
 DESCRIPTION = ("Tracking links (GET /t/{code}): add one, pause or resume it, list them. "
                "Redis: --redis-url, else OG_REDIS_URL, else the node's embedded Redis.")
@@ -23,8 +24,8 @@ DESCRIPTION = ("Tracking links (GET /t/{code}): add one, pause or resume it, lis
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = DESCRIPTION
-    parser.add_argument("--redis-url", help="Redis URL (default OG_REDIS_URL, else the "
-                        "embedded Redis of OG_RUNTIME_DIR)")
+    parser.add_argument("--redis-url", help="Redis URL, or redis-cluster://host:port,... "
+                        "(default OG_REDIS_URL, else the embedded Redis of OG_RUNTIME_DIR)")
     actions = parser.add_subparsers(dest="links_command", required=True)
     add = actions.add_parser("add", help="add a link")
     add.add_argument("code", help="1-64 of A-Z a-z 0-9 _ -: the {code} of /t/{code}")
@@ -52,8 +53,9 @@ def redis_url(args: argparse.Namespace) -> str:
     from supervisor.runtime import runtime_path
 
     settings = Settings.from_env(allow_anonymous=True)
-    if settings.redis_url:
-        return settings.redis_url
+    url = target.redis_target(settings.redis_url)  # OG_REDIS_CLUSTER_NODES names a cluster
+    if url:
+        return url
     return f"unix://{runtime_path(settings) / 'redis' / 'redis.sock'}"
 
 
@@ -63,9 +65,15 @@ def run(args: argparse.Namespace) -> int:
     except LinkError as exc:
         print(f"oddsgate links: {exc}", file=sys.stderr)
         return 2
-    url = redis_url(args)
-    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=5)
     try:
+        url = redis_url(args)
+    except target.RedisTargetError as exc:  # OG_REDIS_URL and OG_REDIS_CLUSTER_NODES both set
+        print(f"oddsgate links: {exc}", file=sys.stderr)
+        return 2
+    client = None
+    try:
+        # a cluster's client finds its nodes as it is made: unreachable is raised here
+        client = target.sync_client(url, socket_connect_timeout=5, socket_timeout=5)
         return _perform(args, LinkStore(client), link)
     except LinkError as exc:
         print(f"oddsgate links: {exc}", file=sys.stderr)
@@ -73,11 +81,15 @@ def run(args: argparse.Namespace) -> int:
     except LinkConflict as exc:
         print(f"oddsgate links: {exc}", file=sys.stderr)
         return 1
-    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
-        print(f"oddsgate links: Redis at {url} unreachable: {exc}", file=sys.stderr)
+    except unreachable() as exc:
+        print(f"oddsgate links: Redis at {shown_url(url)} unreachable: {exc}", file=sys.stderr)
         return 1
+    except ValueError as exc:  # not a URL redis-py or target.py takes
+        print(f"oddsgate links: --redis-url: {exc}", file=sys.stderr)
+        return 2
     finally:
-        client.close()
+        if client is not None:
+            client.close()
 
 
 def _link(args: argparse.Namespace) -> Link:

@@ -7,6 +7,12 @@ the read arrives as a message, and one made before it is in the read, so
 none falls between. Any error (Redis gone, restarted) drops the
 connection and starts over after a fixed delay, with a full reload, since
 messages published meanwhile were lost with the connection.
+
+On a Redis Cluster (redis_contract/target.py) the subscription is a plain
+SUBSCRIBE on the node serving the channel's slot: save_link.lua publishes
+with plain PUBLISH, which every node relays over the cluster bus, so a
+change made through any node reaches it; a failover of that node drops the
+connection, and the reload after the reconnect covers what it missed.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import redis.asyncio as aioredis
 
 from attribution import keys
 from attribution.linkcache import LinkCache
+from redis_contract import target
 
 log = logging.getLogger("oddsgate.links")
 CONFIRM_TIMEOUT_S = 5.0
@@ -35,7 +42,7 @@ class LinkSync:
         """Follow the links until cancelled (after `stopping` is set: a cancel that
         redis-py turns into an error mid-read must still end the loop)."""
         while not self.stopping:
-            client = aioredis.Redis.from_url(self.url)
+            client = target.async_client(self.url)
             try:
                 await self._follow(client)
             except asyncio.CancelledError:
@@ -49,7 +56,10 @@ class LinkSync:
                 await client.aclose()
             await asyncio.sleep(self.reconnect_delay)
 
-    async def _follow(self, client: aioredis.Redis) -> None:
+    async def _follow(self, client: aioredis.Redis | aioredis.RedisCluster) -> None:
+        if isinstance(client, aioredis.RedisCluster):
+            # its pub/sub picks the channel's node from the slot table, read here
+            await client.initialize()
         async with client.pubsub() as pubsub:
             await pubsub.subscribe(keys.LINKS_CHANGED)
             while True:

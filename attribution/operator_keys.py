@@ -24,9 +24,6 @@ import re
 import secrets
 from dataclasses import dataclass, field
 
-# name -> Unix seconds the key was added, for `oddsgate keys list`. Beside og:keys
-# (attribution/keys.py), whose values the shared contract fixes as bare hashes.
-OPERATOR_KEYS_ADDED = "og:keys:added"
 # An operator key's name: what `oddsgate keys list` shows and `revoke` takes.
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 KEY_BYTES = 32

@@ -1,5 +1,6 @@
 -- Record one click: dedupe check, stream append and index, atomically (PROTOCOL.md §9).
--- KEYS[1] og:clicks   KEYS[2] og:click:{click_id}   KEYS[3] og:dedupe:{code}:{digest}
+-- KEYS[1] og:clicks   KEYS[2] og:click:{og:clicks}:<click_id>
+-- KEYS[3] og:dedupe:{og:clicks}:<code>:<digest>   (one slot in a cluster: attribution/keys.py)
 -- ARGV[1] the record's canonical JSON up to its last field, verdict (ends with ",")
 -- ARGV[2] the verdict when already known ("bot"), or "" to decide ok/duplicate here
 -- ARGV[3] dedupe window (ms)   ARGV[4] attribution window (ms)

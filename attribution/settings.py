@@ -83,8 +83,8 @@ class AttributionSettings(EnvSettings):
     )
     attribution_window_s: int = setting(
         "OG_ATTRIBUTION_WINDOW_S", 2_592_000,
-        "how long a click can be credited with a conversion (its og:click:{id} index expires "
-        "then)", minimum=1,
+        "how long a click can be credited with a conversion (its click index, "
+        "og:click:{og:clicks}:<id>, expires then)", minimum=1,
     )
 
     def check(self) -> None:

@@ -2,9 +2,10 @@
 
 What one click or conversion adds to its partner's counts, how the stored
 counts become rows (`campaign:{id}:{window}`, `creative:{id}:{window}` for
-`today`, `1h` and `5m`), and which rows changed since they were last
-published. No I/O: `attribution/stats_service.py` reads the streams, runs
-`COUNT_LUA` and publishes what `StatsBoard` says.
+`today`, `1h` and `5m`, and the partner's per-minute series `minutes:1h`),
+and which rows changed since they were last published. No I/O:
+`attribution/stats_service.py` reads the streams, runs `COUNT_LUA` and
+publishes what `StatsBoard` says.
 
 Storage, chosen so that counting is exactly once and restart-proof: one Lua
 step per record adds its id to the day's counted set and, only if it was not
@@ -36,6 +37,8 @@ VERDICT_COUNTER = {"ok": "unique_clicks", "bot": "bot_clicks", "duplicate": "dup
 TYPE_COUNTER = {"registration": "registrations", "ftd": "ftds", "deposit": None}
 DIMENSIONS = ("campaign", "creative")
 NS_PER_MINUTE = 60 * 10**9
+SERIES_KEY = "minutes:1h"  # the partner's per-minute series row
+SERIES_MINUTES = 60  # its buckets: the minutes of the `1h` window, oldest first
 
 # KEYS[1] counted ids of the day, KEYS[2] the day's counts, KEYS[3] the minute's
 # ARGV[1] record id, ARGV[2] day keys' lifetime (ms), ARGV[3] minute key's
@@ -240,17 +243,75 @@ def rows(day: dict[str, int], minutes: dict[int, dict[str, int]], now_minute: in
 ZERO = _counters({})
 
 
-def event_body(key: str, ts_ns: int, counters: dict) -> bytes:
-    """The stats event after its seq (PROTOCOL.md §12: key, ts, counters, in that order)."""
+def series(minutes: dict[int, dict[str, int]], now_minute: int) -> dict:
+    """The value of the partner's `minutes:1h` row as of the minute `now_minute`.
+
+    `{"counters": ..., "minutes": {"start": m, "clicks": [60 ints], ...}}`:
+    bucket `i` of each list counts minute `start + i` (Unix seconds // 60),
+    from `now_minute - 59` to `now_minute` (still filling), the minutes the
+    `1h` rows sum. Partner-wide: every record names a campaign and creatives
+    repeat their campaign's counts, so the campaign fields are the partner's.
+    `counters` are the buckets' totals in a row's usual shape (deposits
+    included), so the row reads like any other where a client expects them.
+    Minutes outside the hour are ignored, so the caller may pass more.
+    """
+    start = now_minute - SERIES_MINUTES + 1
+    buckets = {name: [0] * SERIES_MINUTES for name in COUNTERS}
+    totals: dict[str, int] = {}
+    for minute, counts in minutes.items():
+        i = minute - start
+        if not 0 <= i < SERIES_MINUTES:
+            continue
+        for name, n in counts.items():
+            dim, _, rest = name.partition(":")
+            if dim != "campaign":
+                continue
+            counter = rest.rpartition(":")[2]
+            totals[counter] = totals.get(counter, 0) + n
+            if counter in buckets:
+                buckets[counter][i] += n
+    return {"counters": _counters(totals), "minutes": {"start": start, **buckets}}
+
+
+def partner_rows(day: dict[str, int], minutes: dict[int, dict[str, int]], now_minute: int
+                 ) -> dict[str, dict]:
+    """Every row of a partner as of `now_minute`, by key: `rows()`'s counters, and
+    the series under `SERIES_KEY` (always there: its window moves even when empty)."""
+    out = rows(day, minutes, now_minute)
+    out[SERIES_KEY] = series(minutes, now_minute)
+    return out
+
+
+def event_body(key: str, ts_ns: int, counters: dict, minutes: dict | None = None) -> bytes:
+    """The stats event after its seq (PROTOCOL.md §12: key, ts, counters, in that order;
+    the series row adds `minutes` last)."""
+    tail = b"" if minutes is None else b',"minutes":' + orjson.dumps(minutes)
     return (b'"key":' + orjson.dumps(key) + b',"ts":' + str(ts_ns).encode()
-            + b',"counters":' + orjson.dumps(counters) + b"}")
+            + b',"counters":' + orjson.dumps(counters) + tail + b"}")
+
+
+def row_body(key: str, ts_ns: int, value: dict) -> bytes:
+    """The event body of a row's value as `partner_rows()` gives it."""
+    if key == SERIES_KEY:
+        return event_body(key, ts_ns, value["counters"], value["minutes"])
+    return event_body(key, ts_ns, value)
+
+
+def row_value(key: str, event: dict) -> dict:
+    """A published event back to its row's value (what `row_body` was given).
+    Raises KeyError or TypeError for an event that is not such a row."""
+    if key == SERIES_KEY:
+        return {"counters": event["counters"], "minutes": event["minutes"]}
+    return event["counters"]
 
 
 class StatsBoard:
     """What was last published per partner, and so which rows changed.
 
     A row that had counts and has none now (a sliding window that emptied, a
-    new UTC day) is published once as zeros, then forgotten.
+    new UTC day) is published once as zeros, then forgotten. Values are
+    compared whole: the series row changes when a bucket does or its window
+    moves (`start`).
     """
 
     def __init__(self) -> None:
@@ -268,7 +329,8 @@ class StatsBoard:
         before = self.published.setdefault(partner, {})
         out = [(key, counters) for key, counters in sorted(current.items())
                if before.get(key) != counters]
-        out += [(key, ZERO) for key in sorted(before) if key not in current]
+        out += [(key, ZERO) for key in sorted(before)
+                if key not in current and key != SERIES_KEY]  # the series is never absent
         self.published[partner] = dict(current)
         return out
 

@@ -9,11 +9,11 @@ re-read add nothing: each record is counted exactly once.
 
 One publisher loop: every `OG_STATS_PUBLISH_MS` it recomputes the rows of
 the partners counted since (and, at each new minute, of every partner
-active in the last hour, whose sliding windows move) and publishes the rows
-that changed through `feed.publisher.Publisher.publish_stats`. Changes
-between two runs coalesce, so a row goes out at most a few times a second
-whatever the click rate, and a click is in its rows within one interval
-plus a round trip.
+active in the last hour, whose sliding windows and per-minute series move)
+and publishes the rows that changed through
+`feed.publisher.Publisher.publish_stats`. Changes between two runs
+coalesce, so a row goes out at most a few times a second whatever the click
+rate, and a click is in its rows within one interval plus a round trip.
 """
 
 from __future__ import annotations
@@ -38,8 +38,9 @@ from attribution.stats import (
     BadRecord,
     StatsBoard,
     Tally,
-    event_body,
-    rows,
+    partner_rows,
+    row_body,
+    row_value,
     tally_click,
     tally_conversion,
     utc_day,
@@ -47,7 +48,7 @@ from attribution.stats import (
 from feed.publisher import Publisher, StatsEvent
 from gateway.config import EnvSettings, setting
 from gateway.topics import PartitionMap, stats_topic
-from redis_contract import latest_key
+from redis_contract import latest_key, target
 
 log = logging.getLogger("oddsgate.stats")
 
@@ -229,9 +230,8 @@ class StatsService:
             current = await self._rows(partner, now)
             if not self.board.known(partner):
                 self.board.seed(partner, await self._published(partner))
-            for key, counters in self.board.changes(partner, current):
-                events.append(StatsEvent(stats_topic(partner), key,
-                                         event_body(key, now, counters)))
+            for key, value in self.board.changes(partner, current):
+                events.append(StatsEvent(stats_topic(partner), key, row_body(key, now, value)))
         if events:
             await self.publisher.publish_stats(events)
         return len(events)
@@ -245,8 +245,8 @@ class StatsService:
                 pipe.hgetall(keys.stats_minute_key(partner, m))
             replies = await pipe.execute()
         day = _ints(replies[0])
-        return rows(day, {m: _ints(r) for m, r in zip(minutes, replies[1:], strict=True) if r},
-                    minute)
+        return partner_rows(
+            day, {m: _ints(r) for m, r in zip(minutes, replies[1:], strict=True) if r}, minute)
 
     async def _published(self, partner: str) -> dict[str, dict]:
         """The rows the topic holds now (a restart must not forget what to zero)."""
@@ -254,7 +254,7 @@ class StatsService:
         out = {}
         for key, event in latest.items():
             try:
-                out[_text(key)] = orjson.loads(event)["counters"]
+                out[_text(key)] = row_value(_text(key), orjson.loads(event))
             except (orjson.JSONDecodeError, KeyError, TypeError):
                 continue
         return out
@@ -272,7 +272,7 @@ async def serve(redis_url: str, settings: StatsSettings) -> None:
     """Run until SIGTERM or SIGINT."""
     import signal
 
-    redis = aioredis.from_url(redis_url)
+    redis = target.async_client(redis_url)
     service = StatsService(redis, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

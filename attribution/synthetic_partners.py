@@ -37,11 +37,10 @@ from dataclasses import dataclass, field
 from urllib.parse import parse_qs, urlsplit
 
 import orjson
-import redis.asyncio as aioredis
 
-# og:keys of the shared contract (attribution/keys.py on the attribution branch):
-# operator key name -> SHA-256 hex of the key.
-OPERATOR_KEYS = "og:keys"
+from attribution.keys import OPERATOR_KEYS  # operator key name -> SHA-256 hex of the key
+from redis_contract import target
+
 OPERATOR_KEY_NAME = "demo-partners"
 CLICK_PARAM = "ogclid"
 LANDING = "https://sportsbook.example/welcome"
@@ -253,7 +252,7 @@ async def probe_partners(http_url: str, admin_key: str) -> None:
 async def register_operator_key(redis_url: str) -> str:
     """A fresh operator key for the demo's conversions, its hash stored in og:keys."""
     key = secrets.token_urlsafe(32)
-    client = aioredis.Redis.from_url(redis_url)
+    client = target.async_client(redis_url)
     try:
         digest = hashlib.sha256(key.encode()).hexdigest()
         await client.hset(OPERATOR_KEYS, OPERATOR_KEY_NAME, digest)

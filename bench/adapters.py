@@ -20,6 +20,19 @@ subscriptions are all in place (for oddsgate: every snapshot received).
 A stalled player that reads again (bench spike) watches what it is shown
 through a `Wake`: only woken players pay for it, per event.
 
+Checked and counted connections (issue 14, point 4: a load generator that is
+not the ceiling): the §5 check and the latency histogram cost ~0.6 us an
+event and one `orjson.loads` a frame more, so only a sample of connections
+is checked (`checked=True`; `is_checked()` picks them from the player's
+index, spread evenly over the load-generator processes). Every other one
+only counts: its frames, its bytes and its events (an `odds` frame is one;
+a `batch` holds as many as the `{"type":"odds"` prefixes the publish script
+writes, counted in the bytes without decoding them). Its control frames
+(welcome, subscribed, snapshot, error, reset, reconnect) take the full path,
+so it subscribes, retries a `shed` and is synced like every other. A
+counted connection cannot be woken (spike) or follow hints (drain): both
+need every event seen, so those scenarios check every connection.
+
 An oddsgate player can follow a `reconnect` hint (PROTOCOL.md §4) when the
 load generator asks it to (`on_hint`): the load generator opens a new
 connection after `after_ms` and the new `OddsgateConn` `resume()`s every
@@ -45,6 +58,25 @@ from bench.wsclient import WsClient
 
 _loads = orjson.loads
 _time_ns = time.time_ns
+_ODDS = b'{"type":"odds"'  # how the publish script begins every event (feed/events.py)
+_BATCH = b'{"type":"batch"'  # gateway/protocol.py batch()
+_GOLDEN = 0x9E3779B1  # Knuth's multiplicative hash: a sample spread over any index pattern
+
+CHECK_SHARE = 0.1  # default share of connections checked (§5 and latency); the rest count
+
+
+def is_checked(index: int, share: float) -> bool:
+    """Whether player `index` is in the checked sample of `share` (0..1).
+
+    Deterministic (the same players every run) and independent of how
+    players are dealt to processes (round-robin by index): a hash, not
+    `index % n`, which would put every checked player in the same process.
+    """
+    if share >= 1.0:
+        return True
+    if share <= 0.0:
+        return False
+    return ((index * _GOLDEN) & 0xFFFFFFFF) < share * 2**32
 
 
 @dataclass(slots=True)
@@ -187,10 +219,14 @@ class BenchConn(WsClient):
     base_on_first_event = True  # peers have no snapshot
     index = -1  # the player's global index (the load generator sets it)
 
-    def __init__(self, host: str, port: int, counters: Counters, topics: list[str]) -> None:
+    def __init__(self, host: str, port: int, counters: Counters, topics: list[str],
+                 checked: bool = True) -> None:
         super().__init__(host, port, self.path)
         self.c = counters
         self.topics = topics
+        self.checked = checked
+        if not checked:  # events only counted: no §5 check, no latency
+            self._event = self._count  # type: ignore[method-assign]
         self.held: dict[str, list] = {}  # topic -> [epoch, last seq]
         loop = asyncio.get_running_loop()
         self.ready: asyncio.Future[None] = loop.create_future()
@@ -225,8 +261,11 @@ class BenchConn(WsClient):
         """Read again, every event from now on also shown to `wake`.
 
         The hook is an instance attribute over the class's `_event`, so the
-        players that never stalled keep the plain path.
+        players that never stalled keep the plain path. Only a checked
+        connection sees every event.
         """
+        if not self.checked:
+            raise RuntimeError("only a checked connection can be woken (check every one)")
         check = self._event
         see = wake.see
         message = self.on_message
@@ -258,6 +297,10 @@ class BenchConn(WsClient):
         return int.from_bytes(raw, sys.byteorder)
 
     # -- the event path ---------------------------------------------------
+
+    def _count(self, ev: dict, now_ns: int) -> None:
+        """An unchecked connection's event: counted, nothing else."""
+        self.c.deliveries += 1
 
     def _event(self, ev: dict, now_ns: int) -> None:
         c = self.c
@@ -300,8 +343,11 @@ class OddsgateConn(BenchConn):
     base_on_first_event = False
     MAX_RETRIES = 30
 
-    def __init__(self, host: str, port: int, counters: Counters, topics: list[str]) -> None:
-        super().__init__(host, port, counters, topics)
+    def __init__(self, host: str, port: int, counters: Counters, topics: list[str],
+                 checked: bool = True) -> None:
+        super().__init__(host, port, counters, topics, checked)
+        if not checked:
+            self.on_message = self._count_frame  # type: ignore[method-assign]
         self.pending: set[str] = set()  # topics whose snapshot has not come yet
         self.reset_pending: set[str] = set()
         self.requests: dict[int, list[str]] = {}
@@ -354,10 +400,27 @@ class OddsgateConn(BenchConn):
         if topics and self.open:
             self._request(topics)
 
+    def _count_frame(self, payload: bytes) -> None:
+        """An unchecked connection's frame: events counted in the bytes, no decoding;
+        anything else (control frames) as a checked connection reads it."""
+        c = self.c
+        c.frames += 1
+        c.bytes_in += len(payload)
+        if payload.startswith(_ODDS):
+            c.deliveries += 1
+        elif payload.startswith(_BATCH):
+            c.deliveries += payload.count(_ODDS)
+        else:
+            self._message(payload)
+
     def on_message(self, payload: bytes) -> None:
         c = self.c
         c.frames += 1
         c.bytes_in += len(payload)
+        self._message(payload)
+
+    def _message(self, payload: bytes) -> None:
+        c = self.c
         now = _time_ns()
         msg = _loads(payload)
         kind = msg["type"]
@@ -492,8 +555,9 @@ class NatsConn(BenchConn):
     CONNECT = (b'CONNECT {"verbose":false,"pedantic":false,"protocol":1,"echo":false,'
                b'"headers":false,"name":"oddsgate-bench"}\r\nPING\r\n')
 
-    def __init__(self, host: str, port: int, counters: Counters, topics: list[str]) -> None:
-        super().__init__(host, port, counters, topics)
+    def __init__(self, host: str, port: int, counters: Counters, topics: list[str],
+                 checked: bool = True) -> None:
+        super().__init__(host, port, counters, topics, checked)
         self._stream = b""
         self._need = 0
         self._pongs = 0

@@ -3,6 +3,7 @@
     python -m bench --quick                      # under 2 minutes
     python -m bench                              # the full run, about 11 minutes
     python -m bench --scenario steady --peers plain-ws --factor 0.006
+    python -m bench scaling                      # 1, 2, 4, 8 workers; 1 and 2 nodes
 
 Everything is started here on loopback and stopped before it returns: a
 private Redis per run, the servers, the feed, the load generators. A run
@@ -95,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connections", type=int, help="players in steady/saturation/spike")
     parser.add_argument("--workers", type=int, help="oddsgate worker processes")
     parser.add_argument("--loadgens", type=int, help="load-generator processes")
+    parser.add_argument("--check-share", type=float, metavar="SHARE",
+                        help="share of players whose events are checked (PROTOCOL.md §5) and "
+                             "timed in steady and saturation; the others only count them "
+                             "(default 0.1; 1 checks every one)")
     parser.add_argument("--seed", type=int, help="seed of the universe and the draws")
     parser.add_argument("--measure", type=float, dest="measure_s", help="seconds measured")
     parser.add_argument("--profile", action=argparse.BooleanOptionalAction, default=None,
@@ -167,6 +172,11 @@ def _sigterm(_signum: int, _frame: object) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["scaling"]:  # `python -m bench scaling`: bench/scaling.py
+        from bench import scaling
+
+        return scaling.main(argv[1:])
     args = build_parser().parse_args(argv)
     signal.signal(signal.SIGTERM, _sigterm)
     started = time.monotonic()
@@ -197,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     params = Params.for_mode(
         args.quick, factor=args.factor, connections=args.connections, workers=args.workers,
         loadgens=args.loadgens, seed=args.seed, measure_s=args.measure_s,
+        check_share=args.check_share,
         node_env=node_settings(args.node_setting),
         profile=args.profile if args.profile is not None else not args.quick,
     )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import psutil
 
+from bench.adapters import CHECK_SHARE
 from bench.counters import merge
 from bench.feedproc import FeedProcess, open_markets
 from bench.loadgen import LoadGenPool, LoadSpec, split_plans
@@ -55,6 +56,9 @@ class Params:
     spike_s: float = 30.0
     stalled_share: float = 0.02
     saturation_connections: int = 1_000
+    # players whose events are checked (§5) and timed, in steady and saturation; the
+    # others only count (bench.adapters: the load generator's cost per event)
+    check_share: float = CHECK_SHARE
     saturation_steps: list[float] = field(
         default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
     saturation_settle_s: float = 1.0
@@ -239,12 +243,14 @@ class Harness:
             system.stop()
 
     @contextlib.contextmanager
-    def loadgens(self, target: Target, plans: list[list[str]], processes: int | None = None
-                 ) -> Iterator[LoadGenPool]:
+    def loadgens(self, target: Target, plans: list[list[str]], processes: int | None = None,
+                 check_share: float = 1.0) -> Iterator[LoadGenPool]:
+        """`check_share`: the share of players checked (the rest count; see bench.adapters);
+        1 unless a scenario needs only counts and latency from a sample."""
         indexed = list(enumerate(plans))
         count = max(1, min(processes or self.p.loadgens, len(indexed)))
         specs = [LoadSpec(target.protocol, target.endpoints, SOURCE_ADDRESSES, share,
-                          token_secret=target.token_secret)
+                          token_secret=target.token_secret, check_share=check_share)
                  for share in split_plans(indexed, count)]
         pool = LoadGenPool(specs)
         try:
@@ -320,6 +326,8 @@ def figures(parts: list[dict], wall: float, *, server_cpu: float, redis_cpu: flo
         "seconds": round(wall, 2),
         "connections": connections,
         "open_connections": sum(p["open"] for p in parts),
+        # the players whose events were checked (§5) and timed; the others only counted
+        "checked_connections": sum(p.get("checked_open", 0) for p in parts),
         "events_per_s": round(events_per_s, 1),
         "deliveries": deliveries,
         "deliveries_per_s": round(deliveries / wall, 1) if wall else 0.0,

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import psutil
 import uvloop
 
-from bench.adapters import PROTOCOLS, BenchConn, Move, OddsgateConn, Wake
+from bench.adapters import PROTOCOLS, BenchConn, Move, OddsgateConn, Wake, is_checked
 from bench.counters import Counters
 from client.odds import backoff_delay
 from gateway.auth import COOKIE_NAME, issue_token
@@ -48,6 +48,8 @@ class LoadSpec:
     sources: list[str]  # loopback source addresses
     plans: list[tuple[int, list[str]]]  # (global connection index, topics)
     token_secret: str | None = None  # players send an og_session cookie signed with it
+    # share of players checked (§5, latency; bench.adapters.is_checked); the others count
+    check_share: float = 1.0
 
 
 class LoadGen:
@@ -119,7 +121,8 @@ class LoadGen:
 
         def made() -> BenchConn:
             nonlocal conn
-            conn = self.conn_class(host, port, self.counters, topics)
+            conn = self.conn_class(host, port, self.counters, topics,
+                                   is_checked(index, self.spec.check_share))
             conn.index = index
             if self.spec.token_secret:
                 conn.extra_headers = {"Cookie": f"{COOKIE_NAME}={self._token(index)}"}
@@ -198,7 +201,11 @@ class LoadGen:
             return
 
     async def cmd_follow_hints(self, on: bool = True) -> dict:
-        """Follow hints from now on, or stop: moves still under way are abandoned."""
+        """Follow hints from now on, or stop: moves still under way are abandoned.
+
+        A player resumes from the last seq it checked: only checked players can."""
+        if on and self.spec.check_share < 1.0:
+            raise RuntimeError("following hints needs every player checked (check_share 1)")
         self.follow_hints = on
         for conn in self.conns.values():
             if isinstance(conn, OddsgateConn):
@@ -314,6 +321,7 @@ class LoadGen:
         out["cpu_s"] = self._cpu() - self._mark_cpu
         out["wall_s"] = time.monotonic() - self._mark_wall
         out["open"] = sum(1 for c in self.conns.values() if c.open)
+        out["checked_open"] = sum(1 for c in self.conns.values() if c.open and c.checked)
         out["rss"] = self.proc.memory_info().rss
         return out
 

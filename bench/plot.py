@@ -1,6 +1,7 @@
 """Plots of a bench run; run with the bench env's Python (it has matplotlib).
 
     bench/peers/.venv/bin/python bench/plot.py bench/results/latest-full.json bench/results full
+    bench/peers/.venv/bin/python bench/plot.py --scaling bench/results/scaling-2core.json out.png
 
 Writes latency-vs-rate-<mode>.png (p50/p99/p99.9 against the event rate,
 from the saturation steps) and cpu-per-million-<mode>.png (server
@@ -75,7 +76,56 @@ def cpu_per_million(results: list[dict], out: Path, mode: str) -> str | None:
     return name
 
 
+def scaling(data: dict, png: Path) -> str:
+    """`python -m bench scaling`'s plot, from the series bench.scaling.plot_series built:
+    held deliveries/s (and linear from the smallest), deliveries per server CPU-second,
+    and p99 at the highest rate held, against workers and against nodes."""
+    series = data["series"]
+    kinds = [k for k in ("workers", "nodes") if series.get(k, {}).get("x")
+             or series.get(k, {}).get("skipped")]
+    fig, axes = plt.subplots(len(kinds), 3, figsize=(15, 4.2 * len(kinds)), squeeze=False)
+    for row, kind in zip(axes, kinds, strict=True):
+        s = series[kind]
+        held_ax, cpu_ax, p99_ax = row
+        held_ax.plot(s["x"], s["held"], marker="o", label="held (p99 <= 50 ms), median run")
+        if s.get("runs"):
+            held_ax.scatter([x for x, _ in s["runs"]], [y for _, y in s["runs"]], marker="x",
+                            color="black", alpha=0.6, label="each run")
+        for x, y, lower in zip(s["x"], s["held"], s["lower_bound"], strict=True):
+            if lower:
+                held_ax.annotate(">=", (x, y), textcoords="offset points", xytext=(4, 4))
+        if s["linear"]:
+            held_ax.plot(s["x"], s["linear"], linestyle="--", color="grey", label="linear")
+        for x in s["skipped"]:
+            held_ax.axvline(x, color="red", alpha=0.25)
+            held_ax.annotate("skipped", (x, 0), textcoords="offset points", xytext=(2, 4),
+                             fontsize=7, color="red", rotation=90)
+        held_ax.set_title(f"deliveries/s held, by {kind}")
+        cpu_ax.bar([str(x) for x in s["x"]], [v or 0 for v in s["per_cpu_s"]])
+        cpu_ax.set_title("deliveries per server CPU-second")
+        p99_ax.plot(s["x"], [v or 0 for v in s["p99_ms"]], marker="o")
+        p99_ax.set_title("p99 ms at the highest rate held")
+        for ax in row:
+            ax.set_xlabel(kind)
+            ax.grid(True, alpha=0.3)
+        held_ax.set_xticks(sorted({*s["x"], *s["skipped"]}))
+        p99_ax.set_xticks(s["x"])
+        held_ax.set_ylim(bottom=0)
+        p99_ax.set_ylim(bottom=0)
+        held_ax.legend(fontsize=8)
+    machine = data.get("machine", {})
+    fig.suptitle(f"oddsgate scaling on {machine.get('cpu', '?')}, {machine.get('cores')} "
+                 f"cores ({machine.get('date', '')})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return png.name
+
+
 def main() -> int:
+    if sys.argv[1] == "--scaling":
+        print(scaling(json.loads(Path(sys.argv[2]).read_text()), Path(sys.argv[3])))
+        return 0
     data = json.loads(Path(sys.argv[1]).read_text())
     out = Path(sys.argv[2])
     mode = sys.argv[3] if len(sys.argv) > 3 else data.get("mode", "run")

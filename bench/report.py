@@ -120,6 +120,29 @@ def saturation_lines(results: list[Result]) -> list[str]:
     return out
 
 
+def checked_lines(results: list[Result]) -> list[str]:
+    """How many players the load generators checked (§5, latency) in each fan-out run;
+    the others only counted their events (bench.adapters, `--check-share`)."""
+    parts = []
+    for r in results:
+        f = r.figures
+        if r.status != "ok" or r.scenario not in ("steady", "saturation") \
+                or f.get("checked_connections") is None:
+            continue
+        drives = ""
+        if f.get("loadgen_cores") and f.get("deliveries_per_s"):
+            drives = (f", load generators {_num(f['deliveries_per_s'] / f['loadgen_cores'])} "
+                      "deliveries per CPU-s")
+        parts.append(f"{r.scenario} / {r.system} {_num(f['checked_connections'])} of "
+                     f"{_num(f.get('open_connections'))}{drives}")
+    if not parts:
+        return []
+    return ["Players checked (PROTOCOL.md §5 and latency; the others count their events, "
+            "so deliveries and `delivered` are over every player), and what the load "
+            "generators read per CPU-second (one process on a whole core would read that "
+            "many, at this run's frame sizes): " + "; ".join(parts) + "."]
+
+
 def batching_lines(results: list[Result], batched: str = "oddsgate",
                    unbatched: str = "oddsgate-unbatched") -> list[str]:
     """Issue 4's A/B: per-turn `batch` frames against one frame per event, on the same
@@ -637,6 +660,7 @@ def render(machine: dict, params: dict, results: list[Result], mode: str,
                   "measurement, and figures with a bold value there are skewed.", ""]
     lines += [
         "## Fan-out", "", *fanout_table(results), "",
+        *([*checked, ""] if (checked := checked_lines(results)) else []),
         *saturation_lines(results), *spike_lines(results), "",
         *([*batching, ""] if (batching := batching_lines(results)) else []),
         *([*woken, ""] if (woken := wake_lines(results)) else []),

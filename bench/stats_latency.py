@@ -56,7 +56,7 @@ async def _run(args: argparse.Namespace, url: str) -> list[float]:
     tasks = [asyncio.create_task(service.run(stop)),
              asyncio.create_task(_background(redis, args.rate, args.partners, stop))]
     pubsub = redis.pubsub()
-    await pubsub.subscribe("stats:probe")
+    await pubsub.ssubscribe("stats:probe")  # publish.lua sends with SPUBLISH
     latencies = []
     try:
         for n in range(args.probes):

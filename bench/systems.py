@@ -232,6 +232,8 @@ class OddsgateNode(System):
         self.tree = tree
         self.env = dict(env or {})  # OG_* over the bench's (OG_DRAIN_WINDOW_MS, say)
         self.runtime: Path | None = None
+        self.agent_port = 0
+        self.base_port = 0
 
     def workers(self) -> int:
         return self.count
@@ -256,6 +258,7 @@ class OddsgateNode(System):
         self.runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
         frontend, agent = free_port(), free_port()
         base = free_port_range(self.count)
+        self.agent_port, self.base_port = agent, base  # for an edge HAProxy in front (scaling)
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("OG_")},
             "OG_RUNTIME_DIR": str(self.runtime),

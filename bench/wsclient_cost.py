@@ -18,8 +18,15 @@ a child process, and reports the child's CPU-seconds (user + system, from
   client would get several frames per read and look cheaper than it is).
 - `--layer full` (default) measures `bench.adapters.OddsgateConn`: framing,
   one `orjson.loads` per frame, the §5 check and the histogram per event,
-  what the bench pays. `--layer framing` measures the WebSocket client
-  alone (an `on_message` that counts).
+  what the bench paid before sampling (and still pays per checked player).
+  `--layer sampled` is what steady and saturation pay now: `--check-share`
+  (default `bench.adapters.CHECK_SHARE`) of the clients checked, the others
+  counting events in the bytes (`OddsgateConn(checked=False)`); a tree from
+  before sampling checks every client. `--layer counted`: none checked.
+  `--layer framing` measures the WebSocket client alone (an `on_message`
+  that counts).
+- The table also says what one load-generator process can drive at 100% of
+  one core at that cost: frames/s and deliveries/s (events/s) per CPU-second.
 - `--before REV` runs the same clients from REV's bench/ (`git archive`, this
   file copied in) alternately with the working tree's, `--repeat` times each;
   the table gives the median and the range.
@@ -50,6 +57,7 @@ from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
 ROOT = Path(__file__).resolve().parent.parent
+CHECK_SHARE = 0.1  # bench.adapters.CHECK_SHARE (not imported: --before trees predate it)
 TOPIC = "odds:1:39"
 EPOCH = "r1-20261127"
 MARKETS = 12
@@ -155,7 +163,8 @@ async def _one_run(tree: Path, impl: str, args: argparse.Namespace, layer: str,
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "bench.wsclient_cost", "--role", "client", "--port", str(port),
         "--clients", str(args.clients), "--layer", layer,
-        "--expect", str(args.frames * (per_frame if layer == "full" else 1)),
+        "--check-share", str(args.check_share),
+        "--expect", str(args.frames * (per_frame if layer != "framing" else 1)),
         cwd=tree, env=env, stdout=asyncio.subprocess.PIPE)
     assert child.stdout is not None
     try:
@@ -174,7 +183,7 @@ async def _one_run(tree: Path, impl: str, args: argparse.Namespace, layer: str,
                 player.transport.abort()
     if result["violations"]:
         raise RuntimeError(f"{impl}: the client saw violations: {result}")
-    events = result["events"] * (1 if layer == "full" else per_frame)  # framing counts frames
+    events = result["events"] * (1 if layer != "framing" else per_frame)  # framing counts frames
     return Run(impl, layer, per_frame, result["cpu_s"], events, result["frames"])
 
 
@@ -208,17 +217,29 @@ async def _compare(args: argparse.Namespace) -> list[Run]:
 
 
 def table(runs: list[Run]) -> str:
-    """Median (min-max) CPU-s per million events, and per frame, by layer and batch size."""
-    lines = ["| layer | events/frame | client | CPU-s per million events | µs per frame |",
-             "| --- | ---: | --- | ---: | ---: |"]
+    """Median (min-max) CPU-s per million events, and per frame, by layer and batch size;
+    and what one process drives at that cost on one whole core."""
+    lines = ["| layer | events/frame | client | CPU-s per million events | µs per frame "
+             "| one process drives: frames/s | deliveries/s |",
+             "| --- | ---: | --- | ---: | ---: | ---: | ---: |"]
     keys = dict.fromkeys((r.layer, r.per_frame, r.impl) for r in runs)
     for layer, per_frame, impl in keys:
         costs = sorted(r.per_million for r in runs
                        if (r.layer, r.per_frame, r.impl) == (layer, per_frame, impl))
         med = statistics.median(costs)
+        frames_s, events_s = drives(med, per_frame)
         lines.append(f"| {layer} | {per_frame} | {impl} | {med:.2f} "
-                     f"({costs[0]:.2f}-{costs[-1]:.2f}) | {med * per_frame:.2f} |")
+                     f"({costs[0]:.2f}-{costs[-1]:.2f}) | {med * per_frame:.2f} "
+                     f"| {frames_s:,.0f} | {events_s:,.0f} |")
     return "\n".join(lines)
+
+
+def drives(cpu_s_per_million_events: float, per_frame: int) -> tuple[float, float]:
+    """(frames/s, events/s) one process reads on one whole core at this cost."""
+    if cpu_s_per_million_events <= 0:
+        return 0.0, 0.0
+    events_s = 1e6 / cpu_s_per_million_events
+    return events_s / per_frame, events_s
 
 
 # -- the clients (child process, run from the tree under test) ------------------
@@ -229,7 +250,10 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def _clients(port: int, count: int, layer: str, expect: int) -> dict:
+async def _clients(port: int, count: int, layer: str, expect: int,
+                   check_share: float = 1.0) -> dict:
+    import inspect
+
     from bench.adapters import OddsgateConn
     from bench.counters import Counters
     from bench.wsclient import WsClient
@@ -249,11 +273,22 @@ async def _clients(port: int, count: int, layer: str, expect: int) -> dict:
         def on_message(self, payload: bytes) -> None:
             frames[0] += 1
 
+    share = {"full": 1.0, "sampled": check_share, "counted": 0.0}.get(layer, 1.0)
+    # a tree from before sampling (--before) checks every client
+    can_sample = "checked" in inspect.signature(OddsgateConn.__init__).parameters
+
+    def player(i: int) -> OddsgateConn:
+        if not can_sample:
+            return OddsgateConn("127.0.0.1", port, counters, [TOPIC])
+        from bench.adapters import is_checked
+        return OddsgateConn("127.0.0.1", port, counters, [TOPIC],
+                            checked=is_checked(i, share))
+
     conns = []
-    for _ in range(count):
-        if layer == "full":
+    for i in range(count):
+        if layer != "framing":
             _, conn = await loop.create_connection(
-                lambda: OddsgateConn("127.0.0.1", port, counters, [TOPIC]), "127.0.0.1", port)
+                lambda i=i: player(i), "127.0.0.1", port)
             await conn.ready
             conn.subscribe()
             await conn.synced
@@ -269,12 +304,12 @@ async def _clients(port: int, count: int, layer: str, expect: int) -> dict:
     cpu0 = _cpu()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        got = counters.deliveries if layer == "full" else frames[0]
+        got = counters.deliveries if layer != "framing" else frames[0]
         if got >= total:
             break
         await asyncio.sleep(0.02)
     cpu = _cpu() - cpu0
-    events = counters.deliveries if layer == "full" else frames[0]
+    events = counters.deliveries if layer != "framing" else frames[0]
     for conn in conns:
         conn.abort()
     return {"cpu_s": cpu, "events": events, "frames": counters.frames or frames[0],
@@ -289,14 +324,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--events-per-frame", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--rate", type=float, default=20_000, help="frames/s, all clients")
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--layer", nargs="+", choices=["full", "framing"], default=["full"])
+    parser.add_argument("--layer", nargs="+", choices=["full", "sampled", "counted", "framing"],
+                        default=["full"])
+    parser.add_argument("--check-share", type=float, default=CHECK_SHARE,
+                        help="share of clients checked in --layer sampled")
     parser.add_argument("--role", choices=["server", "client"], default="server",
                         help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--expect", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.role == "client":
-        result = uvloop.run(_clients(args.port, args.clients, args.layer[0], args.expect))
+        result = uvloop.run(_clients(args.port, args.clients, args.layer[0], args.expect,
+                                     args.check_share))
         sys.stdout.write(json.dumps(result) + "\n")
         return 0
     print(table(uvloop.run(_compare(args))))

@@ -89,6 +89,19 @@ class Publisher:
         self._history_ms = history_ms
         self._validate = validate
         self._script = redis.register_script(PUBLISH_LUA)
+        # Where each topic stood after this publisher's last publish to it: a
+        # Redis found below it lost acknowledged writes, and publish.lua then
+        # starts a new epoch rather than reuse those seqs (ARGV[9], ARGV[10]).
+        self._last: dict[str, tuple[str, int]] = {}
+
+    def _known(self, topic: str) -> list:
+        epoch, seq = self._last.get(topic, ("", 0))
+        return [epoch, seq]
+
+    def _remember(self, published: list[Published]) -> list[Published]:
+        for p in published:
+            self._last[p.topic] = (p.epoch, p.seq)
+        return published
 
     def _args(self, update: PriceUpdate, epoch: str) -> tuple[list[str], list]:
         if self._validate:
@@ -100,20 +113,54 @@ class Publisher:
             update.body(),
             self._history_ms,
             self._topic_ttl_ms,
+            0,
+            "odds",
+            *self._known(update.topic),
         ]
 
     async def publish(self, update: PriceUpdate) -> Published:
         keys, args = self._args(update, new_epoch())
         epoch, seq, _ = await self._script(keys=keys, args=args)
-        return Published(update.topic, _text(epoch), int(seq))
+        return self._remember([Published(update.topic, _text(epoch), int(seq))])[0]
 
     async def _pipeline(self, prepared: list[tuple[str, list[str], list]],
                         raise_on_error: bool = True) -> list:
         """Plain EVALSHAs in one round trip (a script object would add SCRIPT EXISTS)."""
+        if isinstance(self._redis, aioredis.RedisCluster):
+            return await self._cluster_batch(prepared, raise_on_error)
         async with self._redis.pipeline(transaction=False) as pipe:
             for _topic, keys, args in prepared:
                 pipe.evalsha(self._script.sha, len(keys), *keys, *args)
             return await pipe.execute(raise_on_error=raise_on_error)
+
+    async def _cluster_batch(self, prepared: list[tuple[str, list[str], list]],
+                             raise_on_error: bool) -> list:
+        """A batch on a Redis Cluster: one pipeline, which redis-py splits per
+        master, each part in batch order (its `evalsha` method is refused in a
+        cluster pipeline; the raw command is routed by its first key).
+
+        A master may lack the script (a promoted replica, a fresh cluster) while
+        the others ran their part: only the events refused with NOSCRIPT are sent
+        again, after loading the script everywhere, so nothing is published twice.
+        """
+        results = await self._cluster_pipeline(prepared)
+        missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+        if missing:
+            await self._redis.script_load(PUBLISH_LUA)
+            again = await self._cluster_pipeline([prepared[i] for i in missing])
+            for index, result in zip(missing, again, strict=True):
+                results[index] = result
+        if raise_on_error:
+            for result in results:
+                if isinstance(result, Exception):
+                    raise result
+        return results
+
+    async def _cluster_pipeline(self, prepared: list[tuple[str, list[str], list]]) -> list:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _topic, keys, args in prepared:
+                pipe.execute_command("EVALSHA", self._script.sha, len(keys), *keys, *args)
+            return await pipe.execute(raise_on_error=False)
 
     async def publish_sequenced(self, events: list[Sequenced]) -> int:
         """Publish events at the epoch and seq they carry, in order, in one round trip.
@@ -161,7 +208,7 @@ class Publisher:
                 raise ValueError(f"{row.topic!r} is not a stats topic")
             prepared.append((row.topic, topic_keys(row.topic),
                              [row.topic, epoch, row.key, row.body, self._history_ms,
-                              self._topic_ttl_ms, 0, "stats"]))
+                              self._topic_ttl_ms, 0, "stats", *self._known(row.topic)]))
         if not prepared:
             return []
         try:
@@ -169,10 +216,10 @@ class Publisher:
         except NoScriptError:
             await self._redis.script_load(PUBLISH_LUA)
             results = await self._pipeline(prepared)
-        return [
+        return self._remember([
             Published(topic, _text(epoch), int(seq))
             for (topic, _k, _a), (epoch, seq, _) in zip(prepared, results, strict=True)
-        ]
+        ])
 
     async def publish_many(self, updates: Iterable[PriceUpdate]) -> list[Published]:
         """Publish in order in one round trip; all are validated before any is sent."""
@@ -187,10 +234,10 @@ class Publisher:
         except NoScriptError:  # Redis restarted or its script cache was flushed
             await self._redis.script_load(PUBLISH_LUA)
             results = await self._pipeline(prepared)
-        return [
+        return self._remember([
             Published(topic, _text(epoch), int(seq))
             for (topic, _k, _a), (epoch, seq, _) in zip(prepared, results, strict=True)
-        ]
+        ])
 
 
 def _text(value: bytes | str) -> str:

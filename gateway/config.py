@@ -15,6 +15,8 @@ import socket
 from collections.abc import Mapping
 from dataclasses import Field, dataclass, field, fields
 
+from redis_contract.target import RedisTargetError, redis_target
+
 
 class ConfigError(ValueError):
     """A setting with a value the gateway cannot run with."""
@@ -98,6 +100,10 @@ class Settings(EnvSettings):
         "the supervisor from OG_CLICK_BASE_PORT)", minimum=0)
     redis_url: str = setting(
         "OG_REDIS_URL", "", "Redis URL (redis://, rediss://, unix://); empty: embedded Redis"
+    )
+    redis_cluster_nodes: str = setting(
+        "OG_REDIS_CLUSTER_NODES", "", "Redis Cluster seed nodes, host:port,host:port (Redis 7: "
+        "sharded pub/sub); set instead of OG_REDIS_URL; every process of the node uses the cluster"
     )
     runtime_dir: str = setting(
         "OG_RUNTIME_DIR", "", "the node's private files (embedded Redis, HAProxy, control "
@@ -282,6 +288,11 @@ class Settings(EnvSettings):
         "OG_REDIS_RECONNECT_S", 0.5, "fixed delay between Redis reconnect attempts",
         minimum=0.01
     )
+    audit_s: float = setting(
+        "OG_AUDIT_S", 5.0, "how often the worker compares every topic's seq with Redis's "
+        "(one read per topic), to find a subscription lost without notice within two "
+        "periods; 0: never", minimum=0
+    )
     log_format: str = setting(
         "OG_LOG_FORMAT", "text",
         "log lines of every oddsgate process and of HAProxy: `text` (readable) or `json` "
@@ -305,6 +316,11 @@ class Settings(EnvSettings):
             raise ConfigError(f"OG_CLICK_PORT={self.click_port}: not a port")
         if self.click_port and self.click_port == self.port:
             raise ConfigError(f"OG_CLICK_PORT={self.click_port}: the same as OG_PORT")
+        if self.redis_cluster_nodes:
+            try:
+                redis_target(self.redis_url, self.redis_cluster_nodes)
+            except RedisTargetError as exc:
+                raise ConfigError(f"OG_REDIS_CLUSTER_NODES: {exc}") from None
         try:
             ws_origins(self.shell_connect_src)
         except ValueError as exc:

@@ -84,6 +84,9 @@ STATS: tuple[Stat, ...] = (
              "Channel gaps filled from Redis history."),
     _counted("channel_resets", "oddsgate_channel_resets_total",
              "Channels reset because history could not fill a gap or the epoch changed."),
+    _counted("silent_losses", "oddsgate_pubsub_silent_losses_total",
+             "Topics the audit found behind Redis with no event arriving (a subscription "
+             "lost without notice): repaired from history and subscribed again."),
     Stat("redis_reconnects", Kind.COUNTER, lambda w: w.broker.reconnects,
          "oddsgate_redis_reconnects_total", "Reconnections of the Redis pub/sub connection."),
     Stat("redis_connected", Kind.GAUGE, lambda w: int(w.broker.connected.is_set()),

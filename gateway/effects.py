@@ -103,7 +103,14 @@ class AtTurnEnd:
     session: Session
 
 
+@dataclass(frozen=True, slots=True)
+class Resubscribe:
+    """Subscribe the topic again: the audit found it silent while Redis moved on."""
+
+    topic: str
+
+
 Effect = Union[OpenTopic, CloseTopic, ReadHistory, LoadState, RetryRepair, LagDeadline,  # noqa: UP007
-               AtTurnEnd]
+               AtTurnEnd, Resubscribe]
 Effects = Sequence[Effect]
 NO_EFFECTS: Effects = ()  # the common answer, allocated once

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import orjson
 
@@ -42,6 +42,7 @@ from gateway.effects import (
     OpenTopic,
     ReadHistory,
     Replay,
+    Resubscribe,
     RetryRepair,
 )
 from gateway.fanout import Fanout
@@ -98,6 +99,8 @@ class Hub:
         # events go to their CoalescingOutbox until they drain.
         self.pressured: set[Session] = set()
         self._pressure_pending: set[Session] = set()
+        # Channels found behind Redis at the last audit, with what Redis had then.
+        self._suspects: dict[TopicChannel, tuple[str, int]] = {}
 
     def _observe_turn(self) -> None:
         if not self._turn_ts:
@@ -476,6 +479,47 @@ class Hub:
                 effects += self._start_repair(channel)
         return effects
 
+    # -- the audit: subscriptions lost without notice ------------------------
+
+    def audit_targets(self) -> list[TopicChannel]:
+        """The channels whose position the audit compares with Redis's."""
+        return [c for c in self.channels.values()
+                if c.ready and not c.repairing and not c.cursor.syncing]
+
+    def audited(self, heads: Iterable[tuple[TopicChannel, str | None, int]]) -> Effects:
+        """Redis's (epoch, head) of each audited channel, read just now.
+
+        Pub/sub loses events silently, and the seq check finds the loss only
+        when a later event comes; a subscription lost without notice (a client
+        library's resubscription that never happened, a shard that dropped it)
+        brings no later event, and its players would keep stale prices. So: a
+        channel found behind Redis is a suspect; if at the next audit it has
+        still not reached what Redis had then, no event is on its way: it is
+        repaired from history and subscribed again. An event merely in flight
+        at the first read has long arrived by the second.
+        """
+        effects: list[Effect] = []
+        suspects, self._suspects = self._suspects, {}
+        for channel, epoch, head in heads:
+            if self.channels.get(channel.topic) is not channel or not channel.ready \
+                    or channel.repairing or channel.cursor.syncing or epoch is None:
+                continue
+            if epoch == channel.epoch and head <= channel.seq:
+                continue
+            earlier = suspects.get(channel)
+            if earlier is not None and (channel.epoch != earlier[0] or channel.seq < earlier[1]):
+                self.counters.silent_losses += 1
+                log.warning("%s is behind Redis (%s at %d, Redis %s at %d) with no event "
+                            "arriving: repairing and subscribing again", channel.topic,
+                            channel.epoch, channel.seq, epoch, head,
+                            extra={"topic": channel.topic})
+                channel.cursor.begin_sync()
+                effects += self._start_repair(channel)
+                effects.append(Resubscribe(channel.topic))
+            else:
+                self._suspects[channel] = (epoch, head)
+        return effects
+
     def _start_repair(self, channel: TopicChannel) -> Effects:
         if channel.repairing:
             return NO_EFFECTS  # the repair in flight goes on while the cursor syncs
@@ -499,6 +543,11 @@ class Hub:
             return NO_EFFECTS
         if history.epoch != channel.epoch or history.events is None:
             return [LoadState(channel, "epoch" if history.epoch != channel.epoch else "gap")]
+        if history.head < channel.seq:
+            # Redis went back in time within the epoch: it lost writes it had
+            # acknowledged (a failover to a replica that was behind). Seqs past
+            # its head will name other events; the players start from its state.
+            return [LoadState(channel, "rewound")]
         events: list[tuple[int, Item]] = []
         for event in history.events:
             _, seq, market, _ = _parse(event)

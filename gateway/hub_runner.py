@@ -13,6 +13,7 @@ directly and this file stays small.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterable
 
 from gateway.broker import RedisBroker
@@ -25,11 +26,14 @@ from gateway.effects import (
     LoadState,
     OpenTopic,
     ReadHistory,
+    Resubscribe,
     RetryRepair,
 )
 from gateway.hub import Hub
 from gateway.protocol import ResumePoint
 from gateway.session import Session
+
+log = logging.getLogger("oddsgate.hub")
 
 
 class HubRunner:
@@ -97,6 +101,21 @@ class HubRunner:
     def pressure_changed(self, session: Session) -> None:
         self.perform(self.hub.pressure_changed(session))
 
+    async def audit(self, every_s: float) -> None:
+        """Compare every channel's position with Redis's, every `every_s` (Hub.audited)."""
+        while True:
+            await asyncio.sleep(every_s)
+            channels = self.hub.audit_targets()
+            if not channels:
+                continue
+            try:
+                heads = await self.broker.read_heads([c.topic for c in channels])
+            except Exception as exc:  # Redis away: the reconnect path repairs instead
+                log.warning("audit read failed: %s", exc)
+                continue
+            self.perform(self.hub.audited(
+                (c, epoch, head) for c, (epoch, head) in zip(channels, heads, strict=True)))
+
     # -- effects --------------------------------------------------------------
 
     def perform(self, effects: Iterable[Effect]) -> None:
@@ -116,6 +135,8 @@ class HubRunner:
                                                       effect.channel)
             elif isinstance(effect, LagDeadline):
                 asyncio.get_running_loop().call_later(effect.after_s, self._lag_expired, effect)
+            elif isinstance(effect, Resubscribe):
+                self.broker.resubscribe(effect.topic)
             else:  # pragma: no cover - a new effect without its runner
                 raise TypeError(f"no runner for {effect!r}")
 

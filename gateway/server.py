@@ -250,6 +250,7 @@ class Worker:
         # always true when none is watched (OG_REGION_STALE_AFTER_MS=0).
         self.region_fresh = True
         self._region_task: asyncio.Task | None = None
+        self._audit_task: asyncio.Task | None = None
         self.routes = HttpRoutes(settings, self.pmap, self.verifier, self.hub, self.broker,
                                  accepting=lambda: self.accepting,
                                  draining=lambda: self.draining,
@@ -296,6 +297,8 @@ class Worker:
         self.routes.attribution.start()  # follows og:links for /t/ (attribution/linksync.py)
         self._watch_task = asyncio.create_task(self._watch_pressure())
         self._heartbeat_task = asyncio.create_task(self.liveness.heartbeat())
+        if s.audit_s > 0:
+            self._audit_task = asyncio.create_task(self.hub_runner.audit(s.audit_s))
         if s.region_stale_after_ms > 0:
             self.region_fresh = False  # until the aggregator's mark is seen
             self._region_task = asyncio.create_task(self._watch_region(s.region_stale_after_ms))
@@ -408,7 +411,8 @@ class Worker:
                 await asyncio.wait_for(self.server.wait_closed(), grace_s + 1)
         if self._broker_task is not None:
             self._broker_task.cancel()
-        for task in (self._watch_task, self._heartbeat_task, self._region_task):
+        for task in (self._watch_task, self._heartbeat_task, self._region_task,
+                     self._audit_task):
             if task is not None:
                 task.cancel()
         await self.routes.attribution.stop()

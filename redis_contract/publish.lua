@@ -16,6 +16,18 @@
 -- ARGV[8] (optional) the event's type: `odds` when absent, `stats` for a
 --         partner's statistics row (PROTOCOL.md §12), whose body starts with
 --         `"key":` and whose key plays the market's role in the latest hash.
+-- ARGV[9], ARGV[10] (optional) the epoch and seq this publisher last got back
+--         for the topic. If the topic is still in that epoch but below that
+--         seq, Redis lost writes it had acknowledged (a failover to a replica
+--         that was behind, a restart that lost the append-only file's last
+--         second): the seqs after it would be reused for other events, which
+--         followers that saw the lost ones could not tell apart. The topic
+--         starts a new epoch instead, so every follower resets.
+--
+-- The event goes out with SPUBLISH (sharded pub/sub, Redis 7): on a Redis
+-- Cluster it stays within the shard that owns the topic's slot, which the
+-- channel shares with the keys (the topic is their hash tag), and on a single
+-- server it works the same; workers follow topics with SSUBSCRIBE.
 -- returns {epoch, seq, published}: published is 0 when a pinned seq was
 -- already there (a restarted aggregator going over its last events again)
 local pinned = tonumber(ARGV[7] or '0') or 0
@@ -26,6 +38,11 @@ end
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if pinned > 0 and epoch and epoch ~= ARGV[2] then
   -- The aggregator's stream moved to a new generation: a new seq space.
+  epoch = false
+end
+local known_seq = tonumber(ARGV[10] or '0') or 0
+if epoch and known_seq > 0 and epoch == ARGV[9]
+    and tonumber(redis.call('HGET', KEYS[1], 'seq')) < known_seq then
   epoch = false
 end
 if not epoch then
@@ -68,5 +85,5 @@ else
   redis.call('PERSIST', KEYS[2])
   redis.call('PERSIST', KEYS[3])
 end
-redis.call('PUBLISH', ARGV[1], event)
+redis.call('SPUBLISH', ARGV[1], event)
 return {epoch, seq, 1}

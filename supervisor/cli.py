@@ -236,10 +236,14 @@ def _stats_run(args: argparse.Namespace) -> int:
     from attribution.stats_service import StatsSettings, serve
 
     settings = StatsSettings.from_env()
-    url = args.redis_url or os.environ.get("OG_REDIS_URL", "")
+    from redis_contract.target import RedisTargetError, redis_target
+    try:
+        url = redis_target(args.redis_url or os.environ.get("OG_REDIS_URL", ""))
+    except RedisTargetError as exc:
+        raise ConfigError(f"OG_REDIS_CLUSTER_NODES: {exc}") from None
     if not url:
         raise ConfigError("OG_REDIS_URL: the Redis of og:clicks and og:conversions is "
-                          "required (or --redis-url)")
+                          "required (or --redis-url, or OG_REDIS_CLUSTER_NODES)")
     asyncio.run(serve(url, settings))
     return 0
 

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import redis.asyncio as aioredis
 import uvloop
 
 from attribution import synthetic_partners
@@ -51,6 +50,7 @@ from feed.publisher import Publisher
 from feed.synthetic import SyntheticFeed
 from gateway.auth import issue_token
 from gateway.topics import PartitionMap
+from redis_contract import target
 from supervisor import logformat
 from supervisor.control import ControlUnavailable, request
 from supervisor.private import open_log, private_dir
@@ -213,7 +213,7 @@ async def _watch(args: argparse.Namespace, place: Place, secret: str, status: di
                  output: StatusOutput) -> None:
     control = place.runtime / "control.sock"
     pmap = PartitionMap.load(None)
-    redis = aioredis.Redis.from_url(place.redis_url)
+    redis = target.async_client(place.redis_url)
     feed = SyntheticFeed(Publisher(redis, pmap), pmap, seed=1, rate=args.rate)
     await feed.publish_opening_prices()  # listed before anyone follows them, as an aggregator does
     topics = feed.topics_by_popularity()[:40]

@@ -269,6 +269,17 @@ class EmbeddedRedis:
                 with contextlib.suppress(FileNotFoundError):
                     self.socket_path.unlink()
 
+    def crash(self) -> None:
+        """SIGKILL, no shutdown: what a fault drill needs (nothing flushed, no
+        goodbye to a cluster); reaped like `stop()`."""
+        proc = self._proc
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait()
+        self._forget()
+
     def restart(self, timeout: float = 5.0) -> None:
         """Stop and start on the same socket or port and directory (data kept only if `persist`)."""
         self.stop(timeout)

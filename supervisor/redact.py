@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import re
+from urllib.parse import urlsplit
 
 MARKER = "REDACTED"
 
@@ -74,3 +75,32 @@ def install(logger: logging.Logger | None = None) -> None:
     for handler in (logger or logging.getLogger()).handlers:
         if not any(isinstance(f, RedactTokens) for f in handler.filters):
             handler.addFilter(RedactTokens())
+
+
+def unreachable() -> tuple[type[BaseException], ...]:
+    """What a client raises when its Redis (a server, or every seed node of a cluster:
+    redis_contract/target.py) cannot be reached; a CLI says so in one line. A function,
+    so that `oddsgate status` and the like, which import this module, never load redis."""
+    import redis.exceptions
+
+    return (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError,
+            redis.exceptions.RedisClusterException, OSError)
+
+
+def shown_url(url: str) -> str:
+    """A Redis URL with its password (`user:pw@` or `?password=`) replaced, for an
+    error line; a cluster's `redis-cluster://host:port,...` holds none."""
+    parts = urlsplit(url)
+    query = re.sub(r"(?i)(^|&)(password=)[^&]*", r"\1\2***", parts.query)
+    try:
+        password = parts.password
+    except ValueError:  # a netloc urlsplit cannot read: show only the scheme
+        return f"{parts.scheme}://..."
+    netloc = parts.netloc
+    if password is not None:
+        netloc = f"{parts.username or ''}:***@{netloc.rsplit('@', 1)[1]}"
+    # spliced into the URL as given (urlunsplit would turn unix:///path into unix:/path)
+    shown = url.replace(parts.netloc, netloc, 1) if netloc != parts.netloc else url
+    if query != parts.query:
+        shown = shown.replace(f"?{parts.query}", f"?{query}", 1)
+    return shown

@@ -37,6 +37,7 @@ import redis
 import uvloop
 
 from gateway.auth import issue_token
+from redis_contract import target
 from supervisor.control import ControlUnavailable, request
 from supervisor.embedded_redis import free_port, free_port_range
 from supervisor.private import private_dir, write_private
@@ -89,7 +90,7 @@ class Region:
             pids += [s["pid"] for s in services.values() if s.get("pid")]
             self.aggregator_pid = (services.get("aggregator") or {}).get("pid")
         with contextlib.suppress(redis.RedisError, OSError):
-            client = redis.Redis.from_url(self.redis_url)
+            client = target.sync_client(self.redis_url)
             pids.append(int(client.info("server")["process_id"]))
             client.close()
         return sorted(set(pids))

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gateway.config import ConfigError, Settings
+from redis_contract.target import redis_target
 from supervisor.embedded_redis import EmbeddedRedis
 from supervisor.private import private_dir
 
@@ -31,7 +32,11 @@ def runtime_dir(settings: Settings) -> Path:
 
 @contextlib.contextmanager
 def redis_for(settings: Settings) -> Iterator[str]:
-    """The Redis URL to use: the configured one, or an embedded server's for the block."""
+    """The Redis to use: the cluster (OG_REDIS_CLUSTER_NODES) as a `redis-cluster://`
+    address, the configured URL, or an embedded server's for the block."""
+    if settings.redis_cluster_nodes:
+        yield redis_target(settings.redis_url, settings.redis_cluster_nodes)
+        return
     if settings.redis_url:
         yield settings.redis_url
         return

@@ -203,16 +203,16 @@ class AggregatorService(ChildService):
         import time
 
         import orjson
-        import redis.asyncio as aioredis
 
         from aggregator.service import status_key
         from aggregator.settings import AggregatorSettings
+        from redis_contract import target
 
         try:
             stream = AggregatorSettings.from_env().stream
         except ValueError:
             return  # the aggregator itself says why, exit 2, in the log
-        client = aioredis.Redis.from_url(self.redis_url)
+        client = target.async_client(self.redis_url)
         try:
             while not self._stopping:
                 try:

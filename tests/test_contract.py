@@ -165,3 +165,28 @@ async def test_ttl_zero_keeps_a_topic_forever_and_clears_an_older_expiry(redis_u
 def test_a_ttl_shorter_than_history_is_refused(pmap) -> None:
     with pytest.raises(ValueError, match="topic_ttl_ms"):
         Publisher(aioredis.Redis(), pmap, topic_ttl_ms=1000)
+
+
+async def test_a_redis_that_lost_acknowledged_writes_gets_a_new_epoch(publisher, redis_url,
+                                                                       pmap) -> None:
+    """A failover to a replica that was behind (or an append-only file's lost last
+    second) leaves the topic at a seq below what its publisher got back. Going
+    on in that epoch would give seqs players hold to other events; the publisher
+    that saw the higher seq makes publish.lua start a new epoch instead."""
+    topic = "odds:1:39:502"
+    first = [await publisher.publish(_update(topic, f"1.{n}0")) for n in range(1, 6)]
+    assert [p.seq for p in first] == [1, 2, 3, 4, 5]
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.hset(meta_key(topic), "seq", 3)  # what the promoted replica had
+        again = await publisher.publish(_update(topic, "1.90"))
+        assert again.epoch != first[-1].epoch and again.seq == 1
+        assert await client.xlen(history_key(topic)) == 1  # nothing of the lost seq space
+        # A publisher that never saw the lost seqs cannot tell: it goes on (README).
+        other = Publisher(client, pmap)
+        await client.hset(meta_key(topic), "seq", 0)
+        assert (await other.publish(_update(topic, "1.95"))).epoch == again.epoch
+        # Nor is anything changed while the topic stands at or past the seq it saw.
+        assert (await publisher.publish(_update(topic, "1.96"))).epoch == again.epoch
+    finally:
+        await client.aclose()

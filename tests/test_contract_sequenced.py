@@ -52,7 +52,7 @@ async def test_the_same_events_give_the_same_bytes_in_every_region(two_regions) 
     events = [_event(seq, f"1.{seq:02d}") for seq in range(1, 21)]
     received: list[bytes] = []
     pubsub = b.pubsub()  # channels are the server's, not a database's: both regions' here
-    await pubsub.subscribe(TOPIC)
+    await pubsub.ssubscribe(TOPIC)
     assert await pub_a.publish_sequenced(events) == 20
     assert await pub_b.publish_sequenced(events[:7]) == 7  # b lags, then catches up
     assert await pub_b.publish_sequenced(events[7:]) == 13

@@ -365,6 +365,11 @@ FIRING: dict[str, dict] = {
         "series": {f'oddsgate_redis_connected{{{T}, worker="0", slot="0"}}': "1 0x20",
                    f'oddsgate_redis_connected{{{T}, worker="1", slot="1"}}': "1x20"},
         "at": "1m", "labels": {"instance": "n1:9100", "worker": "0"}},
+    "OddsgatePubSubSilentLoss": {
+        "series": {f'oddsgate_pubsub_silent_losses_total{{{T}, worker="0", slot="0"}}':
+                   "0 1x20",
+                   f'oddsgate_pubsub_silent_losses_total{{{T}, worker="1", slot="1"}}': "0x20"},
+        "at": "2m", "labels": {"instance": "n1:9100", "worker": "0"}},
     "OddsgatePubSubLagHigh": {
         "series": {f'oddsgate_pubsub_lag_seconds{{{T}, worker="0", slot="0"}}': "2x20",
                    f'oddsgate_pubsub_lag_seconds{{{T}, worker="1", slot="1"}}': "0.01x20"},

@@ -181,3 +181,66 @@ async def test_without_a_lag_wait_a_resume_ahead_is_reset_at_once() -> None:
     assert effects == () and hub.counters.resumes_reset == 1
     assert [f["type"] for f in player.frames] == ["reset", "snapshot"]
     assert player.frames[0]["reason"] == "ahead"
+
+
+# -- Redis went back in time (a failover to a replica that was behind) ---------
+
+
+async def test_redis_found_behind_the_channel_after_a_reconnect_resets_its_players() -> None:
+    """The channel delivered up to 5; after the reconnect Redis's head is 3 in the
+    same epoch (acknowledged writes lost). Seqs 4 and 5 will name other events:
+    the players are reset to Redis's state, never left waiting past seq 5."""
+    hub = await _hub_with_channel()
+    player = Player(hub, "p")
+    await _join(hub, player)
+    for seq in range(1, 6):
+        hub.on_message(TOPIC, _event(seq, seq % 3))
+    await turn()
+    [read] = hub.on_resubscribed()
+    assert isinstance(read, ReadHistory) and read.replay is None
+    [load] = hub.history_read(read, History("e", 3, []))
+    assert load.reason == "rewound"
+    hub.resync_loaded(load, TopicState("e", 3, [_event(3, 0)]))
+    hub.on_message(TOPIC, _event(4, 1))  # the new seq 4, another event than the lost one
+    await turn()
+    kinds = [f["type"] for f in player.frames]
+    assert kinds[-3:] == ["reset", "snapshot", "odds"], kinds
+    assert player.frames[-3]["reason"] == "rewound" and player.frames[-2]["seq"] == 3
+    assert player.frames[-1]["seq"] == 4
+    assert player.checker.violations == []
+
+
+# -- the audit: a subscription lost without notice ------------------------------
+
+
+async def test_a_channel_behind_redis_at_two_audits_is_repaired_and_subscribed_again() -> None:
+    from gateway.effects import Resubscribe
+
+    hub = await _hub_with_channel()
+    player = Player(hub, "p")
+    await _join(hub, player)
+    hub.on_message(TOPIC, _event(1, 1))
+    channel = hub.channels[TOPIC]
+    assert hub.audit_targets() == [channel]
+    # Redis is at 3; 2 and 3 never came (and no later event will tell).
+    assert hub.audited([(channel, "e", 3)]) == []  # a suspect: they may be in flight
+    effects = hub.audited([(channel, "e", 3)])
+    [read, again] = effects
+    assert isinstance(read, ReadHistory) and read.after == 1 and again == Resubscribe(TOPIC)
+    assert hub.counters.silent_losses == 1
+    hub.history_read(read, History("e", 3, [_event(2, 2), _event(3, 1)]))
+    await turn()
+    assert player.checker.topics[TOPIC].seq == 3 and player.checker.violations == []
+
+
+async def test_events_in_flight_at_an_audit_are_not_a_loss() -> None:
+    hub = await _hub_with_channel()
+    hub.on_message(TOPIC, _event(1, 1))
+    channel = hub.channels[TOPIC]
+    assert hub.audited([(channel, "e", 2)]) == []
+    hub.on_message(TOPIC, _event(2, 1))  # it was on its way
+    assert hub.audited([(channel, "e", 4)]) == []  # 3, 4 in flight now: a new suspect
+    hub.on_message(TOPIC, _event(3, 1))
+    hub.on_message(TOPIC, _event(4, 1))
+    assert hub.audited([(channel, "e", 4)]) == [] and hub.counters.silent_losses == 0
+    assert hub.audited([(channel, None, 0)]) == []  # Redis lost the topic: not the audit's

@@ -8,8 +8,7 @@ import time
 import pytest
 import redis
 
-from attribution.keys import OPERATOR_KEYS
-from attribution.operator_keys import OPERATOR_KEYS_ADDED
+from attribution.keys import OPERATOR_KEYS, OPERATOR_KEYS_ADDED
 from supervisor.cli import main
 
 

@@ -106,6 +106,7 @@ def test_names_types_and_labels(registry):
         "oddsgate_snapshots": "counter",
         "oddsgate_gaps_filled": "counter",
         "oddsgate_channel_resets": "counter",
+        "oddsgate_pubsub_silent_losses": "counter",
         "oddsgate_redis_reconnects": "counter",
         "oddsgate_redis_connected": "gauge",
         "oddsgate_worker_state": "gauge",

@@ -57,6 +57,49 @@ def snapshot(seq: int, events: list[dict], epoch: str = E1) -> dict:
     return {"type": "snapshot", "topic": TOPIC, "epoch": epoch, "seq": seq, "markets": events}
 
 
+SERIES_KEY = "minutes:1h"
+
+
+def now_minute() -> int:
+    return time.time_ns() // 60_000_000_000
+
+
+def series_row(seq: int, start: int, clicks: dict[int, int], *, epoch: str = E1,
+               **extra: Any) -> dict:
+    """The partner's `minutes:1h` row (README, "Per-minute series"): 60 buckets from
+    minute `start`; `clicks` maps a minute to its clicks, a third of them bots."""
+    buckets = {name: [0] * 60 for name in ("clicks", "unique_clicks", "bot_clicks",
+                                           "duplicate_clicks", "registrations", "ftds")}
+    for minute, n in clicks.items():
+        i = minute - start
+        if 0 <= i < 60:
+            buckets["clicks"][i] = n
+            buckets["bot_clicks"][i] = n // 3
+            buckets["unique_clicks"][i] = n - n // 3
+    total = sum(buckets["clicks"])
+    event = stats(seq, SERIES_KEY, counters(total, sum(buckets["unique_clicks"]),
+                                            sum(buckets["bot_clicks"]), 0, 0, 0),
+                  epoch=epoch, **extra)
+    event["minutes"] = {"start": start, **buckets}
+    return event
+
+
+BARS_JS = """() => Object.fromEntries([...document.querySelectorAll('#spark svg rect')]
+  .filter((r) => r.dataset.clicks !== '0').map((r) => [r.dataset.minute, +r.dataset.clicks]))"""
+
+
+async def bars(page) -> dict[int, int]:
+    """The chart's non-empty bars: minute -> clicks, as drawn."""
+    return {int(m): n for m, n in (await page.evaluate(BARS_JS)).items()}
+
+
+async def wait_bars(page, expected: dict[int, int]) -> None:
+    deadline = time.monotonic() + STEP_S
+    while (got := await bars(page)) != expected:
+        assert time.monotonic() < deadline, (got, expected)
+        await asyncio.sleep(0.05)
+
+
 def first_rows() -> list[dict]:
     """A partner with two campaigns and two creatives, in every window, as of seq 12."""
     rows = []
@@ -173,8 +216,11 @@ async def test_snapshot_rows_live_update_windows_and_sparkline(server, browser) 
     await open_dashboard(page, server, partner_token())
     [sent_token] = server.tokens  # ?token= travels to /ws as the shell's does
     assert jwt.decode(sent_token, JWT_SECRET, algorithms=["HS256"])["partner"] == PARTNER
-    rows = first_rows()
-    conn = await subscribed_with_snapshot(server, rows, 12)
+    now = now_minute()
+    start = now - 59
+    # A partner with no clicks in the last hour: the snapshot's series is all zeros.
+    rows = [*first_rows(), series_row(13, start, {})]
+    conn = await subscribed_with_snapshot(server, rows, 13)
 
     # The snapshot: one row per campaign and per creative of today, sorted by name.
     await wait_row(page, "campaign:spring:today", 1)
@@ -188,32 +234,32 @@ async def test_snapshot_rows_live_update_windows_and_sparkline(server, browser) 
     assert await page.inner_text("#partner") == PARTNER
     assert await page.get_attribute("#conn", "data-state") == "connected"
 
-    # Live: one row changes, the others stay; more clicks show in this minute's bar.
-    await conn.send(stats(13, "campaign:c7:today", counters(407, 322, 41, 44, 25, 8, "2010.50")))
-    await wait_row(page, "campaign:c7:today", 13)
+    # Live: one row changes, the others stay; the series row moves this minute's bar.
+    await conn.send(stats(14, "campaign:c7:today", counters(407, 322, 41, 44, 25, 8, "2010.50")),
+                    series_row(15, start, {now: 7}))
+    await wait_row(page, "campaign:c7:today", 14)
     assert (await table(page, "campaigns"))["campaign:c7:today"] == [
         "c7", "407", "322", "41", "44", "25", "8", "2010.50 EUR", "7.8%"]
     assert (await table(page, "campaigns"))["campaign:spring:today"] == \
         campaigns["campaign:spring:today"]
-    minutes = await page.evaluate("window.oddsgate.minutes")
-    assert len(minutes) == 60 and minutes[-1]["clicks"] == 7  # 400 -> 407
-    assert sum(m["clicks"] for m in minutes) == 7
-    bars = await page.evaluate(
+    await wait_bars(page, {now: 7})
+    minutes = {m["minute"]: m for m in await page.evaluate("window.oddsgate.minutes")}
+    assert len(minutes) == 60 and (minutes[now]["clicks"], minutes[now]["bots"]) == (7, 2)
+    drawn = await page.evaluate(
         "() => [...document.querySelectorAll('#spark svg rect')].map((r) => r.dataset.clicks)")
-    assert len(bars) == 60 and bars[-1] == "7"
+    assert len(drawn) == 60
 
-    # A batch (coalesced, as a worker may send it) moves the bar again, and a new
-    # campaign appearing live counts all its clicks.
+    # A batch (coalesced, as a worker may send it): the newest series event wins.
     await conn.send({"type": "batch", "events": [
-        stats(15, "campaign:spring:today", counters(1003, 802, 100, 101, 50, 20, "5000.00"),
+        stats(17, "campaign:spring:today", counters(1003, 802, 100, 101, 50, 20, "5000.00"),
               coalesced=True),
-        stats(16, "campaign:autumn:today", counters(4, 4, 0, 0, 1, 0)),
+        stats(18, "campaign:autumn:today", counters(4, 4, 0, 0, 1, 0)),
+        series_row(19, start, {now: 14}),
     ]})
-    await wait_row(page, "campaign:autumn:today", 16)
+    await wait_row(page, "campaign:autumn:today", 18)
     assert list(await table(page, "campaigns")) == [
         "campaign:autumn:today", "campaign:c7:today", "campaign:spring:today"]
-    await wait_js(page, """() => document.querySelector('#spark svg rect:last-of-type')
-        .dataset.clicks === '14'""")
+    await wait_bars(page, {now: 14})
     assert "14 clicks" in await page.inner_text("#spark-label")
 
     # Another window: the same page shows that window's rows.
@@ -227,41 +273,83 @@ async def test_snapshot_rows_live_update_windows_and_sparkline(server, browser) 
 
     og = await page.evaluate("window.oddsgate")
     assert og["violations"] == 0, og["violationList"]
-    assert og["held"] == {"epoch": E1, "seq": 16, "hasBase": True}
+    assert og["held"] == {"epoch": E1, "seq": 19, "hasBase": True}
     assert errors.uncaught == [] and errors.console == []
     await page.click('button[data-window="today"]')
-    await wait_row(page, "campaign:c7:today", 13)
+    await wait_row(page, "campaign:c7:today", 14)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     await page.screenshot(path=str(ARTIFACTS / "partner.png"))
+
+
+async def test_first_load_draws_clicks_made_before_the_page_opened(server, browser) -> None:  # noqa: F811
+    """The snapshot's `minutes:1h` row is the whole last hour: bars for minutes long
+    before this page existed, then the row rolls forward and the chart with it."""
+    page = await browser.new_page()
+    errors = PageErrors(page)
+    await open_dashboard(page, server, partner_token())
+    assert await page.inner_text("#spark-label") == "waiting…"
+    now = now_minute()
+    start = now - 59
+    before = {start + 1: 4, now - 30: 12, now - 1: 9, now: 3}  # all in the hour a minute on
+    conn = await subscribed_with_snapshot(
+        server, [*first_rows(), series_row(13, start, before)], 13)
+    await wait_bars(page, before)
+    assert await page.inner_text("#spark-label") == "28 clicks · peak 12/min"
+    minutes = await page.evaluate("window.oddsgate.minutes")
+    assert all(m["known"] for m in minutes) and len(minutes) == 60
+    title = await page.evaluate(f"""() => document.querySelector(
+        '#spark rect[data-minute="{now - 30}"] title').textContent""")
+    assert title.endswith("12 clicks (8 unique, 4 bots, 0 duplicates)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "partner-first-load.png"))
+
+    # Two minutes later the server's row has rolled by two: the oldest bucket has
+    # left the hour, a new one fills. (This page's clock is still in an older minute:
+    # the chart follows the row's newest bucket.)
+    await conn.send(series_row(14, start + 2, {**before, now + 2: 2}))
+    await wait_bars(page, {now - 30: 12, now - 1: 9, now: 3, now + 2: 2})
+    last = await page.evaluate(
+        "() => document.querySelector('#spark svg rect:last-of-type').dataset.minute")
+    assert int(last) == max(now + 2, now_minute())
+    og = await page.evaluate("window.oddsgate")
+    assert og["violations"] == 0, og["violationList"]
+    assert errors.uncaught == [] and errors.console == []
 
 
 async def test_reconnect_resumes_from_the_last_seq_without_reset(server, browser) -> None:  # noqa: F811
     page = await browser.new_page()
     errors = PageErrors(page)
     await open_dashboard(page, server, partner_token())
-    conn = await subscribed_with_snapshot(server, first_rows(), 12)
-    await conn.send(stats(13, "campaign:c7:today", counters(401, 321, 40, 40, 20, 8)))
+    now = now_minute()
+    conn = await subscribed_with_snapshot(server, first_rows(), 12)  # no series row yet
+    await wait_row(page, "campaign:c7:today", 2)
+    await wait_bars(page, {})
+    assert "0 clicks" in await page.inner_text("#spark-label")  # none in the hour: zeros
+    await conn.send(stats(13, "campaign:c7:today", counters(401, 321, 40, 40, 20, 8)),
+                    series_row(14, now - 59, {now: 1}))
     await wait_row(page, "campaign:c7:today", 13)
+    await wait_bars(page, {now: 1})
 
     # The worker drains: a hint, then close 1012; the page comes back and resumes.
     await conn.send({"type": "reconnect", "after_ms": 50, "reason": "drain"})
     await conn.ws.close(1012, "drain")
     again = await server.next_connection()
     request = await again.request()
-    assert request["topics"] == {TOPIC: {"epoch": E1, "seq": 13}}
+    assert request["topics"] == {TOPIC: {"epoch": E1, "seq": 14}}
     # What happened meanwhile is replayed; no snapshot, no reset.
     await again.send({"type": "subscribed", "id": request["id"], "topics": [TOPIC]},
-                     stats(14, "campaign:spring:today",
+                     stats(15, "campaign:spring:today",
                            counters(1010, 805, 100, 105, 51, 20, "5000.00")),
-                     stats(15, "campaign:c7:today", counters(409, 325, 41, 43, 21, 8)))
-    await wait_row(page, "campaign:c7:today", 15)
+                     stats(16, "campaign:c7:today", counters(409, 325, 41, 43, 21, 8)),
+                     series_row(17, now - 59, {now: 19}))
+    await wait_row(page, "campaign:c7:today", 16)
     assert (await table(page, "campaigns"))["campaign:spring:today"][1] == "1,010"
     og = await page.evaluate("window.oddsgate")
     assert (og["status"], og["resumes"], og["resets"]) == ("resumed", 1, 0)
     assert og["stats"]["snapshots"] == 1 and og["violations"] == 0, og["violationList"]
     assert await page.get_attribute("#conn", "data-state") == "resumed"
-    # The replayed growth counts as clicks: 1 + 10 + 8.
-    assert sum(m["clicks"] for m in og["minutes"]) == 19
+    # The replayed series row replaces the one held: 1 + 10 + 8 clicks this minute.
+    await wait_bars(page, {now: 19})
     assert errors.uncaught == []
 
 
@@ -269,19 +357,23 @@ async def test_reset_replaces_the_rows_with_the_new_snapshot(server, browser) ->
     page = await browser.new_page()
     errors = PageErrors(page)
     await open_dashboard(page, server, partner_token())
-    conn = await subscribed_with_snapshot(server, first_rows(), 12)
+    now = now_minute()
+    conn = await subscribed_with_snapshot(
+        server, [*first_rows(), series_row(13, now - 59, {now - 1: 5, now: 2})], 13)
     await wait_row(page, "campaign:c7:today", 2)
+    await wait_bars(page, {now - 1: 5, now: 2})
 
     # The statistics' seq space was rebuilt: reset, then a snapshot of the new epoch
     # in which campaign c7 is gone and spring has grown.
     await conn.send({"type": "reset", "topic": TOPIC, "reason": "epoch"},
-                    snapshot(3, [stats(1, "campaign:spring:today",
+                    snapshot(4, [stats(1, "campaign:spring:today",
                                        counters(1020, 810, 105, 105, 52, 21, "5100.00"),
                                        epoch=E2),
                                  stats(2, "creative:video:today",
                                        counters(500, 400, 50, 50, 25, 10), epoch=E2),
                                  stats(3, "campaign:spring:1h",
-                                       counters(20, 20, 0, 0, 1, 0), epoch=E2)], epoch=E2))
+                                       counters(20, 20, 0, 0, 1, 0), epoch=E2),
+                                 series_row(4, now - 59, {now - 3: 6}, epoch=E2)], epoch=E2))
     await wait_js(page, """() => document.querySelector('tr[data-key="campaign:c7:today"]')
         === null""")
     await wait_row(page, "campaign:spring:today", 1)
@@ -290,15 +382,16 @@ async def test_reset_replaces_the_rows_with_the_new_snapshot(server, browser) ->
     assert (await table(page, "campaigns"))["campaign:spring:today"][1] == "1,020"
     og = await page.evaluate("window.oddsgate")
     assert (og["resets"], og["status"]) == (1, "reset")
-    assert og["held"] == {"epoch": E2, "seq": 3, "hasBase": True}
+    assert og["held"] == {"epoch": E2, "seq": 4, "hasBase": True}
     assert set(og["rows"]) == {"campaign:spring:today", "creative:video:today",
-                               "campaign:spring:1h"}
+                               "campaign:spring:1h", SERIES_KEY}
+    await wait_bars(page, {now - 3: 6})  # the new epoch's hour, nothing of the old
     assert og["violations"] == 0, og["violationList"]
     assert "reset" in await page.inner_text("#conn")
     # Then live again in the new epoch.
-    await conn.send(stats(4, "campaign:spring:today", counters(1021, 811, 105, 105, 52, 21),
+    await conn.send(stats(5, "campaign:spring:today", counters(1021, 811, 105, 105, 52, 21),
                           epoch=E2))
-    await wait_row(page, "campaign:spring:today", 4)
+    await wait_row(page, "campaign:spring:today", 5)
     assert await page.evaluate("window.oddsgate.violations") == 0
     assert errors.uncaught == []
 
@@ -353,6 +446,20 @@ async def test_helpers(server, browser) -> None:  # noqa: F811
                "campaign::5m"].map((k) => lib.parseKey(k)),
         rates: [lib.conversionRate({unique_clicks: 0, registrations: 3}),
                 lib.conversionRate({unique_clicks: 3, registrations: 1})],
+        minutes: (() => {
+          const s = new lib.MinuteSeries(() => 100 * 60000 + 5);  // minute 100
+          const view = () => { const out = s.series();
+            return [out[0].minute, out.at(-1).minute, out.filter((m) => m.clicks)
+              .map((m) => [m.minute, m.clicks]), out[0].known]; };
+          const row = (start, at) => ({minutes: {start, clicks: Array.from({length: 60},
+            (_, i) => (at[start + i] || 0))}});
+          return [view(),
+            (s.update(row(41, {41: 1, 100: 3})), view()),  // as current as this clock
+            (s.update(row(30, {89: 2})), view()),  // not republished since: zeros after
+            (s.update(row(43, {102: 5})), view()),  // the server's clock is ahead
+            (s.update(undefined), view()),  // no row: none in the hour
+            (s.update({minutes: {start: "x", clicks: []}}), view())];  // malformed: none
+        })(),
       };
     }""", [partner_token("p_42"), _token_with_partner("no spaces")])
     assert (out["good"], out["bad"], out["junk"]) == ("p_42", None, None)
@@ -360,6 +467,14 @@ async def test_helpers(server, browser) -> None:  # noqa: F811
                            {"dimension": "creative", "name": "v:a", "window": "1h"},
                            None, None, None]
     assert out["rates"] == ["\u2013", "33.3%"]  # an en dash: no rate without clicks
+    assert out["minutes"] == [
+        [41, 100, [], False],  # before a snapshot: unknown
+        [41, 100, [[41, 1], [100, 3]], True],
+        [41, 100, [[89, 2]], True],
+        [43, 102, [[102, 5]], True],
+        [41, 100, [], True],
+        [41, 100, [], True],
+    ]
 
 
 def _token_with_partner(partner: str) -> str:

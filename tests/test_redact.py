@@ -9,7 +9,7 @@ import textwrap
 import pytest
 
 from gateway.auth import issue_token
-from supervisor.redact import MARKER, redact
+from supervisor.redact import MARKER, redact, shown_url
 from tests.conftest import ROOT
 
 JWT = issue_token("a-secret-long-enough-for-hs256-keys", "p1", "s1")
@@ -28,6 +28,18 @@ JWT = issue_token("a-secret-long-enough-for-hs256-keys", "p1", "s1")
 def test_redact(text: str, expected: str) -> None:
     assert redact(text) == expected
     assert redact(expected) == expected
+
+
+@pytest.mark.parametrize(("url", "shown"), [
+    ("redis://:pw@10.0.0.5:6379/0", "redis://:***@10.0.0.5:6379/0"),
+    ("rediss://app:pw@[::1]:6380", "rediss://app:***@[::1]:6380"),
+    ("unix:///run/og/redis.sock?db=1&password=pw", "unix:///run/og/redis.sock?db=1&password=***"),
+    ("redis-cluster://10.0.0.5:7000,10.0.0.6:7000", "redis-cluster://10.0.0.5:7000,10.0.0.6:7000"),
+    ("redis://10.0.0.5:6379", "redis://10.0.0.5:6379"),
+])
+def test_a_redis_url_is_shown_without_its_password(url: str, shown: str) -> None:
+    """What the CLIs print when Redis is unreachable (keys, links, webhooks, feed)."""
+    assert shown_url(url) == shown
 
 
 def test_cli_logging_redacts_every_logger_and_traceback() -> None:

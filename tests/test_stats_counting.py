@@ -12,11 +12,16 @@ import pytest
 
 from attribution.stats import (
     NS_PER_MINUTE,
+    SERIES_KEY,
     ZERO,
     BadRecord,
     StatsBoard,
     event_body,
+    partner_rows,
+    row_body,
+    row_value,
     rows,
+    series,
     tally_click,
     tally_conversion,
     utc_day,
@@ -171,3 +176,62 @@ def test_the_event_body_has_the_protocol_field_order():
     event = orjson.loads(b'{"type":"stats","topic":"stats:42","epoch":"e","seq":3,' + body)
     assert list(event) == ["type", "topic", "epoch", "seq", "key", "ts", "counters"]
     assert event["key"] == "campaign:c7:today" and event["ts"] == T0
+
+
+# -- the per-minute series (`minutes:1h`) -------------------------------------------------
+
+
+def test_the_series_puts_each_minute_in_its_bucket_partner_wide():
+    tallies = [tally_click(click("ok", cid="a", ts=T0)),
+               tally_click(click("bot", cid="b", ts=T0, campaign="c8", creative="cr2")),
+               tally_click(click("duplicate", cid="c", ts=T0 - 3 * NS_PER_MINUTE)),
+               tally_click(click("ok", cid="old", ts=T0 - 60 * NS_PER_MINUTE)),  # out
+               tally_conversion(conversion("ftd", "25.00", "EUR", ts=T0 - 59 * NS_PER_MINUTE))]
+    day, minutes = _sum(tallies)
+    value = series(minutes, MIN0)
+    got = value["minutes"]
+    assert got["start"] == MIN0 - 59
+    assert list(got) == ["start", "clicks", "unique_clicks", "bot_clicks", "duplicate_clicks",
+                         "registrations", "ftds"]
+    assert all(len(got[k]) == 60 for k in got if k != "start")
+    # two campaigns in the last bucket, each once (their creatives are not counted again)
+    assert (got["clicks"][59], got["unique_clicks"][59], got["bot_clicks"][59]) == (2, 1, 1)
+    assert got["duplicate_clicks"][56] == 1 and got["ftds"][0] == 1
+    assert sum(got["clicks"]) == 3  # the click of 60 minutes ago has left
+    # Its counters are the hour's totals: the campaigns' 1h rows added up.
+    hour = rows(day, minutes, MIN0)
+    assert value["counters"]["clicks"] == sum(
+        r["clicks"] for k, r in hour.items() if k.startswith("campaign:") and k.endswith(":1h"))
+    assert (value["counters"]["deposits"], value["counters"]["currency"]) == ("25.00", "EUR")
+
+
+def test_the_series_is_every_partners_row_even_empty():
+    out = partner_rows({}, {}, MIN0)
+    assert list(out) == [SERIES_KEY]
+    assert out[SERIES_KEY]["counters"] == ZERO
+    assert out[SERIES_KEY]["minutes"]["clicks"] == [0] * 60
+
+
+def test_the_board_republishes_the_series_when_its_window_moves_and_never_zeroes_it():
+    board = StatsBoard()
+    _, minutes = _sum([tally_click(click(ts=T0))])
+    first = partner_rows({}, minutes, MIN0)
+    assert [k for k, _ in board.changes("42", first)] == ["campaign:c7:1h", "campaign:c7:5m",
+                                                          "creative:cr1:1h", "creative:cr1:5m",
+                                                          SERIES_KEY]
+    assert board.changes("42", partner_rows({}, minutes, MIN0)) == []
+    moved = dict(board.changes("42", partner_rows({}, minutes, MIN0 + 1)))
+    assert list(moved) == [SERIES_KEY]
+    assert moved[SERIES_KEY]["minutes"]["clicks"][58] == 1  # one bucket to the left
+    assert SERIES_KEY not in dict(board.changes("42", {}))
+
+
+def test_the_series_event_has_the_protocol_fields_then_minutes():
+    _, minutes = _sum([tally_click(click(ts=T0))])
+    value = series(minutes, MIN0)
+    body = row_body(SERIES_KEY, T0, value)
+    event = orjson.loads(b'{"type":"stats","topic":"stats:42","epoch":"e","seq":3,' + body)
+    assert list(event) == ["type", "topic", "epoch", "seq", "key", "ts", "counters", "minutes"]
+    assert event["key"] == "minutes:1h" and row_value(SERIES_KEY, event) == value
+    plain = orjson.loads(b"{" + row_body("campaign:c7:today", T0, ZERO))
+    assert row_value("campaign:c7:today", plain) == ZERO and "minutes" not in plain

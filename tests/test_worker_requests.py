@@ -90,7 +90,8 @@ async def test_one_redis_subscription_per_topic_dropped_after_the_last(worker, r
     client = aioredis.Redis.from_url(redis_url)
 
     async def numsub() -> int:
-        return dict(await client.pubsub_numsub("odds:1:39:4"))[b"odds:1:39:4"]
+        # topics are shard channels (SSUBSCRIBE), on one server as on a cluster
+        return dict(await client.pubsub_shardnumsub("odds:1:39:4"))[b"odds:1:39:4"]
 
     players = [await _open(worker.url) for _ in range(3)]
     for ws in players:
@@ -189,12 +190,12 @@ async def test_many_topics_and_clients_leave_no_channels_behind(worker, redis_ur
         for _ in topics:
             assert (await _recv(ws))["type"] == "snapshot"
     client = aioredis.Redis.from_url(redis_url)
-    assert len(await client.pubsub_channels("odds:*")) == 20
+    assert len(await client.pubsub_shardchannels("odds:*")) == 20
     for ws in players:
         await ws.close()
 
     async def channels() -> int:
-        return len(await client.pubsub_channels("odds:*"))
+        return len(await client.pubsub_shardchannels("odds:*"))
 
     for _ in range(100):
         if await channels() == 0:

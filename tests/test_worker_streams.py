@@ -214,7 +214,7 @@ async def test_events_lost_by_pubsub_are_filled_from_history(worker, publisher,
     players = [await _client(worker, [topic]) for _ in range(3)]
     silent = aioredis.Redis.from_url(redis_url)
     no_publish = silent.register_script(PUBLISH_LUA.replace(
-        "redis.call('PUBLISH', ARGV[1], event)", ""))
+        "redis.call('SPUBLISH', ARGV[1], event)", ""))
     for i in range(5):  # in history and latest, never sent on the channel
         body = _update(topic, 2, f"1.6{i}").body()
         await no_publish(keys=topic_keys(topic), args=[topic, new_epoch(), "1:39:15",
@@ -223,6 +223,28 @@ async def test_events_lost_by_pubsub_are_filled_from_history(worker, publisher,
     await _assert_caught_up(players, redis_url, topic)
     for player in players:
         assert player.stats.coalesced == 0 and player.stats.resets == 0
+        await player.close()
+    await silent.aclose()
+
+
+async def test_the_last_event_lost_by_pubsub_is_found_by_the_audit(worker_factory, publisher,
+                                                                  redis_url) -> None:
+    """No later event reveals a lost last one by its seq: the audit compares
+    every topic with Redis's seq, and a channel still behind at the next audit
+    is repaired (OG_AUDIT_S; a subscription lost without notice looks the same)."""
+    worker = worker_factory(OG_AUDIT_S="0.2")
+    topic = "odds:1:39:16"
+    await publisher.publish(_update(topic, 1, "1.50"))
+    players = [await _client(worker, [topic]) for _ in range(2)]
+    silent = aioredis.Redis.from_url(redis_url)
+    no_publish = silent.register_script(PUBLISH_LUA.replace(
+        "redis.call('SPUBLISH', ARGV[1], event)", ""))
+    body = _update(topic, 2, "1.66").body()
+    await no_publish(keys=topic_keys(topic), args=[topic, new_epoch(), "1:39:16", body, 60_000])
+    await _assert_caught_up(players, redis_url, topic)
+    assert "with no event arriving: repairing and subscribing again" in worker.log()
+    for player in players:
+        assert player.stats.resets == 0 and player.violations == []
         await player.close()
     await silent.aclose()
 

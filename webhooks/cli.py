@@ -18,13 +18,15 @@ import orjson
 from redis.exceptions import RedisError
 
 from gateway.config import ConfigError
+from supervisor.redact import shown_url, unreachable
 
 log = logging.getLogger("oddsgate.webhooks")
 _STOP_GRACE_S = 5.0
 
 
 def add_webhooks_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--redis-url", help="the region's Redis (OG_REDIS_URL)")
+    parser.add_argument("--redis-url", help="the region's Redis (OG_REDIS_URL, or the cluster "
+                        "of OG_REDIS_CLUSTER_NODES); redis-cluster://host:port,... for a cluster")
     sub = parser.add_subparsers(dest="webhooks_command", required=True)
     add = sub.add_parser("add", help="register a partner's webhook (prints its secret last) "
                          "or postback")
@@ -53,12 +55,22 @@ def add_webhooks_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_webhooks(args: argparse.Namespace) -> int:
-    url = args.redis_url or os.environ.get("OG_REDIS_URL", "")
+    from redis_contract import target
+
+    try:  # OG_REDIS_CLUSTER_NODES names a cluster instead (redis_contract/target.py)
+        url = args.redis_url or target.redis_target(os.environ.get("OG_REDIS_URL", ""))
+    except target.RedisTargetError as exc:
+        raise ConfigError(str(exc)) from None
     if not url:
         raise ConfigError("OG_REDIS_URL: the region's Redis is required (or --redis-url)")
     if args.webhooks_command == "run":
         return _run_dispatcher(url)
-    return asyncio.run(_admin(url, args))
+    try:
+        return asyncio.run(_admin(url, args))
+    except unreachable() as exc:
+        print(f"oddsgate webhooks: cannot reach Redis at {shown_url(url)}: {exc}",
+              file=sys.stderr)
+        return 1
 
 
 def _run_dispatcher(url: str) -> int:
@@ -91,7 +103,7 @@ def _run_dispatcher(url: str) -> int:
 
     try:
         uvloop.run(main())
-    except (OSError, RedisError) as exc:
+    except (*unreachable(), RedisError) as exc:
         print(f"oddsgate webhooks run: {exc}", file=sys.stderr)
         return 1
     return 0
@@ -103,12 +115,11 @@ def _fail(message: str) -> int:
 
 
 async def _admin(url: str, args: argparse.Namespace) -> int:
-    import redis.asyncio as aioredis
-
+    from redis_contract import target
     from webhooks import operations as ops
     from webhooks.store import HookStore
 
-    redis = aioredis.Redis.from_url(url)
+    redis = target.async_client(url)
     store = HookStore(redis)
     command = args.webhooks_command
     try:

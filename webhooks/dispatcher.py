@@ -29,6 +29,7 @@ from ulid import ULID
 from yarl import URL
 
 from attribution.keys import click_index
+from redis_contract import target
 from webhooks.breaker import BreakerState, EndpointBreaker
 from webhooks.endpoints import Endpoint
 from webhooks.events import NotAnEvent, build_event, render_postback
@@ -298,7 +299,7 @@ async def serve(redis_url: str, settings: WebhookSettings, stop: asyncio.Event) 
     if settings.metrics_port:
         server = MetricsServer(settings.metrics_host, settings.metrics_port, metrics.registry)
         await server.start()
-    redis = aioredis.Redis.from_url(redis_url)
+    redis = target.async_client(redis_url)
     try:
         await Dispatcher(redis, settings, metrics).run(stop)
     finally:

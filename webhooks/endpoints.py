@@ -1,6 +1,6 @@
 """A partner's endpoint: a signed JSON webhook or a GET postback template, and its secrets.
 
-Stored as JSON in the `og:hooks:endpoints` hash (keys.py); the CLI writes
+Stored as JSON in the endpoints hash (keys.ENDPOINTS); the CLI writes
 it, the dispatcher reads it. Every field is checked here, so a bad
 `--url` or `--events` is refused with a message naming it, never stored.
 """

@@ -2,7 +2,7 @@
 
 Every change of a delivery's state is one atomic step (a Lua script or a
 MULTI), so a dispatcher killed at any instant leaves each delivery in
-exactly one place: due (sorted set `og:hooks:due`), or a dead letter, or
+exactly one place: due (the sorted set `keys.DUE`), or a dead letter, or
 delivered and gone. Consuming a conversion is atomic the same way: the
 script that INCRs the partner's sequence and enqueues the deliveries also
 XACKs the stream entry, so an entry is either still pending (read again

@@ -46,11 +46,11 @@ class Broadcaster:
     async def forward(self) -> None:
         async for message in self.pubsub.listen():
             kind = message["type"]
-            if kind == "message":
+            if kind == "smessage":  # publish.lua sends with SPUBLISH
                 for ws in list(self.followers.get(message["channel"], ())):
                     with contextlib.suppress(ConnectionClosed):
                         await ws.send(message["data"])
-            elif kind == "subscribe":
+            elif kind == "ssubscribe":
                 self.confirmed.add(message["channel"])
                 for fut in self.waiters.pop(message["channel"], []):
                     if not fut.done():
@@ -66,7 +66,7 @@ class Broadcaster:
                 new.append(fut)
         unsent = [t for t in topics if t not in self.confirmed and len(self.waiters[t]) == 1]
         if unsent:
-            await self.pubsub.subscribe(*unsent)
+            await self.pubsub.ssubscribe(*unsent)
         if new:
             await asyncio.gather(*new)
 

@@ -1,9 +1,11 @@
 """Fan-out sessions: set a population up, run a scenario's phases on it (see fanout.py).
 
 - `run_steady_session`: `connections` players (10,000), measured at the base
-  rate, and profiled if asked.
+  rate, and profiled if asked. Steady and saturation check a sample of the
+  players (`check_share`; every player counts its events).
 - `run_spike_session`: `spike_connections` players: steady first (what the
-  spike is compared with), then the spike.
+  spike is compared with), then the spike. Every player checked: a stalled
+  one that wakes is watched event by event.
 - `run_saturation_session`: the rate ladder on `saturation_connections`
   players.
 
@@ -31,7 +33,8 @@ from bench.systems import System
 
 
 @contextlib.contextmanager
-def _population(h: Harness, system: System, label: str, connections: int) -> Iterator[Fanout]:
+def _population(h: Harness, system: System, label: str, connections: int,
+                check_share: float = 1.0) -> Iterator[Fanout]:
     p = h.p
     run_dir = h.run_dir(f"{system.name}-{label}")
     system.workdir = run_dir
@@ -41,9 +44,11 @@ def _population(h: Harness, system: System, label: str, connections: int) -> Ite
         time.sleep(0.5)
         rss_base = rss_bytes(system.processes())
         plans = population.plan(h.universe, connections, p.topics_per_conn, p.seed)
-        pool = stack.enter_context(h.loadgens(target, plans))
+        pool = stack.enter_context(h.loadgens(target, plans, check_share=check_share))
         connect = h.connect_all(pool)
-        warm = pool.call_one(0, "warm", timeout=180, topics=h.universe.topics)
+        # through HAProxy, the warming connections go to each worker straight
+        warm = pool.call_one(0, "warm", timeout=180, topics=h.universe.topics,
+                             endpoints=target.backends or None)
         sub = h.subscribe_all(pool, per_second=p.setup_subscribe_per_s, timeout=SUBSCRIBE_WAIT_S)
         notes = []
         if connect["open"] < len(plans):
@@ -63,7 +68,7 @@ def _population(h: Harness, system: System, label: str, connections: int) -> Ite
 
 
 def run_steady_session(h: Harness, system: System) -> list[Result]:
-    with _population(h, system, "steady", h.p.connections) as f:
+    with _population(h, system, "steady", h.p.connections, h.p.check_share) as f:
         time.sleep(h.p.warmup_s)
         return [steady.phase(h, system, f, profile=h.p.profile)]
 
@@ -81,7 +86,8 @@ def run_spike_session(h: Harness, system: System) -> list[Result]:
 
 
 def run_saturation_session(h: Harness, system: System) -> list[Result]:
-    with _population(h, system, "saturation", h.p.saturation_connections) as f:
+    with _population(h, system, "saturation", h.p.saturation_connections,
+                     h.p.check_share) as f:
         time.sleep(h.p.warmup_s)
         return [saturation.phase(h, system, f)]
 

@@ -22,7 +22,7 @@ def phase(h: Harness, system: System, f: Fanout, profile: bool = False) -> Resul
         "seed_peak_events_per_s": round(SEED_PEAK_EVENTS_PER_S, 1),
         "market_topics": h.universe.market_topics, "topics": len(h.universe.topics),
         "warmup_s": p.warmup_s, "measure_s": p.measure_s, "seed": p.seed,
-        "workers": system.workers(),
+        "workers": system.workers(), "check_share": p.check_share,
     })
     result.figures = f.measure(h, system, p.measure_s)
     result.figures["limited_by"] = limited_by(result.figures, system.workers())

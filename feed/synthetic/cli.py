@@ -33,6 +33,8 @@ from feed.synthetic.pacing import (
     SyntheticFeed,
 )
 from gateway.topics import PartitionMap
+from redis_contract import target
+from supervisor.redact import shown_url, unreachable
 
 REDIS_URL_ENV = "OG_REDIS_URL"
 DESCRIPTION = ("Publish a synthetic, seeded odds feed into Redis through the atomic publish "
@@ -72,9 +74,13 @@ def _partition_map(path: str) -> PartitionMap:
 
 
 def _redis_url(url: str) -> str:
-    """An argparse type: a URL redis-py accepts (nothing connects yet)."""
+    """An argparse type: a URL redis-py accepts, or a `redis-cluster://` address
+    (redis_contract/target.py); nothing connects yet."""
     try:
-        aioredis.Redis.from_url(url)
+        if target.is_cluster(url):
+            target.cluster_nodes(url)
+        else:
+            aioredis.Redis.from_url(url)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return url
@@ -88,6 +94,10 @@ def default_redis_url() -> str:
     so a feed started beside a node finds its Redis with no flags.
     """
     url = os.environ.get(REDIS_URL_ENV, "")
+    # OG_REDIS_CLUSTER_NODES names a cluster; set beside OG_REDIS_URL it is a mistake
+    # the node refuses to start on, and this default stays OG_REDIS_URL
+    with contextlib.suppress(target.RedisTargetError):
+        url = target.redis_target(url)
     if url:
         return url
     if os.environ.get("OG_RUNTIME_DIR"):
@@ -105,7 +115,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--redis-url",
         type=_redis_url,
         default=default_redis_url(),
-        help=f"redis:// or unix:// URL (default: ${REDIS_URL_ENV}, else the embedded "
+        help=f"redis:// or unix:// URL, or redis-cluster://host:port,... (default: "
+        f"${REDIS_URL_ENV}, or the cluster of $OG_REDIS_CLUSTER_NODES, else the embedded "
         "Redis's socket in the node's runtime dir)",
     )
     parser.add_argument("--rate", type=_positive_float, default=DEFAULT_RATE, help="events/s")
@@ -150,16 +161,16 @@ def _print_report(report: FeedReport) -> None:
 
 
 async def _publish(args: argparse.Namespace, pmap: PartitionMap) -> int:
-    client = aioredis.Redis.from_url(
+    client = target.async_client(
         args.redis_url, socket_connect_timeout=2.0, socket_timeout=10.0
     )
     try:
         try:
             await client.ping()
-        except (redis.exceptions.RedisError, OSError) as exc:
+        except (*unreachable(), redis.exceptions.RedisError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(
-                f"oddsgate feed: cannot reach Redis at {args.redis_url}: {reason}",
+                f"oddsgate feed: cannot reach Redis at {shown_url(args.redis_url)}: {reason}",
                 file=sys.stderr,
             )
             return 1

@@ -7,11 +7,11 @@
 // (gateway/static.py rewrites the import to app.js's hashed name.)
 //
 // 1. Pure helpers: the token's partner claim, row keys, the conversion rate.
-// 2. ClickMinutes: clicks per minute over the last hour, from what the page sees.
+// 2. MinuteSeries: clicks per minute over the last hour, from the `minutes:1h` row.
 // 3. Dashboard: the DOM, rendered once per animation frame from the client's state.
 // 4. Start-up: ?token= (or a readable og_session cookie), window.oddsgate for tests.
 
-import { OddsClient, regionUrls, rowKey } from "/static/app.js";
+import { OddsClient, regionUrls } from "/static/app.js";
 
 // -- 1. helpers ---------------------------------------------------------------------
 
@@ -74,49 +74,55 @@ function money(counters) {
 
 // -- 2. clicks per minute -------------------------------------------------------------
 
+export const SERIES_KEY = "minutes:1h";
 export const MINUTES = 60;
 const MINUTE_MS = 60000;
 
-// Clicks per minute over the last hour. §12 sends counters, not a history, so the page
-// counts what it sees: each change of a campaign's `today` row adds its growth in clicks
-// to the minute of the event's ts (a smaller value is a new UTC day: all of it is new).
-// A row first seen in the first snapshot is the baseline; after a reset the new
-// snapshot's growth over what was held is counted at that moment. Minutes before the
-// page opened are unknown, and drawn so.
-export class ClickMinutes {
+// The `minutes` object of a series event when it has the documented shape: an integer
+// `start` and a list of integers for `clicks`; other lists are optional.
+function seriesOf(event) {
+  const m = event?.minutes;
+  if (m === null || typeof m !== "object" || !Number.isInteger(m.start)) return null;
+  return Array.isArray(m.clicks) && m.clicks.every(Number.isInteger) ? m : null;
+}
+
+// Clicks per minute over the last hour, from the partner's `minutes:1h` row (README,
+// "Per-minute series"). Its event carries the whole hour, bucket i counting minute
+// `start + i` (Unix seconds / 60, the last bucket still filling), so the chart is whole
+// from the first snapshot on, and each newer event of the row replaces it (a coalesced
+// or replayed one included). Minutes after the row's last bucket had no count (the
+// server republishes the row every minute while its hour holds a count). The chart ends
+// at the later of this clock's minute and the row's last one: a clock behind the
+// server's never hides the newest bucket, one ahead shows its minutes as 0.
+export class MinuteSeries {
   constructor(now = Date.now) {
     this.now = now;
-    this.openedMinute = Math.floor(now() / MINUTE_MS);
-    this.held = new Map(); // campaign -> clicks of its today row last seen
-    this.buckets = new Map(); // minute number -> clicks counted in it
+    this.row = null; // the `minutes` object of the row held, or null
+    this.seen = false; // a snapshot came: what it lacks is a real 0
   }
 
-  // A campaign's today row changed to `clicks` at Unix ns `ts` (null: now). `fresh`: a
-  // row never seen before counts as all new (a live event), else as the baseline.
-  observe(campaign, clicks, ts, { fresh }) {
-    if (!Number.isInteger(clicks) || clicks < 0) return;
-    const before = this.held.get(campaign);
-    this.held.set(campaign, clicks);
-    let added;
-    if (before === undefined) added = fresh ? clicks : 0;
-    else added = clicks >= before ? clicks - before : clicks;
-    if (added <= 0) return;
-    const nowMinute = Math.floor(this.now() / MINUTE_MS);
-    let minute = typeof ts === "number" ? Math.floor(ts / 1e6 / MINUTE_MS) : nowMinute;
-    if (minute > nowMinute) minute = nowMinute; // the server's clock a little ahead
-    if (minute <= nowMinute - MINUTES) return;
-    this.buckets.set(minute, (this.buckets.get(minute) || 0) + added);
+  // The row's newest event the client holds, or undefined when the topic has none
+  // (a partner with no count in the last hour, or none yet).
+  update(event) {
+    this.seen = true;
+    this.row = seriesOf(event);
   }
 
-  // The last hour, oldest first: [{minute, clicks, known}], MINUTES entries.
+  // The last hour, oldest first: MINUTES entries {minute, clicks, unique, bots,
+  // duplicates, known}; `known` is false until a snapshot came.
   series() {
     const nowMinute = Math.floor(this.now() / MINUTE_MS);
-    for (const minute of this.buckets.keys()) {
-      if (minute <= nowMinute - MINUTES) this.buckets.delete(minute);
-    }
+    const row = this.row;
+    const last = row ? Math.max(nowMinute, row.start + row.clicks.length - 1) : nowMinute;
+    const at = (name, i) => {
+      const values = row?.[name];
+      return Array.isArray(values) && Number.isInteger(values[i]) ? values[i] : 0;
+    };
     const out = [];
-    for (let m = nowMinute - MINUTES + 1; m <= nowMinute; m += 1) {
-      out.push({ minute: m, clicks: this.buckets.get(m) || 0, known: m >= this.openedMinute });
+    for (let m = last - MINUTES + 1; m <= last; m += 1) {
+      const i = row ? m - row.start : -1;
+      out.push({ minute: m, clicks: at("clicks", i), unique: at("unique_clicks", i),
+        bots: at("bot_clicks", i), duplicates: at("duplicate_clicks", i), known: this.seen });
     }
     return out;
   }
@@ -248,21 +254,8 @@ export class Dashboard {
 
   onChange(kind, detail) {
     if (kind === "event") {
-      const parsed = parseKey(rowKey(detail));
-      if (parsed && parsed.dimension === "campaign" && parsed.window === "today") {
-        this.clicks.observe(parsed.name, detail.counters?.clicks, detail.ts, { fresh: true });
-      }
       this.schedule(true);
     } else if (kind === "snapshot") {
-      const state = this.client.checker.topics.get(this.topic);
-      if (state !== undefined) {
-        for (const [key, event] of state.markets) {
-          const parsed = parseKey(key);
-          if (parsed && parsed.dimension === "campaign" && parsed.window === "today") {
-            this.clicks.observe(parsed.name, event.counters?.clicks, null, { fresh: false });
-          }
-        }
-      }
       this.snapshotSeen = true;
       this.schedule(false);
     } else if (kind === "status") {
@@ -309,6 +302,9 @@ export class Dashboard {
     this.root.dataset.seq = String(state.seq);
     this.root.dataset.epoch = String(state.epoch);
     this.root.setAttribute("aria-busy", "false");
+    // The chart follows the series row held, whatever brought it: snapshot, live
+    // event, replay after a resume, or the snapshot after a reset.
+    this.clicks.update(state.markets.get(SERIES_KEY));
     this.drawSpark();
   }
 
@@ -326,20 +322,25 @@ export class Dashboard {
       rect.setAttribute("y", String(40 - height));
       rect.setAttribute("width", "3");
       rect.setAttribute("height", String(height));
+      rect.dataset.minute = String(s.minute);
       rect.dataset.clicks = String(s.clicks);
       rect.dataset.known = String(s.known);
       const title = document.createElementNS(SVG, "title");
       const at = new Date(s.minute * MINUTE_MS).toISOString().slice(11, 16);
-      title.textContent = s.known ? `${at} UTC: ${s.clicks} clicks` : `${at} UTC: before this page`;
+      title.textContent = s.known
+        ? `${at} UTC: ${s.clicks} clicks (${s.unique} unique, ${s.bots} bots, `
+          + `${s.duplicates} duplicates)`
+        : `${at} UTC: waiting for statistics`;
       rect.append(title);
       svg.append(rect);
     });
     const total = series.reduce((sum, s) => sum + s.clicks, 0);
-    const sincePage = series[0].known ? "" : " since this page opened";
-    svg.setAttribute("aria-label", `${total} clicks in the last hour${sincePage}`);
+    const known = series[0].known;
+    svg.setAttribute("aria-label", known ? `${total} clicks in the last hour`
+      : "waiting for statistics");
     this.spark.replaceChildren(svg);
-    const label = `${total.toLocaleString("en-US")} clicks${sincePage} · peak `
-      + `${Math.max(...series.map((s) => s.clicks))}/min`;
+    const label = known ? `${total.toLocaleString("en-US")} clicks · peak `
+      + `${Math.max(...series.map((s) => s.clicks))}/min` : "waiting…";
     if (this.sparkLabel.textContent !== label) this.sparkLabel.textContent = label;
   }
 
@@ -400,7 +401,7 @@ function expose(client, dashboard, topic, partner) {
     },
     get minutes() { return dashboard.clicks.series(); },
   };
-  Object.defineProperty(api, "lib", { value: { partnerOf, parseKey, conversionRate, ClickMinutes } });
+  Object.defineProperty(api, "lib", { value: { partnerOf, parseKey, conversionRate, MinuteSeries } });
   Object.defineProperty(api, "client", { value: client });
   window.oddsgate = api;
 }
@@ -429,7 +430,7 @@ function main() {
   // The token goes in the URL only when it came from the URL: a cookie goes by itself.
   const client = new OddsClient(regionUrls(params.get("regions"), params.get("token")), [topic],
     { onChange: (kind, detail) => dashboard?.onChange(kind, detail) });
-  dashboard = new Dashboard(client, topic, new ClickMinutes());
+  dashboard = new Dashboard(client, topic, new MinuteSeries());
   expose(client, dashboard, topic, partner);
   client.start();
   addEventListener("online", () => client.retryNow());
