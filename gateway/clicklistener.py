@@ -470,7 +470,6 @@ class ClickListener:
         self.date = DateCache()
         self.server: asyncio.Server | None = None
         self._sweeper: asyncio.Task | None = None
-        self.answered = 0  # answers written or queued, refusals included
         self.loop: asyncio.AbstractEventLoop
 
     async def start(self, host: str, port: int, *, reuse_port: bool = False,
@@ -511,25 +510,29 @@ class ClickListener:
         """Close idle keep-alive connections and heads that take too long (one timer)."""
         while True:
             await asyncio.sleep(1.0)
-            now = self.loop.time()
-            for conn in list(self.connections):
-                if conn.lingering_since is not None:
-                    if now - conn.lingering_since > LINGER_S and conn.transport is not None:
-                        conn.transport.close()
-                    continue
-                if conn.slots:
-                    continue  # an answer is owed: not idle
-                started = conn.reader.started_at
-                if (conn.reader.partial and started is not None
-                        and now - started > self.head_s) or conn.idle_for(now) > self.idle_s:
-                    conn.closing = True
-                    conn._flush()
+            try:
+                self._close_stale(self.loop.time())
+            except Exception:
+                log.exception("click listener sweep failed")
+
+    def _close_stale(self, now: float) -> None:
+        for conn in list(self.connections):
+            if conn.lingering_since is not None:
+                if now - conn.lingering_since > LINGER_S and conn.transport is not None:
+                    conn.transport.close()
+                continue
+            if conn.slots:
+                continue  # an answer is owed: not idle
+            started = conn.reader.started_at
+            if (conn.reader.partial and started is not None
+                    and now - started > self.head_s) or conn.idle_for(now) > self.idle_s:
+                conn.closing = True
+                conn._flush()
 
     # -- one request ---------------------------------------------------------------------
 
     def answer(self, head: Head | BadHead, conn: ClickConnection) -> _Slot:
         """The slot of one request: its answer now, or once its click is recorded."""
-        self.answered += 1
         if isinstance(head, BadHead):
             return self._slot(refusal_answer(head.status, head.message), head_only=False,
                               close=True, version="HTTP/1.1")
