@@ -257,7 +257,8 @@ class OddsgateNode(System):
         self.runtime = self.workdir / "node"
         self.runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
         frontend, agent = free_port(), free_port()
-        base = free_port_range(self.count)
+        # the workers' ports, then their click listeners' (OG_CLICK_BASE_PORT's default)
+        base = free_port_range(2 * self.count)
         self.agent_port, self.base_port = agent, base  # for an edge HAProxy in front (scaling)
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("OG_")},
