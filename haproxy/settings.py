@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 LOG_LEVELS = ("emerg", "alert", "crit", "err", "warning", "notice", "info", "debug")
@@ -129,26 +129,23 @@ class HAProxySettings:
 
     def servers(self) -> Iterator[Server]:
         """Every worker HAProxy balances over, with its fixed id and its agent."""
-        if not self.nodes:
-            for i, port in enumerate(self.worker_ports):
-                yield Server(f"w{i}", self.worker_host, port, i + 1, f"w{i}")
-            return
-        for node in self.nodes:
-            for i in range(node.workers):
-                yield Server(f"{node.name}-w{i}", node.host, node.base_port + i,
-                             node.number * NODE_ID_STRIDE + i + 1, f"w{i}",
-                             node.host, node.agent_port)
+        return self._per_worker("w", self.worker_ports, lambda node: node.base_port)
 
     def click_servers(self) -> Iterator[Server]:
         """Every worker's click listener: named `c<i>` (`<node>-c<i>`), tracking the
         worker's server `w<i>` (`tracks`) for its health and its agent's drain."""
+        return self._per_worker("c", self.click_ports, lambda node: node.click_base)
+
+    def _per_worker(self, letter: str, local_ports: list[int],
+                    node_base: Callable[[NodeTarget], int]) -> Iterator[Server]:
+        """One server per worker: this node's ports, or every node's from its base."""
         if not self.nodes:
-            for i, port in enumerate(self.click_ports):
-                yield Server(f"c{i}", self.worker_host, port, i + 1, f"w{i}")
+            for i, port in enumerate(local_ports):
+                yield Server(f"{letter}{i}", self.worker_host, port, i + 1, f"w{i}")
             return
         for node in self.nodes:
             for i in range(node.workers):
-                yield Server(f"{node.name}-c{i}", node.host, node.click_base + i,
+                yield Server(f"{node.name}-{letter}{i}", node.host, node_base(node) + i,
                              node.number * NODE_ID_STRIDE + i + 1, f"w{i}",
                              node.host, node.agent_port)
 

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from types import TracebackType
 
@@ -57,25 +58,30 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
+def ports_free(ports: Iterable[int], host: str = LOOPBACK) -> bool:
+    """Whether every one of `ports` could be bound a moment ago (released at once:
+    racy, like `free_port`, so callers retry on EADDRINUSE)."""
+    socks: list[socket.socket] = []
+    try:
+        for port in ports:
+            sock = socket.socket()
+            socks.append(sock)
+            sock.bind((host, port))
+        return True
+    except OSError:
+        return False
+    finally:
+        for sock in socks:
+            sock.close()
+
+
 def free_port_range(count: int, host: str = LOOPBACK) -> int:
     """A base port with `count` free ports after it (a node's workers listen on
     base + index); checked, not guaranteed, like `free_port`."""
     for _ in range(50):
         base = free_port(host)
-        if base + count >= 65535:
-            continue
-        socks: list[socket.socket] = []
-        try:
-            for offset in range(count):
-                sock = socket.socket()
-                socks.append(sock)
-                sock.bind((host, base + offset))
+        if base + count < 65535 and ports_free(range(base, base + count), host):
             return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
     raise RuntimeError("no free range of ports")
 
 

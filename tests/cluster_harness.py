@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import random
 import shutil
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 import redis
 
-from supervisor.embedded_redis import EmbeddedRedis
+from supervisor.embedded_redis import EmbeddedRedis, ports_free
 
 NODE_TIMEOUT_MS = 1000
 
@@ -28,19 +27,8 @@ def _cluster_ports(count: int) -> int:
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(20000, 45000 - count)
-        socks: list[socket.socket] = []
-        try:
-            for port in range(base, base + count):
-                for p in (port, port + 10000):
-                    sock = socket.socket()
-                    socks.append(sock)
-                    sock.bind(("127.0.0.1", p))
+        if ports_free(p for port in range(base, base + count) for p in (port, port + 10000)):
             return base
-        except OSError:
-            continue
-        finally:
-            for sock in socks:
-                sock.close()
     raise RuntimeError("no free range of ports for a cluster")
 
 

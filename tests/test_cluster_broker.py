@@ -103,7 +103,19 @@ class Feed:
                 self.failures += 1
                 await asyncio.sleep(0.05)
 
+    def start(self) -> None:
+        """Publish in the background until `finish`."""
+        self._stop = asyncio.Event()
+        self._task = asyncio.create_task(self.run(self._stop))
+
+    async def finish(self) -> None:
+        if getattr(self, "_task", None) is not None:
+            self._stop.set()
+            await self._task
+            self._task = None
+
     async def close(self) -> None:
+        await self.finish()
         await self.client.aclose()
 
 
@@ -127,6 +139,16 @@ def holds_redis_state(cluster: LocalCluster, players: list[OddsClient],
                     m: orjson.loads(e) for m, e in latest.items()}:
                 return False
     return True
+
+
+async def settled(cluster: LocalCluster, players: list[OddsClient], topics: list[str], *,
+                  resets_allowed: bool = False) -> None:
+    """Every player ends with Redis's state of every topic, with §5 held throughout."""
+    await eventually(lambda: holds_redis_state(cluster, players, topics), timeout=30)
+    for player in players:
+        assert player.violations == [], player.violations[:5]
+        if not resets_allowed:
+            assert player.stats.resets == 0
 
 
 @contextlib.asynccontextmanager
@@ -170,11 +192,10 @@ async def test_a_slot_moved_under_load_loses_nothing_and_resets_nobody(clean, tm
     # leaves) must keep the topic live, not the audit's repair seconds later.
     worker = start_worker("", tmp_path, OG_REDIS_CLUSTER_NODES=clean.seeds, OG_AUDIT_S="0")
     feed = Feed(clean.url, topics)
-    stop = asyncio.Event()
     try:
         await feed.burst(len(topics))
         async with players_on(worker, topics, 4) as players:
-            running = asyncio.create_task(feed.run(stop))
+            feed.start()
             await asyncio.sleep(0.5)
             target = next(p for p in clean.masters_ports() if p != clean.master_of(slot))
             await asyncio.to_thread(clean.move_slot, slot, target)
@@ -185,14 +206,9 @@ async def test_a_slot_moved_under_load_loses_nothing_and_resets_nobody(clean, tm
             seq_then = players[0].topics[moved].seq
             await eventually(lambda: players[0].topics[moved].seq > seq_then + 10, timeout=10)
             assert f"redis dropped {moved}" in worker.log()  # its slot left: routed again
-            stop.set()
-            await running
-            await eventually(lambda: holds_redis_state(clean, players, topics), timeout=20)
-            for player in players:
-                assert player.violations == [], player.violations[:5]
-                assert player.stats.resets == 0
+            await feed.finish()
+            await settled(clean, players, topics)
     finally:
-        stop.set()
         await feed.close()
         worker.stop()
 
@@ -210,25 +226,19 @@ async def test_a_node_on_the_cluster_resumes_the_players_of_a_killed_worker(clea
     topics = topics_on_every_master(clean, per_master=2)
     node = start_node("", tmp_path / "node", workers=2, OG_REDIS_CLUSTER_NODES=clean.seeds)
     feed = Feed(clean.url, topics)
-    stop = asyncio.Event()
     try:
         await feed.burst(len(topics))
         async with players_on(node, topics, 6) as players:
-            running = asyncio.create_task(feed.run(stop))
+            feed.start()
             await asyncio.sleep(0.5)
             victim = node.worker_pids()[0]
             os.kill(victim, signal.SIGKILL)
             await eventually(lambda: sum(p.stats.resumes for p in players) >= 1, timeout=20)
             before = feed.published
             await eventually(lambda: feed.published > before + 100, timeout=20)
-            stop.set()
-            await running
-            await eventually(lambda: holds_redis_state(clean, players, topics), timeout=20)
-            for player in players:
-                assert player.violations == [], player.violations[:5]
-                assert player.stats.resets == 0
+            await feed.finish()
+            await settled(clean, players, topics)
     finally:
-        stop.set()
         await feed.close()
         node.stop()
 
@@ -239,23 +249,18 @@ async def test_a_master_killed_mid_feed_gives_resumes_or_resets_never_a_silent_g
     topics = topics_on_every_master(clean, per_master=3)
     worker = start_worker("", tmp_path, OG_REDIS_CLUSTER_NODES=clean.seeds, OG_AUDIT_S="0")
     feed = Feed(clean.url, topics)
-    stop = asyncio.Event()
     try:
         await feed.burst(len(topics))
         async with players_on(worker, topics, 4) as players:
-            running = asyncio.create_task(feed.run(stop))
+            feed.start()
             await asyncio.sleep(0.5)
             victim = clean.master_of(key_slot(topics[0].encode()))
             promoted = await asyncio.to_thread(clean.kill_master, victim, 20.0, False)
             assert clean.master_of(key_slot(topics[0].encode())) == promoted
             before = feed.published
             await eventually(lambda: feed.published > before + 200, timeout=30)
-            stop.set()
-            await running
-            await eventually(lambda: holds_redis_state(clean, players, topics), timeout=30)
-            for player in players:
-                assert player.violations == [], player.violations[:5]
+            await feed.finish()
+            await settled(clean, players, topics, resets_allowed=True)
     finally:
-        stop.set()
         await feed.close()
         worker.stop()
