@@ -32,10 +32,8 @@ ADD_SCRIPT = resources.files("attribution").joinpath("operator_key_add.lua").rea
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `oddsgate keys`, added lazily by supervisor/cli.py."""
-    from feed.synthetic.cli import default_redis_url
-
     parser.description = __doc__.split("\n\n")[0]
-    parser.add_argument("--redis-url", default=default_redis_url(),
+    parser.add_argument("--redis-url",
                         help="redis:// or unix:// URL, or redis-cluster://host:port,... "
                         "(default: $OG_REDIS_URL or $OG_REDIS_CLUSTER_NODES, else the "
                         "embedded Redis's socket in the node's runtime dir)")
@@ -56,8 +54,16 @@ def _name(raw: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from feed.synthetic.cli import default_redis_url
+
     client = None
     try:
+        if args.redis_url is None:
+            try:
+                args.redis_url = default_redis_url()
+            except target.RedisTargetError as exc:  # OG_REDIS_URL and the cluster both set
+                print(f"oddsgate keys: {exc}", file=sys.stderr)
+                return 2
         # A cluster's client finds its nodes as it is made: unreachable is raised here.
         client = target.sync_client(args.redis_url, socket_connect_timeout=2.0,
                                     socket_timeout=10.0)

@@ -126,12 +126,18 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m attribution.migrate_keys",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--redis-url", default=default_redis_url(),
+    parser.add_argument("--redis-url",
                         help="redis:// or unix:// URL, or redis-cluster://host:port,... "
                         "(default: $OG_REDIS_URL or $OG_REDIS_CLUSTER_NODES, else the "
                         "node's embedded Redis)")
     parser.add_argument("--dry-run", action="store_true", help="count, move nothing")
     args = parser.parse_args(argv)
+    if args.redis_url is None:
+        try:
+            args.redis_url = default_redis_url()
+        except target.RedisTargetError as exc:  # OG_REDIS_URL and the cluster both set
+            print(f"migrate_keys: {exc}", file=sys.stderr)
+            return 2
     client = None
     try:
         client = target.sync_client(args.redis_url, socket_connect_timeout=2.0,

@@ -324,9 +324,15 @@ def test_the_clis_find_the_cluster_in_og_redis_cluster_nodes(cluster, cluster_ur
     assert main(["webhooks", "list"]) == 0 and "p42" in capsys.readouterr().out
     # both set is a mistake the CLIs name rather than guess
     monkeypatch.setenv("OG_REDIS_URL", "redis://127.0.0.1:6379")
-    assert main(["links", "list"]) == 2
-    assert main(["webhooks", "list"]) == 2
+    for command in (["links", "list"], ["webhooks", "list"], ["keys", "list"],
+                    ["feed", "--count", "1", "--quiet"]):
+        assert main(command) == 2, command
+        assert "OG_REDIS_CLUSTER_NODES" in capsys.readouterr().err, command
+    from attribution.migrate_keys import main as migrate_main
+    assert migrate_main(["--dry-run"]) == 2
     assert "OG_REDIS_CLUSTER_NODES" in capsys.readouterr().err
+    # and an explicit --redis-url is taken as given
+    assert main(["keys", "--redis-url", cluster_url, "list"]) == 0
 
 
 def test_an_unreachable_cluster_is_one_line_and_exit_1(capsys) -> None:

@@ -87,17 +87,16 @@ def _redis_url(url: str) -> str:
 
 
 def default_redis_url() -> str:
-    """OG_REDIS_URL, else the socket of the node's embedded Redis.
+    """OG_REDIS_URL, or the cluster of OG_REDIS_CLUSTER_NODES, else the socket of the
+    node's embedded Redis. Both variables set is the mistake the node refuses to
+    start on: RedisTargetError, which a CLI turns into exit 2 (read when a command
+    runs, not when its parser is built, so `--help` always works).
 
     The path follows supervisor/runtime.py (OG_RUNTIME_DIR, else
     $XDG_RUNTIME_DIR/oddsgate, else /tmp/oddsgate-$UID, then redis/redis.sock),
     so a feed started beside a node finds its Redis with no flags.
     """
-    url = os.environ.get(REDIS_URL_ENV, "")
-    # OG_REDIS_CLUSTER_NODES names a cluster; set beside OG_REDIS_URL it is a mistake
-    # the node refuses to start on, and this default stays OG_REDIS_URL
-    with contextlib.suppress(target.RedisTargetError):
-        url = target.redis_target(url)
+    url = target.redis_target(os.environ.get(REDIS_URL_ENV, ""))
     if url:
         return url
     if os.environ.get("OG_RUNTIME_DIR"):
@@ -114,7 +113,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--redis-url",
         type=_redis_url,
-        default=default_redis_url(),
         help=f"redis:// or unix:// URL, or redis-cluster://host:port,... (default: "
         f"${REDIS_URL_ENV}, or the cluster of $OG_REDIS_CLUSTER_NODES, else the embedded "
         "Redis's socket in the node's runtime dir)",
@@ -221,6 +219,12 @@ async def _publish(args: argparse.Namespace, pmap: PartitionMap) -> int:
 def run(args: argparse.Namespace) -> int:
     """Publish as `args` say: 0 when done or stopped, 1 if Redis is unreachable."""
     pmap = args.partition_map if args.partition_map is not None else PartitionMap.load(None)
+    if args.redis_url is None:
+        try:
+            args.redis_url = default_redis_url()
+        except target.RedisTargetError as exc:
+            print(f"oddsgate feed: {exc}", file=sys.stderr)
+            return 2
     try:
         return uvloop.run(_publish(args, pmap))
     except KeyboardInterrupt:
