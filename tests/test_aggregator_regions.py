@@ -24,6 +24,7 @@ from aggregator.service import EXIT_DIVERGED, Aggregator
 from aggregator.settings import AggregatorSettings
 from gateway.topics import PartitionMap
 from redis_contract import REGION_ALIVE_KEY, history_key, latest_key, meta_key
+from redis_contract.target import async_client
 
 SETTINGS = AggregatorSettings(checkpoint_ms=200, provider_idle_ms=1500)
 
@@ -61,7 +62,7 @@ class Running:
     """An aggregator task on one region's Redis."""
 
     def __init__(self, url: str, region: str, **settings: int) -> None:
-        self.redis = aioredis.Redis.from_url(url)
+        self.redis = async_client(url)  # a server's URL or a cluster's (test_cluster_broker)
         self.stop = asyncio.Event()
         self.aggregator = Aggregator(self.redis, replace(SETTINGS, **settings),
                                      PartitionMap.load(None), region)

@@ -243,6 +243,34 @@ async def test_a_node_on_the_cluster_resumes_the_players_of_a_killed_worker(clea
         node.stop()
 
 
+async def test_an_aggregator_on_the_cluster_publishes_the_bytes_of_one_on_a_single_server(
+        clean, redis_url) -> None:
+    """Regions (PROTOCOL.md §8) may differ in their Redis: region a on the cluster
+    (input log, checkpoints, every topic's publish on its own master), region b on
+    one server, fed the same providers, publish byte-identical streams."""
+    from aggregator.feeder import feed_regions
+    from tests.test_aggregator_regions import Running, _published
+
+    urls = {"a": clean.url, "b": redis_url}
+    stop_feed = asyncio.Event()
+    feed = asyncio.create_task(feed_regions(urls, 21, stop_feed))
+    a, b = Running(urls["a"], "a"), Running(urls["b"], "b")
+    await asyncio.sleep(3.0)
+    stop_feed.set()
+    await feed
+    await asyncio.sleep(1.5)  # both drain what was written
+    assert await a.finish() == 0 and await b.finish() == 0
+    on_cluster, single = async_client(urls["a"]), async_client(urls["b"])
+    try:
+        published_a, published_b = await _published(on_cluster), await _published(single)
+    finally:
+        await on_cluster.aclose()
+        await single.aclose()
+    assert published_a and published_a == published_b
+    slots = {clean.master_of(key_slot(topic.encode())) for topic in published_a}
+    assert len(slots) > 1  # the topics really are spread over masters
+
+
 async def test_a_master_killed_mid_feed_gives_resumes_or_resets_never_a_silent_gap(
         clean, tmp_path) -> None:
     """Last in the module: the killed master stays dead (its replica serves)."""
