@@ -8,6 +8,7 @@ whose answers must be the same.
 from __future__ import annotations
 
 import http.client
+import signal
 import time
 from urllib.parse import parse_qs, urlsplit
 
@@ -193,11 +194,18 @@ def test_links_added_while_a_worker_was_cut_from_redis_are_loaded_on_reconnect(
     wait_links_loaded(worker)
     redis_server.stop()
     assert call(worker, "GET", "/t/spring-24")[0] == 404
-    redis_server.start()
-    client = redis.Redis.from_url(redis_url)
-    # written without a message: only the reload on reconnect can find it
-    client.hset(keys.LINKS, "spring-24", Link.from_dict(LINK).to_json())
-    client.close()
+    # The worker stays stopped until the link is written, or its follower could
+    # reconnect (every 0.1 s) to the restarted Redis before the write and load
+    # nothing: the race made this test flaky.
+    worker.proc.send_signal(signal.SIGSTOP)
+    try:
+        redis_server.start()
+        client = redis.Redis.from_url(redis_url)
+        # written without a message: only the reload on reconnect can find it
+        client.hset(keys.LINKS, "spring-24", Link.from_dict(LINK).to_json())
+        client.close()
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
     deadline = time.monotonic() + 10
     while call(worker, "GET", "/t/spring-24")[0] != 302:
         assert time.monotonic() < deadline, worker.log()
