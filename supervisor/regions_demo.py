@@ -106,7 +106,8 @@ def _start_region(region: Region, secret: str, workers: int, others: list[Region
            "OG_REGION_STALE_AFTER_MS": os.environ.get("OG_REGION_STALE_AFTER_MS", "1500"),
            "OG_HAPROXY_BIND": f"127.0.0.1:{region.port}",
            "OG_WORKERS": str(workers),
-           "OG_BASE_PORT": str(free_port_range(workers)),
+           # the workers' ports, then their click listeners' (OG_CLICK_BASE_PORT's default)
+           "OG_BASE_PORT": str(free_port_range(2 * workers)),
            "OG_AGENT_PORT": str(free_port()),
            "OG_METRICS_PORT": str(region.metrics_port)}
     env.pop("OG_REDIS_URL", None)  # the region's own embedded Redis
