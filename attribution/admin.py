@@ -35,7 +35,7 @@ from websockets.http11 import Response
 
 from attribution.link_store import AsyncLinkStore, LinkConflict, LinkExists, UnknownLink
 from attribution.links import Link, LinkError
-from gateway.http import json_response
+from gateway.http import error_response, json_response
 from webhooks import operations as hooks
 from webhooks.store import HookStore
 
@@ -47,10 +47,8 @@ _DEAD = re.compile(r"/admin/webhooks/dead-letters(?:/([A-Za-z0-9_-]{1,32}))?")
 
 def _error(status: int, code: str, message: str, field: str | None = None,
            headers: list[tuple[str, str]] | None = None) -> Response:
-    body: dict = {"type": "error", "code": code, "message": message}
-    if field is not None:
-        body["field"] = field
-    return json_response(status, body, cache="no-store", headers=headers or [])
+    """The worker's `error` shape (gateway/http.py), never cached, plus the bad `field`."""
+    return error_response(status, code, message, headers or (), field=field, cache="no-store")
 
 
 def _ok(status: int, body: dict) -> Response:

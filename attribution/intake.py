@@ -39,7 +39,7 @@ from attribution.conversions import (
 )
 from attribution.operator_keys import KeyCache, bearer_key
 from attribution.settings import AttributionSettings
-from gateway.http import json_response
+from gateway.http import error_response, json_response
 
 log = logging.getLogger("oddsgate.conversions")
 
@@ -48,11 +48,8 @@ RECORD_CONVERSION_LUA = (Path(__file__).parent / "record_conversion.lua").read_t
 
 def _error(status: int, code: str, message: str, field: str | None = None,
            headers: list[tuple[str, str]] | None = None) -> Response:
-    """The `error` shape every HTTP refusal of a worker has, plus the bad `field`."""
-    body: dict = {"type": "error", "code": code, "message": message}
-    if field is not None:
-        body["field"] = field
-    return json_response(status, body, cache="no-store", headers=headers or [])
+    """The worker's `error` shape (gateway/http.py), never cached, plus the bad `field`."""
+    return error_response(status, code, message, headers or (), field=field, cache="no-store")
 
 
 def _unauthorized(message: str) -> Response:

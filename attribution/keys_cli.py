@@ -54,13 +54,13 @@ def _name(raw: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from feed.synthetic.cli import default_redis_url
+    from supervisor.runtime import node_redis_url
 
     client = None
     try:
         if args.redis_url is None:
             try:
-                args.redis_url = default_redis_url()
+                args.redis_url = node_redis_url()
             except target.RedisTargetError as exc:  # OG_REDIS_URL and the cluster both set
                 print(f"oddsgate keys: {exc}", file=sys.stderr)
                 return 2

@@ -47,16 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def redis_url(args: argparse.Namespace) -> str:
-    if args.redis_url:
-        return args.redis_url
-    from gateway.config import Settings
-    from supervisor.runtime import runtime_path
+    from supervisor.runtime import node_redis_url
 
-    settings = Settings.from_env(allow_anonymous=True)
-    url = target.redis_target(settings.redis_url)  # OG_REDIS_CLUSTER_NODES names a cluster
-    if url:
-        return url
-    return f"unix://{runtime_path(settings) / 'redis' / 'redis.sock'}"
+    return args.redis_url or node_redis_url()
 
 
 def run(args: argparse.Namespace) -> int:

@@ -122,7 +122,7 @@ def _move(client: redis.Redis | redis.RedisCluster, old: str, new: str, cluster:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from feed.synthetic.cli import default_redis_url
+    from supervisor.runtime import node_redis_url
 
     parser = argparse.ArgumentParser(prog="python -m attribution.migrate_keys",
                                      description=__doc__.split("\n\n")[0])
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.redis_url is None:
         try:
-            args.redis_url = default_redis_url()
+            args.redis_url = node_redis_url()
         except target.RedisTargetError as exc:  # OG_REDIS_URL and the cluster both set
             print(f"migrate_keys: {exc}", file=sys.stderr)
             return 2

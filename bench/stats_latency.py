@@ -112,18 +112,11 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=30)
     parser.add_argument("--publish-ms", type=int, default=250)
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        server = EmbeddedRedis(Path(tmp), port=0, persist=False)
-        server.start()
-        try:
-            latencies = sorted(asyncio.run(_run(args, server.url)))
-        finally:
-            server.stop()
-    pick = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))]  # noqa: E731
-    print(f"click -> stats event: p50 {pick(0.5) * 1000:.0f} ms, p99 {pick(0.99) * 1000:.0f} ms,"
-          f" max {latencies[-1] * 1000:.0f} ms over {len(latencies)} probes at {args.rate:.0f}"
+    result = measure(args.rate, args.partners, args.probes, args.publish_ms)
+    ms = result["click_to_stats_ms"]
+    print(f"click -> stats event: p50 {ms['p50']:.0f} ms, p99 {ms['p99']:.0f} ms,"
+          f" max {ms['max']:.0f} ms over {result['probes']} probes at {args.rate:.0f}"
           f" background clicks/s (publish every {args.publish_ms} ms)")
-
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ from bench.peers.install import NODE_DIR, PEERS, Availability, nats_server_path
 from supervisor.control import request as control_request
 from supervisor.embedded_redis import free_port, free_port_range
 from supervisor.haproxy import FD_RESERVE as HAPROXY_FD_RESERVE
-from supervisor.settings import NodeSettings
+from supervisor.settings import NodeSettings, node_port_count
 
 ROOT = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -257,8 +257,7 @@ class OddsgateNode(System):
         self.runtime = self.workdir / "node"
         self.runtime.mkdir(mode=0o700, parents=True, exist_ok=True)
         frontend, agent = free_port(), free_port()
-        # the workers' ports, then their click listeners' (OG_CLICK_BASE_PORT's default)
-        base = free_port_range(2 * self.count)
+        base = free_port_range(node_port_count(self.count))
         self.agent_port, self.base_port = agent, base  # for an edge HAProxy in front (scaling)
         env = {
             **{k: v for k, v in os.environ.items() if not k.startswith("OG_")},

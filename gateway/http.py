@@ -56,10 +56,14 @@ def json_response(status: int, body: bytes | dict, *, cache: str = "no-cache",
 
 
 def error_response(status: int, code: str, message: str,
-                   headers: Iterable[tuple[str, str]] = ()) -> Response:
-    """Same fields as the WebSocket `error` frame, so clients parse one shape."""
-    return json_response(status, {"type": "error", "code": code, "message": message},
-                         headers=headers)
+                   headers: Iterable[tuple[str, str]] = (), *, field: str | None = None,
+                   cache: str = "no-cache") -> Response:
+    """Same fields as the WebSocket `error` frame, so clients parse one shape; `field`
+    names the bad field of a request body (admin API, conversions)."""
+    body: dict = {"type": "error", "code": code, "message": message}
+    if field is not None:
+        body["field"] = field
+    return json_response(status, body, cache=cache, headers=headers)
 
 
 def rate_limited(message: str, retry_after_s: int) -> Response:

@@ -41,6 +41,7 @@ from redis_contract import target
 from supervisor.control import ControlUnavailable, request
 from supervisor.embedded_redis import free_port, free_port_range
 from supervisor.private import private_dir, write_private
+from supervisor.settings import node_port_count
 
 REGION_NAMES = ("eu-west", "eu-central", "us-east", "ap-south")
 TOKEN_TTL_S = 4 * 3600.0
@@ -106,8 +107,7 @@ def _start_region(region: Region, secret: str, workers: int, others: list[Region
            "OG_REGION_STALE_AFTER_MS": os.environ.get("OG_REGION_STALE_AFTER_MS", "1500"),
            "OG_HAPROXY_BIND": f"127.0.0.1:{region.port}",
            "OG_WORKERS": str(workers),
-           # the workers' ports, then their click listeners' (OG_CLICK_BASE_PORT's default)
-           "OG_BASE_PORT": str(free_port_range(2 * workers)),
+           "OG_BASE_PORT": str(free_port_range(node_port_count(workers))),
            "OG_AGENT_PORT": str(free_port()),
            "OG_METRICS_PORT": str(region.metrics_port)}
     env.pop("OG_REDIS_URL", None)  # the region's own embedded Redis

@@ -15,11 +15,28 @@ from supervisor.private import private_dir
 
 def runtime_path(settings: Settings) -> Path:
     """OG_RUNTIME_DIR, else $XDG_RUNTIME_DIR/oddsgate, else /tmp/oddsgate-$UID; not created."""
-    if settings.runtime_dir:
-        return Path(settings.runtime_dir)
+    return _runtime_path(settings.runtime_dir)
+
+
+def _runtime_path(configured: str) -> Path:
+    if configured:
+        return Path(configured)
     if os.environ.get("XDG_RUNTIME_DIR"):
         return Path(os.environ["XDG_RUNTIME_DIR"]) / "oddsgate"
     return Path(f"/tmp/oddsgate-{os.getuid()}")
+
+
+def node_redis_url() -> str:
+    """The Redis a command-line tool uses without --redis-url: OG_REDIS_URL, or the
+    cluster of OG_REDIS_CLUSTER_NODES, else the unix socket of the embedded Redis of
+    the node on this host (its runtime dir as `runtime_path` finds it), so a tool run
+    beside a node finds its Redis with no flags. Both variables set is the mistake the
+    node refuses to start on: RedisTargetError, which the tools turn into exit 2."""
+    url = redis_target(os.environ.get("OG_REDIS_URL", ""))
+    if url:
+        return url
+    runtime = os.path.abspath(_runtime_path(os.environ.get("OG_RUNTIME_DIR", "")))
+    return f"unix://{runtime}/redis/redis.sock"
 
 
 def runtime_dir(settings: Settings) -> Path:

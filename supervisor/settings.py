@@ -13,6 +13,13 @@ from dataclasses import dataclass
 from gateway.config import ConfigError, EnvSettings, setting
 
 
+def node_port_count(workers: int) -> int:
+    """How many ports from OG_BASE_PORT a node of `workers` listens on by default: its
+    workers', then their click listeners' (`NodeSettings.click_ports`), for whoever
+    reserves a free range for a node (tests, the bench, the regions demo)."""
+    return 2 * workers
+
+
 @dataclass
 class NodeSettings(EnvSettings):
     workers: int = setting(

@@ -16,6 +16,7 @@ from supervisor.control import request
 from supervisor.embedded_redis import free_port, free_port_range
 from supervisor.haproxy import _unix_command
 from supervisor.haproxy_config import STATS_SOCKET_NAME
+from supervisor.settings import node_port_count
 from tests.conftest import JWT_SECRET, ROOT, http_get
 
 
@@ -113,7 +114,7 @@ def start_node(redis_url: str, runtime: Path, workers: int = 2, *,
                frontend_port: int | None = None, **env: str) -> Node:
     """`frontend_port`: HAProxy's, e.g. to bring a node back where players knew it."""
     frontend, agent, metrics = frontend_port or free_port(), free_port(), free_port()
-    base = free_port_range(2 * workers)  # the workers', then their click listeners' ports
+    base = free_port_range(node_port_count(workers))
     runtime.mkdir(parents=True, exist_ok=True)
     log_path = runtime / "node.log"
     full_env = {

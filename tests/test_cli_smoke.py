@@ -26,6 +26,7 @@ import pytest
 
 from gateway.config import describe
 from supervisor.embedded_redis import free_port, free_port_range
+from supervisor.settings import node_port_count
 from tests.conftest import ROOT, http_get
 
 ENTRY = Path(sys.executable).with_name("oddsgate")
@@ -224,7 +225,8 @@ def test_haproxy_config_check(home: Path) -> None:
 def node_ports() -> dict[str, str]:
     """The README's defaults (8000, 8001 and the click listener's 8002, 8100, 9100) moved
     to free ports."""
-    return {"OG_HAPROXY_BIND": f"127.0.0.1:{free_port()}", "OG_BASE_PORT": str(free_port_range(2)),
+    return {"OG_HAPROXY_BIND": f"127.0.0.1:{free_port()}",
+            "OG_BASE_PORT": str(free_port_range(node_port_count(1))),
             "OG_AGENT_PORT": str(free_port()), "OG_METRICS_PORT": str(free_port())}
 
 

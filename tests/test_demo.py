@@ -26,6 +26,7 @@ import pytest
 
 from supervisor.demo import StatusOutput, Tick
 from supervisor.embedded_redis import free_port, free_port_range
+from supervisor.settings import node_port_count
 from tests.conftest import ROOT
 
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
@@ -39,7 +40,8 @@ pytestmark = [
 def demo_env(runtime: Path, **settings: str) -> tuple[dict[str, str], int, int]:
     port, metrics = free_port(), free_port()
     env = {**os.environ, "OG_RUNTIME_DIR": str(runtime), "OG_WORKERS": "2",
-           "OG_BASE_PORT": str(free_port_range(4)), "OG_AGENT_PORT": str(free_port()),
+           "OG_BASE_PORT": str(free_port_range(node_port_count(2))),
+           "OG_AGENT_PORT": str(free_port()),
            "OG_METRICS_PORT": str(metrics), **settings}
     env.pop("OG_REDIS_URL", None)
     return env, port, metrics

@@ -40,6 +40,7 @@ from attribution.links import Link
 from bench.harness import Harness, Result, cpu_seconds
 from bench.systems import System, wait_http
 from supervisor.embedded_redis import free_port, free_port_range
+from supervisor.settings import node_port_count
 
 NAME = "clicks"
 STEADY_RPS = 40.0
@@ -166,7 +167,7 @@ def run(h: Harness, system: System) -> list[Result]:
         runtime = tempfile.mkdtemp(prefix="og-clicks-")  # short: unix socket paths
         frontend, static_port = free_port(), free_port()
         env = {**os.environ, "OG_RUNTIME_DIR": runtime, "OG_REDIS_URL": server.url,
-               "OG_WORKERS": "1", "OG_BASE_PORT": str(free_port_range(2)),  # + click listener
+               "OG_WORKERS": "1", "OG_BASE_PORT": str(free_port_range(node_port_count(1))),
                "OG_AGENT_PORT": str(free_port()), "OG_METRICS_PORT": "0",
                "OG_HAPROXY_BIND": f"127.0.0.1:{frontend}", "OG_ALLOW_ANONYMOUS": "1",
                "OG_CLICK_KEYS": "b1:bench-click-key-000000001", "OG_ADMIN_KEY": ADMIN_KEY}

@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import contextlib
 import math
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -84,28 +83,6 @@ def _redis_url(url: str) -> str:
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return url
-
-
-def default_redis_url() -> str:
-    """OG_REDIS_URL, or the cluster of OG_REDIS_CLUSTER_NODES, else the socket of the
-    node's embedded Redis. Both variables set is the mistake the node refuses to
-    start on: RedisTargetError, which a CLI turns into exit 2 (read when a command
-    runs, not when its parser is built, so `--help` always works).
-
-    The path follows supervisor/runtime.py (OG_RUNTIME_DIR, else
-    $XDG_RUNTIME_DIR/oddsgate, else /tmp/oddsgate-$UID, then redis/redis.sock),
-    so a feed started beside a node finds its Redis with no flags.
-    """
-    url = target.redis_target(os.environ.get(REDIS_URL_ENV, ""))
-    if url:
-        return url
-    if os.environ.get("OG_RUNTIME_DIR"):
-        runtime = os.environ["OG_RUNTIME_DIR"]
-    elif os.environ.get("XDG_RUNTIME_DIR"):
-        runtime = os.path.join(os.environ["XDG_RUNTIME_DIR"], "oddsgate")
-    else:
-        runtime = f"/tmp/oddsgate-{os.getuid()}"
-    return f"unix://{os.path.abspath(runtime)}/redis/redis.sock"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -219,9 +196,11 @@ async def _publish(args: argparse.Namespace, pmap: PartitionMap) -> int:
 def run(args: argparse.Namespace) -> int:
     """Publish as `args` say: 0 when done or stopped, 1 if Redis is unreachable."""
     pmap = args.partition_map if args.partition_map is not None else PartitionMap.load(None)
+    from supervisor.runtime import node_redis_url
+
     if args.redis_url is None:
         try:
-            args.redis_url = default_redis_url()
+            args.redis_url = node_redis_url()
         except target.RedisTargetError as exc:
             print(f"oddsgate feed: {exc}", file=sys.stderr)
             return 2
