@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hmac
 import re
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import orjson
 from websockets.datastructures import Headers
@@ -57,9 +57,12 @@ def _ok(status: int, body: dict) -> Response:
 
 class AdminApi:
     def __init__(self, admin_key: str, store: AsyncLinkStore,
-                 timing: Callable[[], dict]) -> None:
+                 timing: Callable[[], dict],
+                 caught_up: Callable[[Link], Awaitable[None]] | None = None) -> None:
         self._key = admin_key.encode()
         self.store = store
+        # Answers wait for this worker's own cache to hold a saved link (LinkSync).
+        self.caught_up = caught_up
         self.timing = timing
         # Partner webhooks' endpoints and dead letters, the same operations as the
         # `oddsgate webhooks` CLI (webhooks/operations.py), on the same Redis.
@@ -111,6 +114,7 @@ class AdminApi:
                 link = await self.store.set_active(action.group(1), action.group(2) == "resume")
             except UnknownLink as exc:
                 return _error(404, "unknown_link", exc.message, "code")
+            await self._visible(link)
             return _ok(200, link.to_dict())
         return _error(404, "not_found", "no such endpoint")
 
@@ -176,7 +180,12 @@ class AdminApi:
             await self.store.add(link)
         except LinkExists as exc:
             return _error(409, "link_exists", exc.message, "code")
+        await self._visible(link)
         return _ok(201, link.to_dict())
+
+    async def _visible(self, link: Link) -> None:
+        if self.caught_up is not None:
+            await self.caught_up(link)
 
 
 def _json_object(body: bytes) -> dict | Response:

@@ -37,7 +37,7 @@ class AttributionEdge:
             attribution_window_ms=settings.attribution_window_s * 1000)
         self.tracking = tracking.TrackingRoute(settings, self.cache, self.recorder)
         self.admin = AdminApi(settings.admin_key, AsyncLinkStore(commands),
-                              self.tracking.timing)
+                              self.tracking.timing, self.sync.caught_up)
         self._task: asyncio.Task | None = None
         self._warm: asyncio.Task | None = None
 

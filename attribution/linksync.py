@@ -24,6 +24,7 @@ import redis.asyncio as aioredis
 
 from attribution import keys
 from attribution.linkcache import LinkCache
+from attribution.links import Link
 from redis_contract import target
 
 log = logging.getLogger("oddsgate.links")
@@ -37,6 +38,35 @@ class LinkSync:
         self.reconnect_delay = reconnect_delay
         self.reloads = 0
         self.stopping = False
+        # Admin changes made through this worker, waiting to be in its cache.
+        self._waiting: dict[str, list[tuple[Link, asyncio.Future[None]]]] = {}
+
+    async def caught_up(self, link: Link, timeout_s: float = 1.0) -> None:
+        """Until this worker's cache holds `link`, which it just saved: its change comes
+        back over `og:links:changed` like anyone's, so the admin API answers once the
+        change is visible here too (an operator's pause then holds for the next click
+        on this worker). Never longer than `timeout_s`: the message may have been lost
+        with the connection, and the reload after the reconnect brings the change."""
+        if self.cache.get(link.code) == link:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiting = self._waiting.setdefault(link.code, [])
+        waiting.append((link, fut))
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            waiting.remove((link, fut))
+            if not waiting:
+                self._waiting.pop(link.code, None)
+
+    def _wake(self) -> None:
+        for code, waiting in self._waiting.items():
+            held = self.cache.get(code)
+            for link, fut in waiting:
+                if held == link and not fut.done():
+                    fut.set_result(None)
 
     async def run(self) -> None:
         """Follow the links until cancelled (after `stopping` is set: a cancel that
@@ -75,6 +105,7 @@ class LinkSync:
                 self.cache.abandon_reload()
                 raise
             self.cache.finish_reload(raw)
+            self._wake()
             self.reloads += 1
             log.info("links loaded: %d", len(self.cache.links))
             while not self.stopping:
@@ -82,3 +113,5 @@ class LinkSync:
                                                    timeout=None)
                 if message is not None and message["type"] == "message":
                     self.cache.apply(message["data"])
+                    if self._waiting:
+                        self._wake()

@@ -253,3 +253,28 @@ def test_the_cli_refuses_a_code_taken(redis_url: str) -> None:
 def test_the_cli_exits_1_when_redis_is_unreachable(tmp_path) -> None:
     done = oddsgate("list", redis_url=f"unix://{tmp_path}/none.sock")
     assert done.returncode == 1 and "unreachable" in done.stderr
+
+
+async def test_an_admin_change_is_answered_once_this_workers_cache_holds_it() -> None:
+    """LinkSync.caught_up: the admin API waits for its own change to come back over
+    og:links:changed (read-your-writes on the worker that made it), at most a timeout."""
+    import asyncio
+
+    from attribution.linksync import LinkSync
+
+    sync = LinkSync("redis://127.0.0.1:1/0", LinkCache())  # not running: messages by hand
+    link = Link.create("spring-24", "p42", "c7", "banner1", "https://casino.example/")
+    waiting = asyncio.create_task(sync.caught_up(link, timeout_s=5.0))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # the change has not come back yet
+    sync.cache.apply(link.with_active(False).to_json())  # another change: not ours
+    sync._wake()
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    sync.cache.apply(link.to_json())
+    sync._wake()
+    await asyncio.wait_for(waiting, 1.0)
+    assert sync._waiting == {}
+    await sync.caught_up(link)  # already held: at once
+    lost = link.with_active(False)  # a message lost with the connection: the timeout ends it
+    await asyncio.wait_for(sync.caught_up(lost, timeout_s=0.05), 1.0)
